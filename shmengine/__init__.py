@@ -1,0 +1,40 @@
+"""shmengine: ONNX models with CTranslate2's parallelism, built from processes.
+
+A supervisor (your process) reads the model's weights once into shared memory; forked worker
+processes run ONNX Runtime sessions over those pages, take batches from a bounded queue, and
+hand back futures. See README.md for the architecture.
+"""
+
+from __future__ import annotations
+
+import logging
+
+__version__ = "0.1.0"
+
+from .engine import Engine  # noqa: E402
+from .errors import (  # noqa: E402
+    EngineBrokenError,
+    EngineClosedError,
+    InvalidInputError,
+    ModelLoadError,
+    ShmEngineError,
+    WorkerCrashedError,
+    WorkerStartupError,
+)
+from .threads import get_cuda_device_count, parallel_info  # noqa: E402
+
+logging.getLogger("shmengine").addHandler(logging.NullHandler())
+
+__all__ = [
+    "Engine",
+    "ShmEngineError",
+    "ModelLoadError",
+    "InvalidInputError",
+    "WorkerCrashedError",
+    "WorkerStartupError",
+    "EngineClosedError",
+    "EngineBrokenError",
+    "parallel_info",
+    "get_cuda_device_count",
+    "__version__",
+]

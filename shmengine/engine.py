@@ -1,0 +1,243 @@
+"""``shmengine.Engine``: any ONNX model, run by a pool of forked workers over shared weights."""
+
+from __future__ import annotations
+
+import os
+import weakref
+from collections.abc import Mapping
+from concurrent.futures import Future
+from typing import Any, Sequence
+
+import numpy as np
+
+from .errors import InvalidInputError
+from .placement import place_workers
+from .pool import WorkerPool
+from .weights import TensorSpec, WeightStore
+from .worker import ProgramSpec, WorkerContext
+
+__all__ = ["Engine", "OnnxProgram", "validate_feeds"]
+
+
+class OnnxProgram:
+    """The worker side of :class:`Engine`: one session, ``run`` returns outputs by name."""
+
+    def __init__(self, context: WorkerContext, model_key: str = "model"):
+        self.session = context.create_session(model_key)
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def describe(self) -> dict:
+        return {"session_providers": self.session.get_providers()}
+
+    def run(self, method: str, payload):
+        if method != "run":
+            raise ValueError(f"unknown method {method!r}")
+        feeds, output_names = payload
+        names = output_names or self.output_names
+        return dict(zip(names, self.session.run(names, feeds)))
+
+
+def _describe_spec(spec: TensorSpec) -> str:
+    dims = "?" if spec.shape is None else "[" + ", ".join("?" if d is None else str(d) for d in spec.shape) + "]"
+    return f"{spec.name} ({spec.type_name}, {dims})"
+
+
+def validate_feeds(feeds: Any, inputs: Sequence[TensorSpec]) -> dict[str, np.ndarray]:
+    """Check one batch against the model's inputs; return it as contiguous numpy arrays.
+
+    Raises :class:`InvalidInputError` naming the input and saying what was expected.
+    """
+    expected = {spec.name: spec for spec in inputs}
+    catalogue = "; ".join(_describe_spec(s) for s in inputs)
+    if not isinstance(feeds, Mapping):
+        raise InvalidInputError(
+            f"a batch must be a dict of input name -> numpy array, got {type(feeds).__name__}; "
+            f"the model's inputs are: {catalogue}"
+        )
+    unknown = [name for name in feeds if name not in expected]
+    if unknown:
+        raise InvalidInputError(f"unknown input {unknown[0]!r}; the model's inputs are: {catalogue}")
+    missing = [s.name for s in inputs if not s.optional and s.name not in feeds]
+    if missing:
+        raise InvalidInputError(f"missing input {missing[0]!r}; the model's inputs are: {catalogue}")
+    symbols: dict[str, tuple[int, str]] = {}
+    checked = {}
+    for name, value in feeds.items():
+        spec = expected[name]
+        want = spec.dtype
+        if isinstance(value, np.ndarray):
+            array = value
+        else:
+            try:
+                array = np.asarray(value, dtype=want)
+            except (TypeError, ValueError) as exc:
+                raise InvalidInputError(f"input {name!r} cannot be made a {spec.type_name} array: {exc}") from exc
+        if want is not None and array.dtype != want:
+            raise InvalidInputError(
+                f"input {name!r} must be {spec.type_name} ({want}), got {array.dtype}; "
+                f"convert it with array.astype(numpy.{want})"
+            )
+        if spec.shape is not None:
+            if array.ndim != len(spec.shape):
+                raise InvalidInputError(
+                    f"input {name!r} must have {len(spec.shape)} dimensions {_describe_spec(spec)}, "
+                    f"got shape {array.shape}"
+                )
+            for axis, (dim, size) in enumerate(zip(spec.shape, array.shape)):
+                if isinstance(dim, int) and dim > 0 and dim != size:
+                    raise InvalidInputError(
+                        f"input {name!r} must have size {dim} on axis {axis} {_describe_spec(spec)}, got shape {array.shape}"
+                    )
+                if isinstance(dim, str):
+                    seen = symbols.setdefault(dim, (size, name))
+                    if seen[0] != size:
+                        raise InvalidInputError(
+                            f"dimension {dim!r} is {seen[0]} in input {seen[1]!r} but {size} in input {name!r}; "
+                            "inputs of one batch must agree on it"
+                        )
+        checked[name] = np.ascontiguousarray(array)
+    return checked
+
+
+class Engine:
+    """Run any ONNX model with ``inter_threads`` forked workers over one shared copy of its weights.
+
+    Args:
+        model_path: an ``.onnx`` file, or a directory holding ``model.onnx`` (or one ``.onnx``
+            file). External data files must lie inside the model's directory.
+        device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
+        device_index: a GPU id or a list of them (CUDA only); ``inter_threads`` workers each.
+        inter_threads: number of worker processes (per GPU on CUDA): batches run in parallel.
+        intra_threads: ONNX Runtime intra-op threads per worker; 0 = usable cores / workers.
+        max_queued_batches: batches allowed to wait: 0 = 4 x workers, -1 = unlimited, N = N.
+            Submitting into a full queue blocks until a worker takes a batch.
+        prepack_weights: let ORT prepack MatMul weights. Faster kernels on some models, but each
+            worker then holds a private copy of those weights. Off by default.
+        graph_optimization_level: ORT's ``"disable"``, ``"basic"``, ``"extended"`` or ``"all"``.
+
+    Every batch runs whole on one worker. ``close()`` (or leaving a ``with`` block) fails any
+    batch still queued or running with ``EngineClosedError`` and stops every process; to finish
+    outstanding work first, wait on its futures.
+    """
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike,
+        device: str = "cpu",
+        *,
+        device_index: int | Sequence[int] = 0,
+        inter_threads: int = 1,
+        intra_threads: int = 0,
+        max_queued_batches: int = 0,
+        prepack_weights: bool = False,
+        graph_optimization_level: str = "all",
+    ):
+        placement = place_workers(
+            device,
+            device_index,
+            inter_threads=inter_threads,
+            intra_threads=intra_threads,
+            prepack_weights=prepack_weights,
+            graph_optimization_level=graph_optimization_level,
+        )
+        from .pool import resolve_queue_size
+
+        resolve_queue_size(max_queued_batches, len(placement.slots))  # check before loading
+        self.device = placement.device
+        self.device_index = placement.device_indices
+        self.inter_threads = inter_threads
+        self.intra_threads = placement.plan.intra_threads
+        self._store = WeightStore.load({"model": model_path})
+        try:
+            self._pool = WorkerPool(
+                self._store,
+                ProgramSpec("shmengine.engine", "OnnxProgram"),
+                placement.slots,
+                max_queued_batches=max_queued_batches,
+            )
+        except BaseException:
+            self._store.close()
+            raise
+        entry = self._store.catalog["model"]
+        self.inputs: list[TensorSpec] = entry.inputs
+        self.outputs: list[TensorSpec] = entry.outputs
+        self._finalizer = weakref.finalize(self, _shutdown, self._pool, self._store)
+
+    # -- running ------------------------------------------------------------------------------
+
+    def run_batch(self, feeds, *, output_names: Sequence[str] | None = None, asynchronous: bool = False):
+        """Run one batch (a dict of input name -> array) or several (a list of dicts).
+
+        Returns the outputs as a dict of name -> array (a list of them for a list of batches);
+        with ``asynchronous=True``, a ``concurrent.futures.Future`` per batch instead. Batches of
+        a list run in parallel on the workers. Bad feeds raise ``InvalidInputError`` here,
+        before anything is queued.
+        """
+        single = isinstance(feeds, Mapping)
+        batches = [feeds] if single else list(feeds)
+        if output_names is not None:
+            known = {o.name for o in self.outputs}
+            unknown = [n for n in output_names if n not in known]
+            if unknown:
+                raise InvalidInputError(f"unknown output {unknown[0]!r}; the model's outputs are: {', '.join(sorted(known))}")
+            output_names = list(output_names)
+        checked = [validate_feeds(b, self.inputs) for b in batches]
+        futures = [self._pool.submit("run", (b, output_names)) for b in checked]
+        if asynchronous:
+            return futures[0] if single else futures
+        results = [f.result() for f in futures]
+        return results[0] if single else results
+
+    def ping(self, payload: Any = None) -> Future:
+        """Send an empty batch through the pool and back (measures the pool's own overhead)."""
+        return self._pool.submit("ping", payload, ping=True)
+
+    # -- introspection and lifetime ---------------------------------------------------------------
+
+    @property
+    def num_workers(self) -> int:
+        return self._pool.size
+
+    @property
+    def worker_pids(self) -> list[int]:
+        """PIDs of the live workers (for monitoring; a replaced worker has a new PID)."""
+        return self._pool.worker_pids()
+
+    @property
+    def weights_nbytes(self) -> int:
+        """Bytes of weights held once in shared memory."""
+        return self._store.nbytes
+
+    @property
+    def closed(self) -> bool:
+        return self._pool.closed
+
+    def parallel_info(self) -> str:
+        from .threads import parallel_info
+
+        return parallel_info(self)
+
+    def close(self) -> None:
+        """Stop the workers and free the shared memory. Idempotent."""
+        self._finalizer()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"<shmengine.Engine device={self.device} workers={self.num_workers} "
+            f"intra_threads={self.intra_threads} weights={self.weights_nbytes / 2**20:.1f} MiB"
+            f"{' closed' if self.closed else ''}>"
+        )
+
+
+def _shutdown(pool: WorkerPool, store: WeightStore) -> None:
+    """Close a pool and its store; runs on close(), garbage collection, or interpreter exit."""
+    try:
+        pool.close()
+    finally:
+        store.close()

@@ -1,0 +1,87 @@
+"""What can go wrong, named so that a caller can tell the cases apart.
+
+The taxonomy follows joblib/loky: an error says *what happened* (a model that cannot be read, a
+worker that was killed by a signal, an engine that was closed) rather than where it was noticed.
+Every class derives from :class:`ShmEngineError`; the ones about the caller's input also derive
+from ``ValueError`` so code written against CTranslate2 or ONNX Runtime keeps catching them.
+"""
+
+from __future__ import annotations
+
+import signal
+
+__all__ = [
+    "ShmEngineError",
+    "ModelLoadError",
+    "InvalidInputError",
+    "WorkerCrashedError",
+    "WorkerStartupError",
+    "EngineClosedError",
+    "EngineBrokenError",
+    "RemoteTraceback",
+    "describe_exit",
+]
+
+
+class ShmEngineError(Exception):
+    """Base class of every error raised by shmengine itself."""
+
+
+class ModelLoadError(ShmEngineError, ValueError):
+    """The model files cannot be used: missing, not ONNX, unsafe or inconsistent external data."""
+
+
+class InvalidInputError(ShmEngineError, ValueError):
+    """A batch does not match what the model accepts (names, dtypes, shapes)."""
+
+
+class WorkerCrashedError(ShmEngineError):
+    """A worker process died while it ran this batch, and the one retry died too.
+
+    ``exitcode`` follows :attr:`subprocess.Popen.returncode`: negative for a signal.
+    """
+
+    def __init__(self, message: str, *, exitcode: int | None = None, pid: int | None = None):
+        super().__init__(message)
+        self.exitcode = exitcode
+        self.pid = pid
+
+
+class WorkerStartupError(ShmEngineError):
+    """A worker could not be started (session creation failed, or it died while starting)."""
+
+
+class EngineClosedError(ShmEngineError):
+    """The engine was closed: new batches are refused, queued and running ones fail with this."""
+
+
+class EngineBrokenError(ShmEngineError):
+    """The engine can no longer run batches (its fork server died, or workers keep dying on start)."""
+
+
+class RemoteTraceback(Exception):
+    """Carries the formatted traceback of an exception raised inside a worker.
+
+    It is set as ``__cause__`` of the exception the caller sees, as ``concurrent.futures.process``
+    does, so the traceback printed in the caller shows where the worker failed.
+    """
+
+    def __init__(self, tb: str):
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return f'\n"""\n{self.tb}"""'
+
+
+def describe_exit(exitcode: int | None) -> str:
+    """Say how a process ended, e.g. ``"killed by signal SIGKILL (-9)"`` or ``"exited with code 3"``."""
+    if exitcode is None:
+        return "ended for an unknown reason"
+    if exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        return f"killed by signal {name} ({exitcode})"
+    return f"exited with code {exitcode}"

@@ -1,0 +1,102 @@
+"""Where each worker runs: device, execution providers and threads, decided in the supervisor.
+
+One worker per ``inter_threads`` on CPU; on CUDA, ``inter_threads`` workers per GPU listed in
+``device_index`` (CTranslate2's meaning). Each worker is a process with its own CUDA context and
+stream; CUDA is never initialised in the supervisor or the fork server, so forking stays safe.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from .sessions import SessionSettings
+from .threads import ThreadPlan, get_cuda_device_count, plan_threads
+
+__all__ = ["Placement", "place_workers", "DEVICES"]
+
+DEVICES = ("cpu", "cuda", "auto")
+
+
+class Placement:
+    """The resolved device and one SessionSettings per worker slot."""
+
+    def __init__(self, device: str, device_indices: list[int], plan: ThreadPlan, slots: list[SessionSettings]):
+        self.device = device
+        self.device_indices = device_indices
+        self.plan = plan
+        self.slots = slots
+
+
+def _cuda_available() -> bool:
+    import onnxruntime
+
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers() and get_cuda_device_count() > 0
+
+
+def place_workers(
+    device: str = "cpu",
+    device_index: int | Sequence[int] = 0,
+    *,
+    inter_threads: int = 1,
+    intra_threads: int = 0,
+    prepack_weights: bool = False,
+    graph_optimization_level: str = "all",
+) -> Placement:
+    """Check the device arguments and decide every worker's session settings.
+
+    Raises ``ValueError`` with what to change for an unknown device, a missing GPU, or thread
+    counts that cannot work; this runs before any process starts.
+    """
+    if not isinstance(device, str) or device.lower() not in DEVICES:
+        raise ValueError(f"device must be one of {', '.join(map(repr, DEVICES))}, got {device!r}")
+    device = device.lower()
+    if isinstance(inter_threads, bool) or not isinstance(inter_threads, int) or inter_threads < 1:
+        raise ValueError(f"inter_threads must be an integer >= 1 (the number of parallel workers), got {inter_threads!r}")
+    if isinstance(intra_threads, bool) or not isinstance(intra_threads, int) or intra_threads < 0:
+        raise ValueError(f"intra_threads must be an integer >= 0 (0 = automatic), got {intra_threads!r}")
+    if graph_optimization_level not in ("disable", "basic", "extended", "all"):
+        raise ValueError(f"graph_optimization_level must be 'disable', 'basic', 'extended' or 'all', got {graph_optimization_level!r}")
+    indices = [device_index] if isinstance(device_index, int) else list(device_index)
+    if not indices or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in indices):
+        raise ValueError(f"device_index must be a non-negative int or a non-empty list of them, got {device_index!r}")
+    if device == "auto":
+        device = "cuda" if _cuda_available() else "cpu"
+    if device == "cuda":
+        count = get_cuda_device_count()
+        if count == 0 or not _cuda_available():
+            raise ValueError(
+                "device='cuda' was asked for, but no CUDA device is usable here "
+                f"(CUDA devices: {count}; ONNX Runtime providers: {_providers()}). "
+                "Install onnxruntime-gpu and a CUDA driver, or use device='cpu'."
+            )
+        missing = [i for i in indices if i >= count]
+        if missing:
+            raise ValueError(f"device_index {missing} does not exist: this machine has {count} CUDA device(s)")
+    elif indices != [0]:
+        raise ValueError(f"device_index={device_index!r} only has a meaning with device='cuda'")
+
+    workers = inter_threads * len(indices)
+    plan = plan_threads(workers, intra_threads)
+    slots = []
+    for index in indices:
+        for _ in range(inter_threads):
+            if device == "cuda":
+                providers = (("CUDAExecutionProvider", {"device_id": str(index)}), ("CPUExecutionProvider", {}))
+            else:
+                providers = (("CPUExecutionProvider", {}),)
+            slots.append(
+                SessionSettings(
+                    intra_threads=plan.intra_threads,
+                    allow_spinning=plan.allow_spinning,
+                    prepack_weights=prepack_weights,
+                    providers=providers,
+                    graph_optimization_level=graph_optimization_level,
+                )
+            )
+    return Placement(device, indices, plan, slots)
+
+
+def _providers() -> str:
+    import onnxruntime
+
+    return ", ".join(onnxruntime.get_available_providers())

@@ -1,0 +1,495 @@
+"""The worker pool: a bounded queue of batches, forked workers, futures, and crash recovery.
+
+Data flow (after ``concurrent.futures.process``)::
+
+    caller threads                      manager thread (owns every socket)           workers
+    ──────────────                      ──────────────────────────────────           ───────
+    submit() ─▶ pending (bounded deque) ─▶ dispatch to an idle worker ── socket+arena ─▶ run
+      ▲   blocks while full                                                              │
+      └─ Future ◀── set_result / set_exception ◀── result or error ◀── socket+arena ─────┘
+                                              ◀── "exited pid, code" ◀── fork server
+
+* Each worker has at most one batch in flight. That keeps the arenas single-writer, balances
+  load perfectly, and makes crash handling exact: the manager knows which batch a dead worker
+  held.
+* The manager sleeps in ``multiprocessing.connection.wait`` on every worker socket, the fork
+  server's socket and a wake-up pipe: a worker's death is seen at once (its socket reads EOF,
+  then the fork server reports the exit status), never by polling.
+* A batch whose worker dies is retried once on a fresh worker; if that one dies too, its future
+  fails with :class:`WorkerCrashedError` naming the signal or exit code. The dead worker is
+  replaced, so the pool stays at full strength.
+* ``close()`` fails what is queued or running with :class:`EngineClosedError`, kills the workers
+  and returns; nothing is left running.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import os
+import pickle
+import socket
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+from .errors import (
+    EngineBrokenError,
+    EngineClosedError,
+    RemoteTraceback,
+    WorkerCrashedError,
+    WorkerStartupError,
+    describe_exit,
+)
+from .sessions import SessionSettings
+from .sharedmem import Arena
+from .transport import recv_message, send_message
+from .weights import WeightStore
+from .worker import ProgramSpec, WorkerConfig
+from .zygote import ForkServer
+
+__all__ = ["WorkerPool", "resolve_queue_size"]
+
+logger = logging.getLogger("shmengine")
+
+# A worker that dies this many times in a row before becoming ready is not respawned again:
+# something (memory, a driver) makes starting impossible, and looping would hide it.
+MAX_CONSECUTIVE_START_FAILURES = 3
+# After a worker's socket reads EOF, how long to wait for the fork server's exit report before
+# asking it to SIGKILL the pid (a worker that closed its socket but did not exit).
+EXIT_REPORT_GRACE = 3.0
+
+
+def resolve_queue_size(max_queued_batches: int, workers: int) -> int | None:
+    """CTranslate2's convention: 0 = automatic (4 x workers), -1 = unlimited (None), N = N."""
+    if max_queued_batches == 0:
+        return 4 * workers
+    if max_queued_batches == -1:
+        return None
+    if max_queued_batches < -1:
+        raise ValueError(f"max_queued_batches must be -1 (unlimited), 0 (automatic) or > 0, got {max_queued_batches}")
+    return max_queued_batches
+
+
+@dataclass
+class _Batch:
+    id: int
+    method: str
+    payload: Any
+    future: Future
+    attempts: int = 0
+
+
+@dataclass
+class _Worker:
+    slot: int
+    generation: int
+    conn: Connection | None
+    arena_in: Arena
+    arena_out: Arena
+    pid: int | None = None
+    ready: bool = False
+    batch: _Batch | None = None
+    eof_at: float | None = None  # when its socket read EOF; the exit report is then awaited
+    info: dict = field(default_factory=dict)
+
+    @property
+    def idle(self) -> bool:
+        return self.ready and self.batch is None and self.eof_at is None
+
+    def close_channels(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+        self.arena_in.close()
+        self.arena_out.close()
+
+
+class WorkerPool:
+    """Forked workers serving batches from a bounded queue; every batch gets a Future.
+
+    ``slot_settings`` gives each worker slot its session settings (one entry per worker; GPU
+    slots differ in ``device_id``). ``program`` says what a worker runs (see ``worker.py``).
+    """
+
+    def __init__(
+        self,
+        store: WeightStore,
+        program: ProgramSpec,
+        slot_settings: list[SessionSettings],
+        *,
+        max_queued_batches: int = 0,
+        environment: dict[str, str] | None = None,
+        numexpr_threads: int = 1,
+        start_timeout: float = 600.0,
+    ):
+        if not slot_settings:
+            raise ValueError("a pool needs at least one worker")
+        self._store = store
+        self._program = program
+        self._slot_settings = list(slot_settings)
+        self._environment = dict(environment or {})
+        self._numexpr_threads = numexpr_threads
+        self._queue_size = resolve_queue_size(max_queued_batches, len(slot_settings))
+
+        self._lock = threading.Lock()
+        self._not_full = threading.Condition(self._lock)
+        self._pending: collections.deque[_Batch] = collections.deque()
+        self._retry: collections.deque[_Batch] = collections.deque()  # manager thread only
+        self._closed = False
+        self._broken: BaseException | None = None
+        self._ids = itertools.count()
+
+        self._workers: dict[int, _Worker] = {}
+        self._start_failures = collections.Counter()
+        self._started = threading.Event()
+        self._startup_error: BaseException | None = None
+        self._generations = itertools.count()
+
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        self._fork_server = ForkServer([store.segment.name], {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"})
+        self._manager = threading.Thread(target=self._manage, name="shmengine-manager", daemon=True)
+        try:
+            for slot in range(len(slot_settings)):
+                self._start_worker(slot)
+            self._manager.start()
+            if not self._started.wait(start_timeout):
+                raise WorkerStartupError(f"workers did not become ready within {start_timeout:.0f} s")
+            if self._startup_error is not None:
+                raise self._startup_error
+        except BaseException:
+            self.close()
+            raise
+
+    # -- public -------------------------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        return len(self._slot_settings)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def submit(self, method: str, payload: Any, *, ping: bool = False) -> Future:
+        """Queue one batch; blocks while ``max_queued_batches`` batches already wait."""
+        future: Future = Future()
+        with self._not_full:
+            while True:
+                self._raise_if_unusable()
+                if self._queue_size is None or len(self._pending) < self._queue_size:
+                    break
+                self._not_full.wait()
+            self._pending.append(_Batch(next(self._ids), "\0ping" if ping else method, payload, future))
+        self._wake()
+        return future
+
+    def worker_pids(self) -> list[int]:
+        return [w.pid for w in list(self._workers.values()) if w.pid is not None and w.eof_at is None]
+
+    def describe(self) -> list[str]:
+        """Lines for :func:`shmengine.parallel_info`: each worker's effective settings."""
+        lines = [f"Workers: {self.size}, queue: {self._queue_size or 'unlimited'} batches"]
+        for slot, w in sorted(self._workers.items()):
+            i = w.info
+            if not i:
+                lines.append(f"  worker {slot}: starting")
+                continue
+            env = ", ".join(f"{k}={v}" for k, v in sorted(i.get("environment", {}).items()))
+            lines.append(
+                f"  worker {slot}: pid {i['pid']}, providers {','.join(i['providers'])}, "
+                f"intra_op_num_threads={i['intra_threads']}, inter_op_num_threads=1, "
+                f"spinning={'on' if i['allow_spinning'] else 'off'}, numexpr threads={i['numexpr_threads']}, "
+                f"OS threads={i['process_threads']}"
+            )
+            lines.append(f"    {env}")
+        return lines
+
+    def close(self) -> None:
+        """Fail queued and running batches with EngineClosedError, stop every process."""
+        with self._not_full:
+            if self._closed:
+                already = True
+            else:
+                already = False
+                self._closed = True
+                dropped = list(self._pending)
+                self._pending.clear()
+                self._not_full.notify_all()
+        if already:
+            if self._manager.is_alive() and threading.current_thread() is not self._manager:
+                self._manager.join()
+            return
+        for batch in dropped:
+            _fail(batch.future, EngineClosedError("the engine was closed before this batch ran"))
+        self._wake()
+        if self._manager.is_alive():
+            if threading.current_thread() is not self._manager:
+                self._manager.join()
+        else:
+            self._shutdown_processes()
+
+    # -- caller-side helpers --------------------------------------------------------------------
+
+    def _raise_if_unusable(self) -> None:
+        if self._broken is not None:
+            raise EngineBrokenError(f"the engine cannot run batches any more: {self._broken}") from self._broken
+        if self._closed:
+            raise EngineClosedError("the engine is closed; create a new one to run more batches")
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"\0")
+        except (BlockingIOError, OSError):
+            pass  # the pipe is full (the manager will wake anyway) or already closed
+
+    # -- manager thread -------------------------------------------------------------------------
+
+    def _start_worker(self, slot: int) -> None:
+        """Create a worker's channels and ask the fork server for the process."""
+        generation = next(self._generations)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        arena_in = Arena.create(f"in-{slot}")
+        arena_out = Arena.create(f"out-{slot}")
+        conn = Connection(ours.detach())
+        worker = _Worker(slot, generation, conn, arena_in, arena_out)
+        self._workers[slot] = worker
+        settings = self._slot_settings[slot]
+        config = WorkerConfig(
+            slot=slot,
+            generation=generation,
+            program=self._program,
+            session_settings=settings,
+            environment=self._environment_for(settings),
+            segment_name=self._store.segment.name,
+            numexpr_threads=self._numexpr_threads or settings.intra_threads,
+        )
+        conn.send(config)  # buffered in the socket until the worker reads it
+        try:
+            self._fork_server.spawn(slot, generation, [theirs.fileno(), self._store.segment.fd, arena_in.fd, arena_out.fd])
+        finally:
+            theirs.close()
+
+    def _environment_for(self, settings: SessionSettings) -> dict[str, str]:
+        from .threads import thread_environment
+
+        env = thread_environment(settings.intra_threads)
+        env.update(self._environment)
+        return env
+
+    def _manage(self) -> None:
+        try:
+            while True:
+                if self._closed:
+                    break
+                self._dispatch()
+                watched = {w.conn: w for w in self._workers.values() if w.conn is not None and w.eof_at is None}
+                timeout = EXIT_REPORT_GRACE / 4 if any(w.eof_at for w in self._workers.values()) else None
+                for ready in wait([self._wake_r, self._fork_server.sock, *watched], timeout):
+                    if ready is self._wake_r:
+                        os.read(self._wake_r, 4096)
+                    elif ready is self._fork_server.sock:
+                        self._on_fork_server_report()
+                    else:
+                        self._on_worker_readable(watched[ready])
+                self._check_silent_deaths()
+        except BaseException as exc:  # a bug here must not leave callers waiting forever
+            logger.exception("shmengine manager thread failed")
+            self._break(exc)
+        finally:
+            self._fail_everything(EngineClosedError("the engine was closed while this batch ran"))
+            self._shutdown_processes()
+
+    def _dispatch(self) -> None:
+        for worker in self._workers.values():
+            if not worker.idle:
+                continue
+            batch = self._next_batch()
+            if batch is None:
+                return
+            batch.attempts += 1
+            message = ("ping" if batch.method == "\0ping" else "run", batch.id, batch.method, batch.payload)
+            try:
+                send_message(worker.conn, message, worker.arena_in)
+            except (BrokenPipeError, ConnectionResetError):
+                batch.attempts -= 1  # it never reached the worker
+                self._retry.appendleft(batch)
+                self._on_worker_eof(worker)
+                continue
+            except Exception as exc:  # the payload cannot be pickled: the caller's mistake
+                _fail(batch.future, TypeError(f"this batch cannot be sent to a worker: {exc}"))
+                continue
+            worker.batch = batch
+
+    def _next_batch(self) -> _Batch | None:
+        while True:
+            if self._retry:
+                return self._retry.popleft()
+            with self._not_full:
+                if not self._pending:
+                    return None
+                batch = self._pending.popleft()
+                self._not_full.notify()
+            if batch.future.set_running_or_notify_cancel():
+                return batch
+            # cancelled while queued: drop it and look again
+
+    def _on_worker_readable(self, worker: _Worker) -> None:
+        try:
+            message = recv_message(worker.conn, worker.arena_out, copy=True)
+        except (EOFError, ConnectionResetError, OSError):
+            self._on_worker_eof(worker)
+            return
+        self._on_worker_message(worker, message)
+
+    def _on_worker_message(self, worker: _Worker, message) -> None:
+        kind = message[0]
+        if kind == "ready":
+            worker.ready = True
+            worker.info = message[1]
+            self._start_failures[worker.slot] = 0
+            if not self._started.is_set() and all(w.ready for w in self._workers.values()):
+                self._started.set()
+        elif kind == "startup_error":
+            exc = _rebuild_exception(message[1], message[2])
+            worker.info = {"startup_error": exc}
+        elif kind in ("ok", "error"):
+            batch = worker.batch
+            if batch is None or batch.id != message[1]:
+                raise RuntimeError(f"worker {worker.slot} answered batch {message[1]}, but runs {batch and batch.id}")
+            worker.batch = None
+            if kind == "ok":
+                batch.future.set_result(message[2])
+            else:
+                batch.future.set_exception(_rebuild_exception(message[2], message[3]))
+
+    def _on_worker_eof(self, worker: _Worker) -> None:
+        """Its socket closed: the worker is dying. Wait for the fork server to say how."""
+        if worker.eof_at is None:
+            worker.eof_at = time.monotonic()
+
+    def _check_silent_deaths(self) -> None:
+        now = time.monotonic()
+        for worker in self._workers.values():
+            if worker.eof_at and worker.pid and now - worker.eof_at > EXIT_REPORT_GRACE:
+                self._fork_server.kill(worker.pid)
+                worker.eof_at = now
+
+    def _on_fork_server_report(self) -> None:
+        report = self._fork_server.receive()
+        if report is None:
+            raise EngineBrokenError("the fork server exited; every worker died with it")
+        kind, slot, generation, pid = report[:4]
+        worker = self._workers.get(slot)
+        if worker is None or worker.generation != generation:
+            return  # a report about a worker already replaced
+        if kind == "spawned":
+            worker.pid = pid
+        elif kind == "exited":
+            self._on_worker_exit(worker, report[4])
+
+    def _on_worker_exit(self, worker: _Worker, exitcode: int) -> None:
+        # Whatever it sent before dying is still in its socket: a result must not be lost, nor
+        # the batch run twice.
+        while worker.conn is not None and worker.eof_at is None:
+            try:
+                if not worker.conn.poll(0):
+                    break
+            except OSError:
+                break
+            self._on_worker_readable(worker)
+        worker.close_channels()
+        how = describe_exit(exitcode)
+        if not worker.ready:
+            error = worker.info.get("startup_error")
+            failure = WorkerStartupError(
+                f"worker {worker.slot} (pid {worker.pid}) {how} while starting"
+                + (f": {type(error).__name__}: {error}" if error else "")
+            )
+            if error is not None:
+                failure.__cause__ = error
+            if not self._started.is_set():
+                self._startup_error = failure
+                self._started.set()
+                self._closed = True
+                return
+            self._start_failures[worker.slot] += 1
+            if self._start_failures[worker.slot] >= MAX_CONSECUTIVE_START_FAILURES:
+                self._break(failure)
+                return
+        else:
+            logger.warning("worker %d (pid %s) %s; starting a replacement", worker.slot, worker.pid, how)
+        batch = worker.batch
+        worker.batch = None
+        if batch is not None:
+            if batch.attempts < 2:
+                self._retry.appendleft(batch)
+            else:
+                _fail(
+                    batch.future,
+                    WorkerCrashedError(
+                        f"worker {worker.slot} (pid {worker.pid}) {how} while running this batch; "
+                        "it had already been retried once after an earlier worker died on it",
+                        exitcode=exitcode,
+                        pid=worker.pid,
+                    ),
+                )
+        if not self._closed and self._broken is None:
+            self._start_worker(worker.slot)
+
+    def _break(self, reason: BaseException) -> None:
+        with self._not_full:
+            self._broken = reason
+            dropped = list(self._pending)
+            self._pending.clear()
+            self._not_full.notify_all()
+        error = EngineBrokenError(f"the engine cannot run batches any more: {reason}")
+        error.__cause__ = reason
+        for batch in dropped:
+            _fail(batch.future, error)
+        self._fail_everything(error)
+        if not self._started.is_set():
+            self._startup_error = reason
+            self._started.set()
+        self._closed = True  # stops the manager loop; the processes go in its finally
+
+    def _fail_everything(self, error: BaseException) -> None:
+        for batch in self._retry:
+            _fail(batch.future, error)
+        self._retry.clear()
+        for worker in self._workers.values():
+            if worker.batch is not None:
+                _fail(worker.batch.future, error)
+                worker.batch = None
+
+    def _shutdown_processes(self) -> None:
+        fork_server = self.__dict__.pop("_fork_server", None)
+        if fork_server is not None:
+            fork_server.shutdown()
+        for worker in self._workers.values():
+            worker.close_channels()
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def _fail(future: Future, error: BaseException) -> None:
+    if not future.done():
+        if future.running() or future.set_running_or_notify_cancel():
+            future.set_exception(error)
+
+
+def _rebuild_exception(data: bytes, tb: str) -> BaseException:
+    try:
+        exc = pickle.loads(data)
+    except Exception as err:
+        exc = RuntimeError(f"a worker raised an exception that could not be rebuilt here: {err}")
+    exc.__cause__ = RemoteTraceback(tb)
+    return exc

@@ -1,0 +1,179 @@
+"""Shared memory: the named weights segment, and anonymous growable arenas for tensors.
+
+* The **weights segment** is a POSIX shared memory object (a file in ``/dev/shm``, what
+  ``multiprocessing.shared_memory`` creates), written once by the supervisor and then made
+  read-only (mode 0400; every other process maps it ``PROT_READ``). It needs a *name*: ONNX
+  Runtime's graph optimizers (constant folding of a ``Cast`` over a weight, say) read the bytes
+  of an initializer from its external-data path, so the skeleton graph names this file. The name
+  is unguessable (128 random bits), the file is created ``O_EXCL`` with mode 0600, and exactly one
+  owner unlinks it: the supervisor on ``close()``, or the fork server when the supervisor dies
+  (``zygote.py``). We do not use ``multiprocessing.shared_memory.SharedMemory`` itself because on
+  Python < 3.13 every attach registers with the resource tracker, which may unlink a segment
+  others still use (CPython gh-82300); descriptors reach workers by inheritance instead.
+* **Arenas** carry tensors too large to pickle through a pipe, one per direction per worker.
+  They need no name, so they are ``memfd_create`` files: nothing in ``/dev/shm`` to leak, and
+  the kernel frees them with the last descriptor, whoever dies in whatever order.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import secrets
+
+__all__ = ["SharedSegment", "Arena", "ALIGNMENT", "SHM_DIR", "SEGMENT_PREFIX", "align_up", "unlink_segment"]
+
+# Tensor data is aligned so that every SIMD load ORT may do is aligned (AVX-512 wants 64 bytes).
+ALIGNMENT = 64
+SHM_DIR = "/dev/shm"
+SEGMENT_PREFIX = "shmengine-"
+
+
+def align_up(n: int, alignment: int = ALIGNMENT) -> int:
+    return (n + alignment - 1) // alignment * alignment
+
+
+class SharedSegment:
+    """A named shared memory segment mapped into this process, read-only or read-write.
+
+    ``fd`` stays open while the segment is open: it is what children inherit.
+    """
+
+    def __init__(self, fd: int, size: int, *, writable: bool, name: str | None = None):
+        self.fd = fd
+        self.size = size
+        self.writable = writable
+        self.name = name
+        self._map: mmap.mmap | None = None
+        self.buffer = memoryview(b"")
+        self._map_now()
+
+    def _map_now(self) -> None:
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if self.writable else 0)
+        # mmap of length 0 is an error; an empty model still gets a valid (1-byte) mapping.
+        self._map = mmap.mmap(self.fd, max(self.size, 1), flags=mmap.MAP_SHARED, prot=prot)
+        self.buffer = memoryview(self._map)[: self.size]
+
+    def _unmap(self) -> None:
+        self.buffer.release()
+        if self._map is not None:
+            try:
+                self._map.close()
+            except BufferError:
+                # Someone still holds a view (an OrtValue over a weight, say); the mapping then
+                # lives until that view dies. Closing the descriptor is still right.
+                pass
+            self._map = None
+
+    @property
+    def path(self) -> str:
+        return os.path.join(SHM_DIR, self.name)
+
+    @classmethod
+    def create(cls, size: int, label: str = "w") -> "SharedSegment":
+        """A new writable segment of ``size`` zero bytes under an unguessable name in ``/dev/shm``."""
+        name = f"{SEGMENT_PREFIX}{label}-{secrets.token_hex(16)}"
+        fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(fd, max(size, 1))
+            return cls(fd, size, writable=True, name=name)
+        except BaseException:
+            os.close(fd)
+            unlink_segment(name)
+            raise
+
+    @classmethod
+    def attach(cls, fd: int, *, name: str | None = None) -> "SharedSegment":
+        """Map, read-only, a segment whose descriptor this process inherited."""
+        return cls(fd, os.fstat(fd).st_size, writable=False, name=name)
+
+    def resize(self, size: int) -> None:
+        """Grow or shrink a writable segment (before it is frozen)."""
+        self._unmap()
+        os.ftruncate(self.fd, max(size, 1))
+        self.size = size
+        self._map_now()
+
+    def freeze(self) -> None:
+        """End writing: keep only a read-only mapping and make the file itself read-only (0400)."""
+        self._unmap()
+        os.fchmod(self.fd, 0o400)
+        self.writable = False
+        self._map_now()
+
+    def unlink(self) -> None:
+        """Remove the name from ``/dev/shm``; mappings and descriptors stay valid."""
+        if self.name:
+            unlink_segment(self.name)
+
+    def close(self) -> None:
+        """Unmap and close the descriptor (the name stays until :meth:`unlink`)."""
+        if self.fd < 0:
+            return
+        self._unmap()
+        os.close(self.fd)
+        self.fd = -1
+
+
+def unlink_segment(name: str) -> None:
+    """Remove ``/dev/shm/<name>`` if it is still there. Safe to call from any owner, any number of times."""
+    try:
+        os.unlink(os.path.join(SHM_DIR, name))
+    except FileNotFoundError:
+        pass
+
+
+class Arena:
+    """One direction of a worker's tensor channel: a growable memfd written by one side only.
+
+    The pool keeps at most one message in flight per worker and direction, so the writer may
+    always start at offset 0: by the time it writes again, the reader is done with the last one.
+    """
+
+    def __init__(self, fd: int, *, writable: bool):
+        self.fd = fd
+        self.writable = writable
+        self._map: mmap.mmap | None = None
+        self._mapped = 0
+        self._remap(os.fstat(fd).st_size)
+
+    @classmethod
+    def create(cls, label: str, size: int = 1 << 20) -> "Arena":
+        fd = os.memfd_create(f"shmengine-{label}", os.MFD_CLOEXEC)
+        os.ftruncate(fd, size)
+        return cls(fd, writable=True)
+
+    def _remap(self, size: int) -> None:
+        if self._map is not None:
+            try:
+                self._map.close()
+            except BufferError:
+                pass  # a view of the old mapping is still alive; it is unmapped when that goes
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if self.writable else 0)
+        self._map = mmap.mmap(self.fd, size, flags=mmap.MAP_SHARED, prot=prot) if size else None
+        self._mapped = size
+
+    def reserve(self, nbytes: int) -> memoryview:
+        """Writer side: a view of at least ``nbytes``, growing the file when it is too small."""
+        if nbytes > self._mapped:
+            new_size = max(nbytes, 2 * self._mapped)
+            os.ftruncate(self.fd, new_size)
+            self._remap(new_size)
+        return memoryview(self._map)
+
+    def view(self, end: int) -> memoryview:
+        """Reader side: a view covering ``[0, end)``, remapping if the writer grew the file."""
+        if end > self._mapped:
+            self._remap(os.fstat(self.fd).st_size)
+        return memoryview(self._map)
+
+    def close(self) -> None:
+        if self.fd < 0:
+            return
+        if self._map is not None:
+            try:
+                self._map.close()
+            except BufferError:
+                pass
+        os.close(self.fd)
+        self.fd = -1

@@ -1,0 +1,158 @@
+"""The worker process: maps the weights, builds its sessions, then serves one batch at a time.
+
+A worker is forked by the fork server (``zygote.py``) and talks only to the supervisor, over
+one socket (control and small tensors) and two arenas (large tensors, see ``transport.py``)::
+
+    supervisor ── WorkerConfig ──▶ worker        (once, first message)
+    supervisor ◀── ("ready", info) ── worker     or ("startup_error", traceback)
+    supervisor ── ("run", id, method, payload) ──▶ worker
+    supervisor ◀── ("ok", id, result) ── worker  or ("error", id, exception, traceback)
+
+What a worker *does* with a batch is its **program**: an object built in the worker from a
+:class:`ProgramSpec` (module, class, options) with a :class:`WorkerContext`, whose ``run(method,
+payload)`` returns the result. The generic ONNX engine, the Generator and the Translator are
+programs; nothing here knows about any of them.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import importlib
+import os
+import pickle
+import sys
+import traceback
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any
+
+from .sessions import SessionSettings, create_session
+from .sharedmem import Arena, SharedSegment
+from .transport import recv_message, send_message
+from .weights import ModelEntry, read_catalog
+
+__all__ = ["ProgramSpec", "WorkerConfig", "WorkerContext", "worker_main"]
+
+
+@dataclass(frozen=True)
+class ProgramSpec:
+    """Which program a worker runs: ``module.qualname(context, **options)``."""
+
+    module: str
+    qualname: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def instantiate(self, context: "WorkerContext"):
+        target = importlib.import_module(self.module)
+        for part in self.qualname.split("."):
+            target = getattr(target, part)
+        return target(context, **self.options)
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Everything a worker needs besides its descriptors; the first message on its socket."""
+
+    slot: int
+    generation: int
+    program: ProgramSpec
+    session_settings: SessionSettings
+    environment: dict[str, str]
+    segment_name: str
+    numexpr_threads: int = 1
+
+
+class WorkerContext:
+    """What a program gets from its worker: the weight catalog and a way to build sessions."""
+
+    def __init__(self, config: WorkerConfig, segment: SharedSegment, catalog: dict[str, ModelEntry]):
+        self.config = config
+        self.slot = config.slot
+        self.session_settings = config.session_settings
+        self.catalog = catalog
+        self._segment = segment
+
+    def create_session(self, key: str, settings: SessionSettings | None = None):
+        """An ORT session for model ``key`` of the store, over the shared weights."""
+        return create_session(self.catalog[key], self._segment.buffer, settings or self.session_settings)
+
+
+def _process_threads() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("Threads:"):
+                return int(line.split()[1])
+    return 0
+
+
+def _describe_exception(exc: BaseException) -> bytes:
+    """Pickle an exception for the supervisor, or a RuntimeError saying what it was."""
+    try:
+        data = pickle.dumps(exc, protocol=5)
+        pickle.loads(data)  # an exception that pickles but cannot be rebuilt is useless there
+        return data
+    except Exception:
+        return pickle.dumps(RuntimeError(f"{type(exc).__qualname__}: {exc}"), protocol=5)
+
+
+def worker_main(data_fd: int, weights_fd: int, arena_in_fd: int, arena_out_fd: int) -> int:
+    """Run a worker until the supervisor closes its socket; returns the process exit code."""
+    faulthandler.enable()  # a crash inside ORT prints the Python stack of every thread
+    conn = Connection(data_fd)
+    try:
+        config: WorkerConfig = conn.recv()
+    except EOFError:
+        return 0
+    os.environ.update(config.environment)
+    try:
+        import numexpr
+
+        numexpr.set_num_threads(config.numexpr_threads)
+        segment = SharedSegment.attach(weights_fd, name=config.segment_name)
+        context = WorkerContext(config, segment, read_catalog(segment))
+        program = config.program.instantiate(context)
+        info = {
+            "pid": os.getpid(),
+            "slot": config.slot,
+            "intra_threads": config.session_settings.intra_threads,
+            "allow_spinning": config.session_settings.allow_spinning,
+            "providers": [name for name, _ in config.session_settings.providers],
+            "numexpr_threads": numexpr.get_num_threads() if hasattr(numexpr, "get_num_threads") else config.numexpr_threads,
+            "process_threads": _process_threads(),
+            "environment": {k: os.environ.get(k, "") for k in config.environment},
+        }
+        if hasattr(program, "describe"):
+            info.update(program.describe())
+    except BaseException as exc:
+        send_message(conn, ("startup_error", _describe_exception(exc), traceback.format_exc()), None)
+        return 1
+    send_message(conn, ("ready", info), None)
+
+    arena_in = Arena(arena_in_fd, writable=False)
+    arena_out = Arena(arena_out_fd, writable=True)
+    while True:
+        try:
+            message = recv_message(conn, arena_in, copy=False)
+        except (EOFError, ConnectionResetError):
+            return 0  # the supervisor closed us, or died: nothing left to serve
+        kind, batch_id, method, payload = message
+        del message
+        try:
+            if kind == "ping":
+                result = payload
+            else:
+                result = program.run(method, payload)
+            reply = ("ok", batch_id, result)
+        except Exception as exc:
+            reply = ("error", batch_id, _describe_exception(exc), traceback.format_exc())
+        # The inputs are views into arena_in; drop them before the supervisor may write it again.
+        del payload
+        try:
+            send_message(conn, reply, arena_out)
+        except Exception as exc:  # a result that cannot be pickled
+            send_message(conn, ("error", batch_id, _describe_exception(exc), traceback.format_exc()), None)
+        del reply, result
+
+
+if __name__ == "__main__":  # pragma: no cover - workers are started by the fork server
+    sys.exit("shmengine.worker is started by the fork server, not directly")

@@ -1,0 +1,223 @@
+"""The fork server: a single-threaded process that forks workers, reports their deaths, and
+cleans up when the supervisor dies.
+
+Why: forking the supervisor itself is unsafe once it runs threads (the manager thread, the
+caller's threads, ORT pools): a child can inherit a lock held by a thread that does not exist in
+it and deadlock. Spawning fresh interpreters instead would re-import onnxruntime per worker and
+re-run the caller's ``__main__``. So the supervisor starts this small process once per engine,
+with a fresh interpreter that preloads numpy and onnxruntime and never starts a thread; every
+worker, including respawns, is a fork of it.
+
+::
+
+    supervisor ──(SEQPACKET socket: spawn / kill / shutdown + descriptors)──▶ fork server
+         ▲                                                                      │ fork()
+         └──────────(spawned pid / exited pid + exit code)──────────────────────┤
+                                                                                ▼
+                                                                        worker processes
+
+The fork server reaps its children (SIGCHLD), so it is the one that knows how each died, and
+tells the supervisor. When the supervisor dies its socket reads EOF: the fork server kills every
+worker, removes the weights segment's name from ``/dev/shm`` and exits. Workers die with the
+fork server too (``PR_SET_PDEATHSIG``), so nothing outlives a ``kill -9`` of either.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import pickle
+import select
+import signal
+import socket
+import subprocess
+import sys
+import traceback
+
+__all__ = ["ForkServer", "serve"]
+
+_MAX_MESSAGE = 1 << 16
+_MAX_FDS = 8
+PR_SET_PDEATHSIG = 1
+
+
+class ForkServer:
+    """Supervisor side: starts the fork server process and speaks its protocol."""
+
+    def __init__(self, owned_segments: list[str], environment: dict[str, str]):
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        # The fork server sees the caller's import path, so programs defined in the caller's
+        # own modules can run in workers.
+        paths = [package_parent] + [p for p in sys.path if p]
+        code = "import sys, json; sys.path[:0] = json.loads(sys.argv[1]); from shmengine.zygote import serve; serve()"
+        env = dict(os.environ)
+        env.update(environment)
+        env["SHMENGINE_ZYGOTE_FD"] = str(theirs.fileno())
+        env["SHMENGINE_OWNED_SEGMENTS"] = json.dumps(owned_segments)
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", code, json.dumps(paths)],
+                pass_fds=(theirs.fileno(),),
+                env=env,
+                stdin=subprocess.DEVNULL,
+            )
+        finally:
+            theirs.close()
+        self.sock = ours
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def _send(self, message, fds=()) -> None:
+        socket.send_fds(self.sock, [pickle.dumps(message)], list(fds))
+
+    def spawn(self, slot: int, generation: int, fds: list[int]) -> None:
+        self._send(("spawn", slot, generation), fds)
+
+    def kill(self, pid: int, sig: int = signal.SIGKILL) -> None:
+        self._send(("kill", pid, int(sig)))
+
+    def receive(self):
+        """One report (``("spawned", slot, gen, pid)`` / ``("exited", slot, gen, pid, code)``), or None at EOF."""
+        data = self.sock.recv(_MAX_MESSAGE)
+        return pickle.loads(data) if data else None
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        """Ask the fork server to kill its workers and exit; make sure it did."""
+        try:
+            self._send(("shutdown",))
+        except OSError:
+            pass
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.sock.close()
+
+
+# --------------------------------------------------------------------------------------------
+# The fork server process
+
+
+def _set_parent_death_signal() -> None:
+    """Ask the kernel to SIGKILL this process when its parent (the fork server) dies."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the worker still exits at socket EOF
+        pass
+
+
+def _exit_code(status: int) -> int:
+    return os.waitstatus_to_exitcode(status)
+
+
+def serve() -> None:
+    """Main loop of the fork server process (started by :class:`ForkServer`)."""
+    control = socket.socket(fileno=int(os.environ.pop("SHMENGINE_ZYGOTE_FD")))
+    owned = json.loads(os.environ.pop("SHMENGINE_OWNED_SEGMENTS"))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
+
+    # Preload what every worker imports, once, before any fork.
+    import numpy  # noqa: F401
+    import onnxruntime  # noqa: F401
+
+    from . import worker as worker_module
+    from .sharedmem import unlink_segment
+
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)  # the handler only exists to wake select()
+    children: dict[int, tuple[int, int]] = {}  # pid -> (slot, generation)
+    me = os.getpid()
+
+    def report(message) -> None:
+        try:
+            control.send(pickle.dumps(message))
+        except OSError:
+            pass  # the supervisor is gone; the EOF on the next read ends us
+
+    def reap() -> None:
+        while children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            slot, generation = children.pop(pid, (-1, -1))
+            report(("exited", slot, generation, pid, _exit_code(status)))
+
+    def end(kill_signal: int) -> None:
+        for pid in list(children):
+            try:
+                os.kill(pid, kill_signal)
+            except ProcessLookupError:
+                pass
+        for pid in list(children):
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+        for name in owned:
+            unlink_segment(name)
+        os._exit(0)
+
+    while True:
+        try:
+            readable, _, _ = select.select([control, wake_r], [], [])
+        except InterruptedError:
+            continue
+        if wake_r in readable:
+            try:
+                os.read(wake_r, 4096)
+            except BlockingIOError:
+                pass
+            reap()
+        if control not in readable:
+            continue
+        try:
+            data, fds, _, _ = socket.recv_fds(control, _MAX_MESSAGE, _MAX_FDS)
+        except ConnectionResetError:
+            data, fds = b"", []
+        if not data:  # the supervisor died (or closed us without a word): take everything down
+            end(signal.SIGKILL)
+        message = pickle.loads(data)
+        if message[0] == "spawn":
+            _, slot, generation = message
+            pid = os.fork()
+            if pid == 0:  # the worker
+                code = 1
+                try:
+                    control.close()
+                    signal.set_wakeup_fd(-1)
+                    os.close(wake_r)
+                    os.close(wake_w)
+                    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                    _set_parent_death_signal()
+                    if os.getppid() != me:  # the fork server died before prctl took effect
+                        os._exit(1)
+                    code = worker_module.worker_main(*fds)
+                except BaseException:
+                    traceback.print_exc()
+                finally:
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                    os._exit(code)
+            for fd in fds:
+                os.close(fd)
+            children[pid] = (slot, generation)
+            report(("spawned", slot, generation, pid))
+        elif message[0] == "kill":
+            _, pid, sig = message
+            if pid in children:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+        elif message[0] == "shutdown":
+            end(signal.SIGKILL)
