@@ -1,0 +1,91 @@
+"""Shared fixtures: small ONNX models built by the tests, and leak checks after every test."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # models/ as a plain package when not installed
+
+from models.builders import mlp_model, mlp_reference, save_model  # noqa: E402
+
+
+def shm_segments() -> set[str]:
+    return {n for n in os.listdir("/dev/shm") if n.startswith("shmengine-")}
+
+
+def live_children() -> list[int]:
+    """PIDs of processes whose parent is this test process, or one of their children."""
+    me = os.getpid()
+    parents = {me}
+    found = []
+    for _ in range(2):
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] != "Z" and int(fields[1]) in parents and int(entry) not in found:
+                found.append(int(entry))
+        parents |= set(found)
+    return found
+
+
+def wait_until(predicate, timeout: float = 5.0, interval: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+@pytest.fixture(autouse=True)
+def no_leaks():
+    """Every test must leave no shmengine segment in /dev/shm and no child process behind."""
+    before = shm_segments()
+    yield
+    assert wait_until(lambda: not (shm_segments() - before)), f"leaked segments: {shm_segments() - before}"
+    assert wait_until(lambda: not live_children()), f"leaked processes: {live_children()}"
+
+
+class MlpModel:
+    """A built MLP model on disk with its numpy reference."""
+
+    def __init__(self, directory: Path, widths, params):
+        self.path = directory
+        self.widths = widths
+        self.params = params
+
+    def inputs(self, batch: int, seed: int = 0) -> np.ndarray:
+        return np.random.default_rng(seed).standard_normal((batch, self.widths[0])).astype(np.float32)
+
+    def reference(self, x: np.ndarray) -> np.ndarray:
+        return mlp_reference(x.astype(np.float64), self.params).astype(np.float32)
+
+
+def make_mlp(directory: Path, widths, *, seed=0, external_data=False) -> MlpModel:
+    model, params = mlp_model(widths, seed=seed)
+    save_model(model, directory, external_data=external_data)
+    return MlpModel(directory, widths, params)
+
+
+@pytest.fixture(scope="session")
+def small_mlp(tmp_path_factory) -> MlpModel:
+    """64 -> 128 -> 32: fast to load, enough to check numbers."""
+    return make_mlp(tmp_path_factory.mktemp("small_mlp"), [64, 128, 32], seed=1)
+
+
+@pytest.fixture(scope="session")
+def slow_mlp(tmp_path_factory) -> MlpModel:
+    """1024-wide, 8 layers: a batch of 256 rows takes tens of milliseconds, so kills land mid-batch."""
+    return make_mlp(tmp_path_factory.mktemp("slow_mlp"), [1024] * 9, seed=2, external_data=True)
