@@ -137,6 +137,7 @@ def worker_main(data_fd: int, weights_fd: int, arena_in_fd: int, arena_out_fd: i
             return 0  # the supervisor closed us, or died: nothing left to serve
         kind, batch_id, method, payload = message
         del message
+        result = None
         try:
             if kind == "ping":
                 result = payload

@@ -1,0 +1,284 @@
+"""The worker pool with real forked workers: futures, concurrency, back-pressure, crashes."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import signal
+import threading
+import time
+from concurrent.futures import wait as wait_futures
+
+import numpy as np
+import pytest
+from conftest import wait_until
+
+import shmengine
+from shmengine.errors import RemoteTraceback
+from shmengine.placement import place_workers
+from shmengine.pool import WorkerPool
+from shmengine.weights import WeightStore
+from shmengine.worker import ProgramSpec
+
+
+@pytest.fixture
+def chaos_pool(small_mlp):
+    """A factory of pools running ChaosProgram (the weights are the small MLP's, unused)."""
+    made = []
+
+    def make(workers=2, max_queued_batches=0, **options):
+        store = WeightStore.load({"model": small_mlp.path})
+        try:
+            pool = WorkerPool(
+                store,
+                ProgramSpec("programs", "ChaosProgram", options),
+                place_workers("cpu", inter_threads=workers, intra_threads=1).slots,
+                max_queued_batches=max_queued_batches,
+            )
+        except BaseException:
+            store.close()
+            raise
+        made.append((pool, store))
+        return pool
+
+    yield make
+    for pool, store in made:
+        pool.close()
+        store.close()
+
+
+# -- results ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("inter_threads", [1, 2])
+def test_outputs_match_numpy(small_mlp, inter_threads):
+    with shmengine.Engine(small_mlp.path, inter_threads=inter_threads, intra_threads=1) as engine:
+        x = small_mlp.inputs(5)
+        np.testing.assert_allclose(engine.run_batch({"x": x})["y"], small_mlp.reference(x), rtol=1e-4, atol=1e-5)
+        batches = [{"x": small_mlp.inputs(3 + i, seed=i)} for i in range(7)]
+        results = engine.run_batch(batches)
+        assert len(results) == 7
+        for batch, result in zip(batches, results):
+            np.testing.assert_allclose(result["y"], small_mlp.reference(batch["x"]), rtol=1e-4, atol=1e-5)
+        futures = engine.run_batch(batches, asynchronous=True)
+        for batch, future in zip(batches, futures):
+            np.testing.assert_allclose(future.result(timeout=30)["y"], small_mlp.reference(batch["x"]), rtol=1e-4, atol=1e-5)
+        assert engine.run_batch([]) == []
+
+
+def test_large_tensors_cross_through_the_arena(small_mlp, tmp_path):
+    """Inputs and outputs far above the arena threshold (and its initial size) arrive intact."""
+    with shmengine.Engine(small_mlp.path, inter_threads=1) as engine:
+        for rows in (20_000, 70_000):  # 5 and 18 MiB of input; the arena starts at 1 MiB
+            x = small_mlp.inputs(rows, seed=rows)
+            y = engine.run_batch({"x": x})["y"]
+            assert y.flags.writeable and y.flags.owndata or y.base is not None
+            np.testing.assert_allclose(y, small_mlp.reference(x), rtol=1e-4, atol=1e-4)
+
+
+def test_many_caller_threads_get_their_own_results(small_mlp):
+    with shmengine.Engine(small_mlp.path, inter_threads=2, intra_threads=1) as engine:
+        errors = []
+
+        def caller(seed):
+            try:
+                for i in range(25):
+                    x = small_mlp.inputs(1 + (seed + i) % 7, seed=seed * 100 + i)
+                    np.testing.assert_allclose(engine.run_batch({"x": x})["y"], small_mlp.reference(x), rtol=1e-4, atol=1e-5)
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=caller, args=(s,)) for s in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not errors, errors[0]
+
+
+def test_engine_created_in_a_thread_that_exits_keeps_working(small_mlp):
+    """The fork server must not depend on the thread that created it (no PDEATHSIG on it)."""
+    box = {}
+    t = threading.Thread(target=lambda: box.setdefault("engine", shmengine.Engine(small_mlp.path, inter_threads=2)))
+    t.start()
+    t.join()
+    with box["engine"] as engine:
+        time.sleep(0.3)
+        x = small_mlp.inputs(4)
+        np.testing.assert_allclose(engine.run_batch({"x": x})["y"], small_mlp.reference(x), rtol=1e-4, atol=1e-5)
+        assert len(engine.worker_pids) == 2
+
+
+def test_worker_exception_carries_remote_traceback(chaos_pool):
+    pool = chaos_pool(workers=1)
+    with pytest.raises(KeyError) as info:
+        pool.submit("raise", "nope").result(timeout=10)
+    assert isinstance(info.value.__cause__, RemoteTraceback)
+    assert "programs.py" in info.value.__cause__.tb
+    pid = pool.worker_pids()
+    assert pool.submit("echo", 5).result(timeout=10) == 5
+    assert pool.worker_pids() == pid  # an exception is not a crash
+
+
+def test_cancelled_queued_batch_never_runs(chaos_pool):
+    pool = chaos_pool(workers=1)
+    first = pool.submit("sleep", (0.3, "first"))
+    second = pool.submit("echo", "second")
+    assert second.cancel()
+    assert first.result(timeout=10) == "first"
+    assert pool.submit("echo", "third").result(timeout=10) == "third"
+    assert second.cancelled()
+
+
+# -- back-pressure ---------------------------------------------------------------------------------
+
+
+def test_full_queue_blocks_the_submitter(chaos_pool):
+    pool = chaos_pool(workers=1, max_queued_batches=1)
+    running = pool.submit("sleep", (0.6, 1))
+    assert wait_until(lambda: running.running(), timeout=5)
+    time.sleep(0.05)  # let the manager hand it to the worker
+    queued = pool.submit("echo", 2)  # fills the queue
+    returned = threading.Event()
+
+    def third():
+        pool.submit("echo", 3).result()
+        returned.set()
+
+    t = threading.Thread(target=third)
+    t.start()
+    time.sleep(0.3)
+    assert not returned.is_set(), "a submit into a full queue must block"
+    assert running.result(timeout=10) == 1 and queued.result(timeout=10) == 2
+    assert returned.wait(10)
+    t.join()
+
+
+@pytest.mark.parametrize("setting, expected", [(0, 8), (-1, None), (3, 3)])
+def test_queue_size_settings(setting, expected):
+    from shmengine.pool import resolve_queue_size
+
+    assert resolve_queue_size(setting, 2) == expected
+
+
+# -- crashes ------------------------------------------------------------------------------------------
+
+
+def test_batch_is_retried_once_on_a_fresh_worker(chaos_pool, tmp_path):
+    pool = chaos_pool(workers=2)
+    pids_before = set(pool.worker_pids())
+    marker = str(tmp_path / "marker")
+    assert pool.submit("crash_once", marker).result(timeout=30) == "survived"
+    assert wait_until(lambda: len(pool.worker_pids()) == 2)
+    assert len(set(pool.worker_pids()) - pids_before) == 1  # exactly the dead one was replaced
+
+
+@pytest.mark.parametrize(
+    "method, payload, expected_code, text",
+    [("exit", 3, 3, "exited with code 3"), ("segfault", None, -signal.SIGSEGV, "SIGSEGV (-11)")],
+)
+def test_batch_that_kills_every_worker_fails_with_worker_crashed(chaos_pool, method, payload, expected_code, text, capfd):
+    pool = chaos_pool(workers=2)
+    with pytest.raises(shmengine.WorkerCrashedError, match=re.escape(text)) as info:
+        pool.submit(method, payload).result(timeout=30)
+    assert info.value.exitcode == expected_code
+    # the pool serves on, at full strength
+    assert [f.result(timeout=30) for f in [pool.submit("echo", i) for i in range(6)]] == list(range(6))
+    assert wait_until(lambda: len(pool.worker_pids()) == 2)
+    if method == "segfault":
+        assert "Fatal Python error: Segmentation fault" in capfd.readouterr().err  # faulthandler
+
+
+def test_sigkill_twice_names_the_signal(chaos_pool):
+    pool = chaos_pool(workers=1)
+    future = pool.submit("sleep", (30, None))
+    for _ in range(2):
+        assert wait_until(lambda: len(pool.worker_pids()) == 1 and future.running(), timeout=10)
+        time.sleep(0.2)
+        os.kill(pool.worker_pids()[0], signal.SIGKILL)
+        time.sleep(0.3)
+    with pytest.raises(shmengine.WorkerCrashedError, match=r"SIGKILL \(-9\)"):
+        future.result(timeout=30)
+    assert pool.submit("echo", "alive").result(timeout=30) == "alive"
+
+
+def test_sigkill_under_concurrent_load_loses_nothing(slow_mlp):
+    """Kill random workers while 40 distinct batches run: each future gets its own right answer
+    or WorkerCrashedError; none hangs; the pool ends at full strength."""
+    with shmengine.Engine(slow_mlp.path, inter_threads=2, intra_threads=1, max_queued_batches=-1) as engine:
+        inputs = [slow_mlp.inputs(64, seed=i) for i in range(40)]
+        futures = engine.run_batch([{"x": x} for x in inputs], asynchronous=True)
+        killed = []
+        stop = threading.Event()
+
+        def chaos():
+            rng = random.Random(0)
+            while not stop.is_set() and len(killed) < 6:
+                time.sleep(0.25)
+                pids = engine.worker_pids
+                if pids:
+                    pid = rng.choice(pids)
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                        killed.append(pid)
+                    except ProcessLookupError:
+                        pass
+
+        t = threading.Thread(target=chaos)
+        t.start()
+        done, not_done = wait_futures(futures, timeout=120)
+        stop.set()
+        t.join()
+        assert not not_done, f"{len(not_done)} futures hung"
+        ok = crashed = 0
+        for x, future in zip(inputs, futures):
+            exc = future.exception()
+            if exc is None:
+                np.testing.assert_allclose(future.result()["y"], slow_mlp.reference(x), rtol=1e-3, atol=1e-3)
+                ok += 1
+            else:
+                assert isinstance(exc, shmengine.WorkerCrashedError), repr(exc)
+                crashed += 1
+        assert killed and ok > 0
+        assert wait_until(lambda: len(engine.worker_pids) == 2, timeout=10)
+        assert not set(engine.worker_pids) & set(killed)
+        x = slow_mlp.inputs(2)
+        np.testing.assert_allclose(engine.run_batch({"x": x})["y"], slow_mlp.reference(x), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("mode, text", [("raise", "refuses to start"), ("segfault", "SIGSEGV"), ("exit", "exited with code 7")])
+def test_worker_that_dies_while_starting_fails_the_constructor(chaos_pool, mode, text):
+    start = time.monotonic()
+    with pytest.raises(shmengine.WorkerStartupError, match=text):
+        chaos_pool(workers=2, fail_start=mode)
+    assert time.monotonic() - start < 30
+
+
+# -- threads --------------------------------------------------------------------------------------------
+
+
+def test_oversubscription_warns_with_the_fix(small_mlp, caplog):
+    with caplog.at_level(logging.WARNING, logger="shmengine"):
+        with shmengine.Engine(small_mlp.path, inter_threads=2, intra_threads=4) as engine:
+            info = engine.parallel_info()
+    cores = len(os.sched_getaffinity(0))
+    if 8 > cores:
+        assert f"Set intra_threads={max(1, cores // 2)}" in caplog.text
+    assert info.count("intra_op_num_threads=4") == 2
+
+
+def test_automatic_intra_threads_divide_the_cores(small_mlp):
+    cores = len(os.sched_getaffinity(0))
+    with shmengine.Engine(small_mlp.path, inter_threads=2) as engine:
+        assert engine.intra_threads == max(1, cores // 2)
+        info = engine.parallel_info()
+    assert f"intra_op_num_threads={max(1, cores // 2)}" in info
+    assert f"OMP_NUM_THREADS={max(1, cores // 2)}" in info
+    assert "ONNX Runtime" in info and "CUDA devices" in info
+
+
+def test_ping_round_trip(small_mlp):
+    with shmengine.Engine(small_mlp.path) as engine:
+        assert engine.ping({"a": 1}).result(timeout=10) == {"a": 1}
