@@ -1,0 +1,184 @@
+"""Lifetime: close, with-exit, interpreter exit and a killed supervisor leave nothing behind;
+and N workers cost the weights once (PSS)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import numpy as np
+import pytest
+from conftest import ROOT, make_mlp, shm_segments, wait_until
+
+import shmengine
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _supervisor_script(model: str, body: str) -> str:
+    return textwrap.dedent(
+        f"""
+        import os, sys, time
+        sys.path.insert(0, {str(ROOT)!r})
+        import numpy as np
+        import shmengine
+        engine = shmengine.Engine({model!r}, inter_threads=2, intra_threads=1)
+        print("PIDS", *engine.worker_pids, flush=True)
+        """
+    ) + textwrap.dedent(body)
+
+
+def test_close_fails_queued_batches_and_returns_promptly(slow_mlp):
+    engine = shmengine.Engine(slow_mlp.path, inter_threads=1, intra_threads=1, max_queued_batches=-1)
+    pids = engine.worker_pids
+    futures = engine.run_batch([{"x": slow_mlp.inputs(256, seed=i)} for i in range(50)], asynchronous=True)
+    time.sleep(0.2)
+    start = time.monotonic()
+    engine.close()
+    assert time.monotonic() - start < 5
+    for future in futures:
+        exc = future.exception(timeout=5)
+        assert exc is None or isinstance(exc, shmengine.EngineClosedError)
+    assert sum(isinstance(f.exception(), shmengine.EngineClosedError) for f in futures) >= 40
+    assert "closed" in str(futures[-1].exception())
+    with pytest.raises(shmengine.EngineClosedError):
+        engine.run_batch({"x": slow_mlp.inputs(1)})
+    engine.close()  # idempotent
+    assert not any(_alive(p) for p in pids)
+
+
+def test_blocked_submitter_is_released_by_close(slow_mlp):
+    engine = shmengine.Engine(slow_mlp.path, inter_threads=1, intra_threads=1, max_queued_batches=1)
+    outcome = []
+
+    def flood():
+        try:
+            for i in range(100):
+                engine.run_batch({"x": slow_mlp.inputs(256, seed=i)}, asynchronous=True)
+        except shmengine.EngineClosedError as exc:
+            outcome.append(exc)
+
+    t = threading.Thread(target=flood)
+    t.start()
+    time.sleep(0.5)
+    assert t.is_alive(), "the flood should be blocked on the full queue"
+    engine.close()
+    t.join(5)
+    assert not t.is_alive() and outcome
+
+
+def test_exception_in_caller_code_inside_with_cleans_up(small_mlp):
+    pids = []
+    with pytest.raises(ZeroDivisionError):
+        with shmengine.Engine(small_mlp.path, inter_threads=2) as engine:
+            pids = engine.worker_pids
+            engine.run_batch({"x": small_mlp.inputs(2)})
+            1 / 0
+    assert pids and not any(_alive(p) for p in pids)
+
+
+def test_interpreter_exit_without_close_leaves_nothing(small_mlp):
+    before = shm_segments()
+    script = _supervisor_script(str(small_mlp.path), "engine.run_batch({'x': np.zeros((2, 64), np.float32)})\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    pids = [int(p) for p in out.stdout.split()[1:3]]
+    assert wait_until(lambda: not any(_alive(p) for p in pids), timeout=5)
+    assert shm_segments() == before
+
+
+def test_uncaught_exception_at_top_level_leaves_nothing(small_mlp):
+    before = shm_segments()
+    script = _supervisor_script(str(small_mlp.path), "raise SystemExit('boom')\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and "boom" in out.stderr
+    pids = [int(p) for p in out.stdout.split()[1:3]]
+    assert wait_until(lambda: not any(_alive(p) for p in pids), timeout=5)
+    assert shm_segments() == before
+
+
+@pytest.mark.parametrize("repeat", range(3))
+def test_killed_supervisor_takes_workers_and_segment_down(slow_mlp, repeat):
+    before = shm_segments()
+    script = _supervisor_script(
+        str(slow_mlp.path),
+        """
+        futures = engine.run_batch([{'x': np.ones((256, 1024), np.float32)}] * 50, asynchronous=True)
+        print("RUNNING", flush=True)
+        time.sleep(60)
+        """,
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    pids = [int(p) for p in proc.stdout.readline().split()[1:]]
+    assert proc.stdout.readline().strip() == "RUNNING"
+    assert len(pids) == 2 and all(_alive(p) for p in pids)
+    assert shm_segments() - before
+    time.sleep(0.1 * repeat)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stdout.close()
+    assert wait_until(lambda: not any(_alive(p) for p in pids), timeout=5), "workers outlived the supervisor"
+    assert wait_until(lambda: shm_segments() == before, timeout=5), "segment outlived the supervisor"
+
+
+def _pss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    raise AssertionError("no Pss line")
+
+
+def _descendants(pid: int) -> list[int]:
+    children = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            if ppid == pid:
+                children.append(int(entry))
+    return children + [d for c in children for d in _descendants(c)]
+
+
+def test_two_workers_cost_the_weights_once(tmp_path):
+    """Supervisor + fork server + 2 workers on a 256 MiB model: PSS <= 1.1 x weights + 2 x 100 MiB.
+
+    The supervisor is a fresh subprocess, so pytest's own memory does not count."""
+    model = make_mlp(tmp_path / "big", [4096, 4096, 4096, 4096, 4096], seed=3, external_data=True)
+    weights_mib = sum(w.nbytes + b.nbytes for w, b in model.params) / 2**20
+    assert weights_mib >= 256
+    script = _supervisor_script(
+        str(model.path),
+        """
+        out = engine.run_batch([{'x': np.ones((4, 4096), np.float32)}] * 4)
+        print("RAN", flush=True)
+        sys.stdin.readline()
+        """,
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        proc.stdout.readline()
+        assert proc.stdout.readline().strip() == "RAN"
+        processes = [proc.pid, *_descendants(proc.pid)]
+        assert len(processes) == 4  # supervisor, fork server, 2 workers
+        total_mib = sum(_pss_kib(p) for p in processes) / 1024
+    finally:
+        proc.stdin.write("\n")
+        proc.stdin.close()
+        proc.wait(30)
+    budget = 1.1 * weights_mib + 2 * 100
+    assert total_mib <= budget, f"total PSS {total_mib:.0f} MiB > {budget:.0f} MiB for {weights_mib:.0f} MiB of weights"
