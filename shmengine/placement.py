@@ -7,7 +7,7 @@ stream; CUDA is never initialised in the supervisor or the fork server, so forki
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from .sessions import SessionSettings
 from .threads import ThreadPlan, get_cuda_device_count, plan_threads

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -39,13 +39,8 @@ class SplitResult:
 
 
 def candidate_splits(cores: int) -> list[tuple[int, int]]:
-    """Every (inter, intra) with inter * intra <= cores that uses at least half the cores."""
-    splits = []
-    for inter in range(1, cores + 1):
-        for intra in range(1, cores // inter + 1):
-            if inter * intra * 2 > cores or inter * intra == cores:
-                splits.append((inter, intra))
-    return sorted(set(splits))
+    """Every (inter, intra) split that fits the cores: inter * intra <= cores."""
+    return [(inter, intra) for inter in range(1, cores + 1) for intra in range(1, cores // inter + 1)]
 
 
 def synthetic_feeds(inputs: Sequence[TensorSpec], batch_size: int, *, seed: int = 0, other_dims: int = 16) -> dict:

@@ -11,7 +11,6 @@ import textwrap
 import threading
 import time
 
-import numpy as np
 import pytest
 from conftest import ROOT, make_mlp, shm_segments, wait_until
 
@@ -84,7 +83,7 @@ def test_exception_in_caller_code_inside_with_cleans_up(small_mlp):
         with shmengine.Engine(small_mlp.path, inter_threads=2) as engine:
             pids = engine.worker_pids
             engine.run_batch({"x": small_mlp.inputs(2)})
-            1 / 0
+            raise ZeroDivisionError("an error in the caller's own code")
     assert pids and not any(_alive(p) for p in pids)
 
 
