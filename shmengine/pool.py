@@ -296,7 +296,10 @@ class WorkerPool:
                     elif ready is self._fork_server.sock:
                         self._on_fork_server_report()
                     else:
-                        self._on_worker_readable(watched[ready])
+                        worker = watched[ready]
+                        # An exit report handled earlier in this round may have closed it already.
+                        if worker.conn is ready:
+                            self._on_worker_readable(worker)
                 self._check_silent_deaths()
         except BaseException as exc:  # a bug here must not leave callers waiting forever
             logger.exception("shmengine manager thread failed")

@@ -33,7 +33,7 @@ def _supervisor_script(model: str, body: str) -> str:
         import numpy as np
         import shmengine
         engine = shmengine.Engine({model!r}, inter_threads=2, intra_threads=1)
-        print("PIDS", *engine.worker_pids, flush=True)
+        print("PIDS", *engine.worker_pids, engine._store.segment.name, flush=True)
         """
     ) + textwrap.dedent(body)
 
@@ -87,29 +87,34 @@ def test_exception_in_caller_code_inside_with_cleans_up(small_mlp):
     assert pids and not any(_alive(p) for p in pids)
 
 
+def _started(stdout_line: str) -> tuple[list[int], str]:
+    """(worker pids, segment name) from the PIDS line the supervisor script prints."""
+    fields = stdout_line.split()
+    assert fields[0] == "PIDS"
+    return [int(p) for p in fields[1:3]], fields[3]
+
+
 def test_interpreter_exit_without_close_leaves_nothing(small_mlp):
-    before = shm_segments()
     script = _supervisor_script(str(small_mlp.path), "engine.run_batch({'x': np.zeros((2, 64), np.float32)})\n")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    pids = [int(p) for p in out.stdout.split()[1:3]]
+    pids, segment = _started(out.stdout)
+    # Nothing to wait for: the engine's finalizer ran before the interpreter exited.
+    assert segment not in shm_segments()
     assert wait_until(lambda: not any(_alive(p) for p in pids), timeout=5)
-    assert shm_segments() == before
 
 
 def test_uncaught_exception_at_top_level_leaves_nothing(small_mlp):
-    before = shm_segments()
     script = _supervisor_script(str(small_mlp.path), "raise SystemExit('boom')\n")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert out.returncode == 1 and "boom" in out.stderr
-    pids = [int(p) for p in out.stdout.split()[1:3]]
+    pids, segment = _started(out.stdout)
+    assert segment not in shm_segments()
     assert wait_until(lambda: not any(_alive(p) for p in pids), timeout=5)
-    assert shm_segments() == before
 
 
 @pytest.mark.parametrize("repeat", range(3))
 def test_killed_supervisor_takes_workers_and_segment_down(slow_mlp, repeat):
-    before = shm_segments()
     script = _supervisor_script(
         str(slow_mlp.path),
         """
@@ -119,16 +124,16 @@ def test_killed_supervisor_takes_workers_and_segment_down(slow_mlp, repeat):
         """,
     )
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    pids = [int(p) for p in proc.stdout.readline().split()[1:]]
+    pids, segment = _started(proc.stdout.readline())
     assert proc.stdout.readline().strip() == "RUNNING"
     assert len(pids) == 2 and all(_alive(p) for p in pids)
-    assert shm_segments() - before
+    assert segment in shm_segments()
     time.sleep(0.1 * repeat)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     proc.stdout.close()
     assert wait_until(lambda: not any(_alive(p) for p in pids), timeout=5), "workers outlived the supervisor"
-    assert wait_until(lambda: shm_segments() == before, timeout=5), "segment outlived the supervisor"
+    assert wait_until(lambda: segment not in shm_segments(), timeout=5), "segment outlived the supervisor"
 
 
 def _pss_kib(pid: int) -> int:

@@ -195,10 +195,9 @@ def test_sigkill_twice_names_the_signal(chaos_pool):
     pool = chaos_pool(workers=1)
     future = pool.submit("sleep", (30, None))
     for _ in range(2):
-        assert wait_until(lambda: len(pool.worker_pids()) == 1 and future.running(), timeout=10)
-        time.sleep(0.2)
-        os.kill(pool.worker_pids()[0], signal.SIGKILL)
-        time.sleep(0.3)
+        # kill the worker only once it runs the batch (not while it is still starting)
+        assert wait_until(lambda: (w := pool._workers[0]).ready and w.batch is not None and w.batch.future is future, timeout=10)
+        os.kill(pool._workers[0].pid, signal.SIGKILL)
     with pytest.raises(shmengine.WorkerCrashedError, match=r"SIGKILL \(-9\)"):
         future.result(timeout=30)
     assert pool.submit("echo", "alive").result(timeout=30) == "alive"
