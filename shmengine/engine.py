@@ -173,7 +173,8 @@ class Engine:
         a list run in parallel on the workers. Bad feeds raise ``InvalidInputError`` here,
         before anything is queued.
         """
-        single = isinstance(feeds, Mapping)
+        # Anything but a list of batches is one batch; validate_feeds says what is wrong with it.
+        single = not isinstance(feeds, (list, tuple))
         batches = [feeds] if single else list(feeds)
         if output_names is not None:
             known = {o.name for o in self.outputs}

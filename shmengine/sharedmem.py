@@ -95,9 +95,13 @@ class SharedSegment:
         self._map_now()
 
     def freeze(self) -> None:
-        """End writing: keep only a read-only mapping and make the file itself read-only (0400)."""
+        """End writing: make the file read-only (0400) and swap our read-write descriptor for a
+        read-only one, so that no process that inherits it can map the weights writable."""
         self._unmap()
         os.fchmod(self.fd, 0o400)
+        readonly = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        os.close(self.fd)
+        self.fd = readonly
         self.writable = False
         self._map_now()
 

@@ -322,10 +322,16 @@ class _ModelReader:
                     "truncated or does not belong to this model"
                 )
             source = (file, offset)
-        elif tensor.HasField("raw_data") and len(tensor.raw_data) != nbytes:
+        elif tensor.HasField("raw_data"):
+            if len(tensor.raw_data) != nbytes:
+                raise ModelLoadError(
+                    f"tensor {tensor.name!r} of {str(self.path)!r} declares shape {shape} ({nbytes} bytes) "
+                    f"but holds {len(tensor.raw_data)} bytes"
+                )
+        elif _typed_count(tensor) != nbytes // dtype.itemsize:
             raise ModelLoadError(
-                f"tensor {tensor.name!r} of {str(self.path)!r} declares shape {shape} ({nbytes} bytes) "
-                f"but holds {len(tensor.raw_data)} bytes"
+                f"tensor {tensor.name!r} of {str(self.path)!r} declares shape {shape} "
+                f"({nbytes // dtype.itemsize} values) but holds {_typed_count(tensor)} values"
             )
         if dry_run:
             return nbytes > INLINE_LIMIT
@@ -396,9 +402,17 @@ class _ModelReader:
         )
 
 
+_TYPED_FIELDS = ("float_data", "int32_data", "int64_data", "double_data", "uint64_data")
+
+
+def _typed_count(tensor: TensorProto) -> int:
+    """Values stored in a tensor's typed fields (the one of them its data type uses)."""
+    return max(len(getattr(tensor, name)) for name in _TYPED_FIELDS)
+
+
 def release_proto_data(tensor: TensorProto) -> None:
     """Drop a tensor's bytes from the proto (they now live in the segment)."""
-    for name in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+    for name in ("raw_data", *_TYPED_FIELDS):
         tensor.ClearField(name)
 
 

@@ -194,9 +194,18 @@ def test_batch_that_kills_every_worker_fails_with_worker_crashed(chaos_pool, met
 def test_sigkill_twice_names_the_signal(chaos_pool):
     pool = chaos_pool(workers=1)
     future = pool.submit("sleep", (30, None))
+    killed = set()
     for _ in range(2):
-        # kill the worker only once it runs the batch (not while it is still starting)
-        assert wait_until(lambda: (w := pool._workers[0]).ready and w.batch is not None and w.batch.future is future, timeout=10)
+        # kill a worker only once it runs the batch: not while starting, not the one already killed
+        assert wait_until(
+            lambda: (w := pool._workers[0]).ready
+            and w.pid is not None
+            and w.pid not in killed
+            and w.batch is not None
+            and w.batch.future is future,
+            timeout=10,
+        )
+        killed.add(pool._workers[0].pid)
         os.kill(pool._workers[0].pid, signal.SIGKILL)
     with pytest.raises(shmengine.WorkerCrashedError, match=r"SIGKILL \(-9\)"):
         future.result(timeout=30)
