@@ -12,7 +12,7 @@ import numpy as np
 
 from .errors import InvalidInputError
 from .placement import place_workers
-from .pool import WorkerPool
+from .pool import WorkerPool, resolve_queue_size
 from .weights import TensorSpec, WeightStore
 from .worker import ProgramSpec, WorkerContext
 
@@ -140,8 +140,6 @@ class Engine:
             prepack_weights=prepack_weights,
             graph_optimization_level=graph_optimization_level,
         )
-        from .pool import resolve_queue_size
-
         resolve_queue_size(max_queued_batches, len(placement.slots))  # check before loading
         self.device = placement.device
         self.device_index = placement.device_indices

@@ -47,6 +47,7 @@ from .errors import (
 )
 from .sessions import SessionSettings
 from .sharedmem import Arena
+from .threads import THREAD_ENV_VARS, thread_environment
 from .transport import recv_message, send_message
 from .weights import WeightStore
 from .worker import ProgramSpec, WorkerConfig
@@ -78,6 +79,7 @@ def resolve_queue_size(max_queued_batches: int, workers: int) -> int | None:
 @dataclass
 class _Batch:
     id: int
+    kind: str  # "run": the program's method; "ping": echoed by the worker itself
     method: str
     payload: Any
     future: Future
@@ -152,7 +154,8 @@ class WorkerPool:
 
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
-        self._fork_server = ForkServer([store.segment.name], {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"})
+        # The fork server must start no thread pool while it preloads libraries: one thread each.
+        self._fork_server = ForkServer([store.segment.name], {name: "1" for name in THREAD_ENV_VARS})
         self._manager = threading.Thread(target=self._manage, name="shmengine-manager", daemon=True)
         try:
             for slot in range(len(slot_settings)):
@@ -185,7 +188,7 @@ class WorkerPool:
                 if self._queue_size is None or len(self._pending) < self._queue_size:
                     break
                 self._not_full.wait()
-            self._pending.append(_Batch(next(self._ids), "\0ping" if ping else method, payload, future))
+            self._pending.append(_Batch(next(self._ids), "ping" if ping else "run", method, payload, future))
         self._wake()
         return future
 
@@ -276,8 +279,6 @@ class WorkerPool:
             theirs.close()
 
     def _environment_for(self, settings: SessionSettings) -> dict[str, str]:
-        from .threads import thread_environment
-
         env = thread_environment(settings.intra_threads)
         env.update(self._environment)
         return env
@@ -316,7 +317,7 @@ class WorkerPool:
             if batch is None:
                 return
             batch.attempts += 1
-            message = ("ping" if batch.method == "\0ping" else "run", batch.id, batch.method, batch.payload)
+            message = (batch.kind, batch.id, batch.method, batch.payload)
             try:
                 send_message(worker.conn, message, worker.arena_in)
             except (BrokenPipeError, ConnectionResetError):
