@@ -12,9 +12,10 @@ Data flow (after ``concurrent.futures.process``)::
 * Each worker has at most one batch in flight. That keeps the arenas single-writer, balances
   load perfectly, and makes crash handling exact: the manager knows which batch a dead worker
   held.
-* The manager sleeps in ``multiprocessing.connection.wait`` on every worker socket, the fork
-  server's socket and a wake-up pipe: a worker's death is seen at once (its socket reads EOF,
-  then the fork server reports the exit status), never by polling.
+* The manager sleeps in one selector on every worker socket, the fork server's socket and a
+  wake-up pipe: a worker's death is seen at once (its socket reads EOF, then the fork server
+  reports the exit status), never by polling. The selector lives as long as the pool, so a
+  wake-up costs one ``epoll_wait``, however many workers there are.
 * A batch whose worker dies is retried once on a fresh worker; if that one dies too, its future
   fails with :class:`WorkerCrashedError` naming the signal or exit code. The dead worker is
   replaced, so the pool stays at full strength.
@@ -29,12 +30,13 @@ import itertools
 import logging
 import os
 import pickle
+import selectors
 import socket
 import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import Connection
 from typing import Any
 
 from .errors import (
@@ -103,8 +105,9 @@ class _Worker:
     def idle(self) -> bool:
         return self.ready and self.batch is None and self.eof_at is None
 
-    def close_channels(self) -> None:
+    def close_channels(self, selector: selectors.BaseSelector) -> None:
         if self.conn is not None:
+            _unwatch(selector, self.conn)
             self.conn.close()
             self.conn = None
         self.arena_in.close()
@@ -154,8 +157,11 @@ class WorkerPool:
 
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._wake_r, selectors.EVENT_READ)
         # The fork server must start no thread pool while it preloads libraries: one thread each.
         self._fork_server = ForkServer([store.segment.name], {name: "1" for name in THREAD_ENV_VARS})
+        self._selector.register(self._fork_server.sock, selectors.EVENT_READ)
         self._manager = threading.Thread(target=self._manage, name="shmengine-manager", daemon=True)
         try:
             for slot in range(len(slot_settings)):
@@ -262,6 +268,7 @@ class WorkerPool:
         conn = Connection(ours.detach())
         worker = _Worker(slot, generation, conn, arena_in, arena_out)
         self._workers[slot] = worker
+        self._selector.register(conn, selectors.EVENT_READ, worker)
         settings = self._slot_settings[slot]
         config = WorkerConfig(
             slot=slot,
@@ -289,17 +296,16 @@ class WorkerPool:
                 if self._closed:
                     break
                 self._dispatch()
-                watched = {w.conn: w for w in self._workers.values() if w.conn is not None and w.eof_at is None}
                 timeout = EXIT_REPORT_GRACE / 4 if any(w.eof_at for w in self._workers.values()) else None
-                for ready in wait([self._wake_r, self._fork_server.sock, *watched], timeout):
-                    if ready is self._wake_r:
+                for key, _ in self._selector.select(timeout):
+                    if key.fileobj == self._wake_r:
                         os.read(self._wake_r, 4096)
-                    elif ready is self._fork_server.sock:
+                    elif key.fileobj is self._fork_server.sock:
                         self._on_fork_server_report()
                     else:
-                        worker = watched[ready]
+                        worker = key.data
                         # An exit report handled earlier in this round may have closed it already.
-                        if worker.conn is ready:
+                        if worker.conn is key.fileobj:
                             self._on_worker_readable(worker)
                 self._check_silent_deaths()
         except BaseException as exc:  # a bug here must not leave callers waiting forever
@@ -376,6 +382,7 @@ class WorkerPool:
         """Its socket closed: the worker is dying. Wait for the fork server to say how."""
         if worker.eof_at is None:
             worker.eof_at = time.monotonic()
+            _unwatch(self._selector, worker.conn)
 
     def _check_silent_deaths(self) -> None:
         now = time.monotonic()
@@ -407,7 +414,7 @@ class WorkerPool:
             except OSError:
                 break
             self._on_worker_readable(worker)
-        worker.close_channels()
+        worker.close_channels(self._selector)
         how = describe_exit(exitcode)
         if not worker.ready:
             error = worker.info.get("startup_error")
@@ -476,12 +483,20 @@ class WorkerPool:
         if fork_server is not None:
             fork_server.shutdown()
         for worker in self._workers.values():
-            worker.close_channels()
+            worker.close_channels(self._selector)
+        self._selector.close()
         for fd in (self._wake_r, self._wake_w):
             try:
                 os.close(fd)
             except OSError:
                 pass
+
+
+def _unwatch(selector: selectors.BaseSelector, conn: Connection) -> None:
+    try:
+        selector.unregister(conn)
+    except (KeyError, ValueError):
+        pass  # not registered (any more), or the selector is closed
 
 
 def _fail(future: Future, error: BaseException) -> None:

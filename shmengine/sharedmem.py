@@ -26,6 +26,9 @@ __all__ = ["SharedSegment", "Arena", "ALIGNMENT", "SHM_DIR", "SEGMENT_PREFIX", "
 # Tensor data is aligned so that every SIMD load ORT may do is aligned (AVX-512 wants 64 bytes).
 ALIGNMENT = 64
 SHM_DIR = "/dev/shm"
+# Arenas start at 1 MiB; one that grew past 16 MiB shrinks when a message needs under a quarter.
+INITIAL_ARENA = 1 << 20
+SHRINK_ABOVE = 16 << 20
 SEGMENT_PREFIX = "shmengine-"
 
 
@@ -142,7 +145,7 @@ class Arena:
         self._remap(os.fstat(fd).st_size)
 
     @classmethod
-    def create(cls, label: str, size: int = 1 << 20) -> "Arena":
+    def create(cls, label: str, size: int = INITIAL_ARENA) -> "Arena":
         fd = os.memfd_create(f"shmengine-{label}", os.MFD_CLOEXEC)
         os.ftruncate(fd, size)
         return cls(fd, writable=True)
@@ -158,12 +161,21 @@ class Arena:
         self._mapped = size
 
     def reserve(self, nbytes: int) -> memoryview:
-        """Writer side: a view of at least ``nbytes``, growing the file when it is too small."""
+        """Writer side: a view of at least ``nbytes``, growing the file when it is too small and
+        shrinking it when it is far too large (one huge batch must not pin memory for ever).
+
+        Shrinking is safe: the reader is done with the last message before the writer writes the
+        next one, and it never touches its (possibly larger) old mapping past the new message.
+        """
         if nbytes > self._mapped:
-            new_size = max(nbytes, 2 * self._mapped)
-            os.ftruncate(self.fd, new_size)
-            self._remap(new_size)
+            self._resize(max(nbytes, 2 * self._mapped))
+        elif self._mapped > SHRINK_ABOVE and nbytes * 4 < self._mapped:
+            self._resize(max(2 * nbytes, INITIAL_ARENA))
         return memoryview(self._map)
+
+    def _resize(self, size: int) -> None:
+        os.ftruncate(self.fd, size)
+        self._remap(size)
 
     def view(self, end: int) -> memoryview:
         """Reader side: a view covering ``[0, end)``, remapping if the writer grew the file."""

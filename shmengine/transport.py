@@ -15,21 +15,47 @@ frames is safe: nothing that arrives from outside (a model file, an input file) 
 
 from __future__ import annotations
 
+import io
 import pickle
 import struct
 from multiprocessing.connection import Connection
 from typing import Any
 
+import numpy as np
+
 from .sharedmem import Arena, align_up
 
 __all__ = ["send_message", "recv_message", "SHM_THRESHOLD"]
 
-# Measured with tools/bench_transport.py (2 cores, see the docstring of that tool): through a
-# socket a 64 KiB array round-trips as fast as through the arena; from 256 KiB up the arena wins.
-SHM_THRESHOLD = 128 * 1024
+# Measured with tools/bench_transport.py on 2 cores (2026-11-23): at 4 KiB both paths take ~52 µs
+# per round trip; from 16 KiB the arena wins (1.1x at 16 KiB, 1.2x at 64 KiB), and past the
+# socket buffer (~200 KiB) the socket falls off a cliff (256 KiB: 440 vs 66 µs).
+SHM_THRESHOLD = 16 * 1024
 
 _COUNT = struct.Struct("<I")
 _REF = struct.Struct("<QQ")
+
+
+def _rebuild_array(buffer, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Unpickle an array that was read-only in the sender (see :class:`_Pickler`)."""
+    if isinstance(buffer, memoryview) and isinstance(buffer.obj, bytearray):
+        return np.frombuffer(buffer.obj, dtype).reshape(shape)  # recv_message's own copy: writable
+    array = np.frombuffer(buffer, dtype).reshape(shape)
+    return array.copy() if isinstance(buffer, bytes) else array  # in-band: small, copy it writable
+
+
+class _Pickler(pickle.Pickler):
+    """Pickle protocol 5, except that read-only arrays do not arrive read-only.
+
+    numpy pickles a read-only array (a worker's view of its inputs, echoed back, say) with a
+    read-only buffer, and the unpickler then makes even the receiver's own copy read-only. Such
+    arrays are pickled here so that the receiver decides: its copy is writable, a view is not.
+    """
+
+    def reducer_override(self, obj):
+        if type(obj) is np.ndarray and not obj.flags.writeable and obj.flags.c_contiguous and not obj.dtype.hasobject:
+            return _rebuild_array, (pickle.PickleBuffer(obj), obj.dtype.str, obj.shape)
+        return NotImplemented
 
 
 def send_message(conn: Connection, message: Any, arena: Arena | None, threshold: int = SHM_THRESHOLD) -> None:
@@ -42,7 +68,9 @@ def send_message(conn: Connection, message: Any, arena: Arena | None, threshold:
             return False
         return True  # serialise in-band
 
-    body = pickle.dumps(message, protocol=5, buffer_callback=place_out_of_band)
+    stream = io.BytesIO()
+    _Pickler(stream, protocol=5, buffer_callback=place_out_of_band).dump(message)
+    body = stream.getbuffer()
     refs = []
     if big:
         sizes = [buf.raw().nbytes for buf in big]
@@ -63,7 +91,7 @@ def recv_message(conn: Connection, arena: Arena | None, *, copy: bool) -> Any:
 
     ``copy=False`` gives arrays that are read-only views into the arena: valid until the peer
     writes its next message, which the one-in-flight protocol makes safe for the duration of a
-    batch. ``copy=True`` gives arrays the caller owns.
+    batch. ``copy=True`` gives arrays the caller owns, writable.
     """
     frame = conn.recv_bytes()
     (count,) = _COUNT.unpack_from(frame, 0)
