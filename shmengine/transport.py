@@ -27,9 +27,9 @@ from .sharedmem import Arena, align_up
 
 __all__ = ["send_message", "recv_message", "SHM_THRESHOLD"]
 
-# Measured with tools/bench_transport.py on 2 cores (2026-11-23): at 4 KiB both paths take ~52 µs
-# per round trip; from 16 KiB the arena wins (1.1x at 16 KiB, 1.2x at 64 KiB), and past the
-# socket buffer (~200 KiB) the socket falls off a cliff (256 KiB: 440 vs 66 µs).
+# Measured with tools/bench_transport.py on 2 cores (2026-11-23, two runs): at 4 KiB the two paths
+# tie within noise (0.99x-1.06x); from 16 KiB the arena wins (1.1-1.24x, 1.2-1.3x at 64 KiB); past
+# the socket buffer (~200 KiB) the socket falls off a cliff (256 KiB: 434 vs 107 µs).
 SHM_THRESHOLD = 16 * 1024
 
 _COUNT = struct.Struct("<I")
