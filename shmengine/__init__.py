@@ -21,12 +21,30 @@ from .errors import (  # noqa: E402
     WorkerCrashedError,
     WorkerStartupError,
 )
+from .generator import Generator  # noqa: E402
+from .options import set_random_seed  # noqa: E402
+from .results import (  # noqa: E402
+    EncoderForwardOutput,
+    ExecutionStats,
+    GenerationResult,
+    GenerationStepResult,
+    ScoringResult,
+    TranslationResult,
+)
 from .threads import get_cuda_device_count, parallel_info  # noqa: E402
 
 logging.getLogger("shmengine").addHandler(logging.NullHandler())
 
 __all__ = [
     "Engine",
+    "Generator",
+    "set_random_seed",
+    "GenerationResult",
+    "GenerationStepResult",
+    "ScoringResult",
+    "TranslationResult",
+    "ExecutionStats",
+    "EncoderForwardOutput",
     "ShmEngineError",
     "ModelLoadError",
     "InvalidInputError",

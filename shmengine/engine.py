@@ -16,7 +16,7 @@ from .pool import WorkerPool, resolve_queue_size
 from .weights import TensorSpec, WeightStore
 from .worker import ProgramSpec, WorkerContext
 
-__all__ = ["Engine", "OnnxProgram", "validate_feeds"]
+__all__ = ["Engine", "PooledModel", "OnnxProgram", "validate_feeds"]
 
 
 class OnnxProgram:
@@ -99,30 +99,18 @@ def validate_feeds(feeds: Any, inputs: Sequence[TensorSpec]) -> dict[str, np.nda
     return checked
 
 
-class Engine:
-    """Run any ONNX model with ``inter_threads`` forked workers over one shared copy of its weights.
+class PooledModel:
+    """What every shmengine model object is: ONNX graphs in one weight store, served by a pool.
 
-    Args:
-        model_path: an ``.onnx`` file, or a directory holding ``model.onnx`` (or one ``.onnx``
-            file). External data files must lie inside the model's directory.
-        device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
-        device_index: a GPU id or a list of them (CUDA only); ``inter_threads`` workers each.
-        inter_threads: number of worker processes (per GPU on CUDA): batches run in parallel.
-        intra_threads: ONNX Runtime intra-op threads per worker; 0 = usable cores / workers.
-        max_queued_batches: batches allowed to wait: 0 = 4 x workers, -1 = unlimited, N = N.
-            Submitting into a full queue blocks until a worker takes a batch.
-        prepack_weights: let ORT prepack MatMul weights. Faster kernels on some models, but each
-            worker then holds a private copy of those weights. Off by default.
-        graph_optimization_level: ORT's ``"disable"``, ``"basic"``, ``"extended"`` or ``"all"``.
-
-    Every batch runs whole on one worker. ``close()`` (or leaving a ``with`` block) fails any
-    batch still queued or running with ``EngineClosedError`` and stops every process; to finish
-    outstanding work first, wait on its futures.
+    Subclasses say which graphs (``graphs``: store key -> ONNX file) and which worker program;
+    this class owns placement, the store, the pool and their lifetime (``close``, ``with``,
+    garbage collection and interpreter exit all end in the same clean shutdown).
     """
 
     def __init__(
         self,
-        model_path: str | os.PathLike,
+        graphs: Mapping[str, str | os.PathLike],
+        program: ProgramSpec,
         device: str = "cpu",
         *,
         device_index: int | Sequence[int] = 0,
@@ -145,53 +133,13 @@ class Engine:
         self.device_index = placement.device_indices
         self.inter_threads = inter_threads
         self.intra_threads = placement.plan.intra_threads
-        self._store = WeightStore.load({"model": model_path})
+        self._store = WeightStore.load(graphs)
         try:
-            self._pool = WorkerPool(
-                self._store,
-                ProgramSpec("shmengine.engine", "OnnxProgram"),
-                placement.slots,
-                max_queued_batches=max_queued_batches,
-            )
+            self._pool = WorkerPool(self._store, program, placement.slots, max_queued_batches=max_queued_batches)
         except BaseException:
             self._store.close()
             raise
-        entry = self._store.catalog["model"]
-        self.inputs: list[TensorSpec] = entry.inputs
-        self.outputs: list[TensorSpec] = entry.outputs
         self._finalizer = weakref.finalize(self, _shutdown, self._pool, self._store)
-
-    # -- running ------------------------------------------------------------------------------
-
-    def run_batch(self, feeds, *, output_names: Sequence[str] | None = None, asynchronous: bool = False):
-        """Run one batch (a dict of input name -> array) or several (a list of dicts).
-
-        Returns the outputs as a dict of name -> array (a list of them for a list of batches);
-        with ``asynchronous=True``, a ``concurrent.futures.Future`` per batch instead. Batches of
-        a list run in parallel on the workers. Bad feeds raise ``InvalidInputError`` here,
-        before anything is queued.
-        """
-        # Anything but a list of batches is one batch; validate_feeds says what is wrong with it.
-        single = not isinstance(feeds, (list, tuple))
-        batches = [feeds] if single else list(feeds)
-        if output_names is not None:
-            known = {o.name for o in self.outputs}
-            unknown = [n for n in output_names if n not in known]
-            if unknown:
-                raise InvalidInputError(f"unknown output {unknown[0]!r}; the model's outputs are: {', '.join(sorted(known))}")
-            output_names = list(output_names)
-        checked = [validate_feeds(b, self.inputs) for b in batches]
-        futures = [self._pool.submit("run", (b, output_names)) for b in checked]
-        if asynchronous:
-            return futures[0] if single else futures
-        results = [f.result() for f in futures]
-        return results[0] if single else results
-
-    def ping(self, payload: Any = None) -> Future:
-        """Send an empty batch through the pool and back (measures the pool's own overhead)."""
-        return self._pool.submit("ping", payload, ping=True)
-
-    # -- introspection and lifetime ---------------------------------------------------------------
 
     @property
     def num_workers(self) -> int:
@@ -216,6 +164,10 @@ class Engine:
 
         return parallel_info(self)
 
+    def ping(self, payload: Any = None) -> Future:
+        """Send an empty batch through the pool and back (measures the pool's own overhead)."""
+        return self._pool.submit("ping", payload, ping=True)
+
     def close(self) -> None:
         """Stop the workers and free the shared memory. Idempotent."""
         self._finalizer()
@@ -228,10 +180,62 @@ class Engine:
 
     def __repr__(self) -> str:
         return (
-            f"<shmengine.Engine device={self.device} workers={self.num_workers} "
+            f"<shmengine.{type(self).__name__} device={self.device} workers={self.num_workers} "
             f"intra_threads={self.intra_threads} weights={self.weights_nbytes / 2**20:.1f} MiB"
             f"{' closed' if self.closed else ''}>"
         )
+
+
+class Engine(PooledModel):
+    """Run any ONNX model with ``inter_threads`` forked workers over one shared copy of its weights.
+
+    Args:
+        model_path: an ``.onnx`` file, or a directory holding ``model.onnx`` (or one ``.onnx``
+            file). External data files must lie inside the model's directory.
+        device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
+        device_index: a GPU id or a list of them (CUDA only); ``inter_threads`` workers each.
+        inter_threads: number of worker processes (per GPU on CUDA): batches run in parallel.
+        intra_threads: ONNX Runtime intra-op threads per worker; 0 = usable cores / workers.
+        max_queued_batches: batches allowed to wait: 0 = 4 x workers, -1 = unlimited, N = N.
+            Submitting into a full queue blocks until a worker takes a batch.
+        prepack_weights: let ORT prepack MatMul weights. Faster kernels on some models, but each
+            worker then holds a private copy of those weights. Off by default.
+        graph_optimization_level: ORT's ``"disable"``, ``"basic"``, ``"extended"`` or ``"all"``.
+
+    Every batch runs whole on one worker. ``close()`` (or leaving a ``with`` block) fails any
+    batch still queued or running with ``EngineClosedError`` and stops every process; to finish
+    outstanding work first, wait on its futures.
+    """
+
+    def __init__(self, model_path: str | os.PathLike, device: str = "cpu", **options):
+        super().__init__({"model": model_path}, ProgramSpec("shmengine.engine", "OnnxProgram"), device, **options)
+        entry = self._store.catalog["model"]
+        self.inputs: list[TensorSpec] = entry.inputs
+        self.outputs: list[TensorSpec] = entry.outputs
+
+    def run_batch(self, feeds, *, output_names: Sequence[str] | None = None, asynchronous: bool = False):
+        """Run one batch (a dict of input name -> array) or several (a list of dicts).
+
+        Returns the outputs as a dict of name -> array (a list of them for a list of batches);
+        with ``asynchronous=True``, a ``concurrent.futures.Future`` per batch instead. Batches of
+        a list run in parallel on the workers. Bad feeds raise ``InvalidInputError`` here,
+        before anything is queued.
+        """
+        # Anything but a list of batches is one batch; validate_feeds says what is wrong with it.
+        single = not isinstance(feeds, (list, tuple))
+        batches = [feeds] if single else list(feeds)
+        if output_names is not None:
+            known = {o.name for o in self.outputs}
+            unknown = [n for n in output_names if n not in known]
+            if unknown:
+                raise InvalidInputError(f"unknown output {unknown[0]!r}; the model's outputs are: {', '.join(sorted(known))}")
+            output_names = list(output_names)
+        checked = [validate_feeds(b, self.inputs) for b in batches]
+        futures = [self._pool.submit("run", (b, output_names)) for b in checked]
+        if asynchronous:
+            return futures[0] if single else futures
+        results = [f.result() for f in futures]
+        return results[0] if single else results
 
 
 def _shutdown(pool: WorkerPool, store: WeightStore) -> None:

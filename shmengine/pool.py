@@ -34,6 +34,7 @@ import selectors
 import socket
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -86,6 +87,7 @@ class _Batch:
     payload: Any
     future: Future
     attempts: int = 0
+    on_event: Callable[[Any], bool | None] | None = None  # runs in the manager thread
 
 
 @dataclass
@@ -185,8 +187,13 @@ class WorkerPool:
     def closed(self) -> bool:
         return self._closed
 
-    def submit(self, method: str, payload: Any, *, ping: bool = False) -> Future:
-        """Queue one batch; blocks while ``max_queued_batches`` batches already wait."""
+    def submit(self, method: str, payload: Any, *, ping: bool = False, on_event=None) -> Future:
+        """Queue one batch; blocks while ``max_queued_batches`` batches already wait.
+
+        ``on_event(payload)`` is called, in the manager thread, for each event the worker emits
+        while running the batch (streamed tokens); it must be quick. If it returns an example
+        index (an int), that example of the batch is asked to stop.
+        """
         future: Future = Future()
         with self._not_full:
             while True:
@@ -194,7 +201,7 @@ class WorkerPool:
                 if self._queue_size is None or len(self._pending) < self._queue_size:
                     break
                 self._not_full.wait()
-            self._pending.append(_Batch(next(self._ids), "ping" if ping else "run", method, payload, future))
+            self._pending.append(_Batch(next(self._ids), "ping" if ping else "run", method, payload, future, on_event=on_event))
         self._wake()
         return future
 
@@ -368,6 +375,19 @@ class WorkerPool:
         elif kind == "startup_error":
             exc = _rebuild_exception(message[1], message[2])
             worker.info = {"startup_error": exc}
+        elif kind == "event":
+            batch = worker.batch
+            if batch is not None and batch.id == message[1] and batch.on_event is not None:
+                try:
+                    stop = batch.on_event(message[2])
+                except Exception:  # a failing callback must not take the manager down
+                    logger.exception("an event callback raised; the batch goes on")
+                    stop = None
+                if isinstance(stop, int) and not isinstance(stop, bool):
+                    try:
+                        send_message(worker.conn, ("stop", batch.id, stop, None), None)
+                    except OSError:
+                        pass  # the worker is dying; its exit report follows
         elif kind in ("ok", "error"):
             batch = worker.batch
             if batch is None or batch.id != message[1]:

@@ -1,0 +1,426 @@
+"""Decoding: greedy, sampling and beam search over any step function, vectorised over the batch.
+
+The search talks to the model through a :class:`Stepper`:
+
+    stepper.prefill(prompts)  -> logits [B, V] after each prompt's last token
+    stepper.step(token_ids)   -> logits [N, V] after feeding one token per live row
+    stepper.select(rows)      -> keep (and reorder, repeat) rows of the model state
+
+so the same code drives a decoder-only model, a seq2seq decoder, or a numpy toy in the tests.
+A worker runs the whole loop for its batch: one round trip per batch, not per token.
+
+Semantics follow CTranslate2 (``src/decoding.cc``), so a caller switching from it gets the same
+tokens and scores:
+
+* scores are log-probabilities after the logits processors; a hypothesis' score is the sum over
+  its decoded tokens (the end token included), divided by ``length ** length_penalty`` where
+  length counts the hypothesis tokens (the end token only when it is returned);
+* beam search takes the 2K best candidates per example; an end token among the first K ends a
+  hypothesis and its beam is refilled from the next candidates; an example is done when
+  ``round(K * patience)`` hypotheses are finished (or, with ``length_penalty == 0``, as soon as
+  its best beam finished and ``num_hypotheses`` are there);
+* finished examples leave the batch at once (``stepper.select``), so the rest runs smaller.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+__all__ = ["DecodingOptions", "Hypotheses", "Stepper", "StepEvent", "decode", "log_softmax"]
+
+NEG_INF = np.float32(-np.inf)
+
+
+class Stepper(Protocol):
+    def prefill(self, prompts: Sequence[Sequence[int]]) -> np.ndarray: ...
+
+    def step(self, token_ids: np.ndarray) -> np.ndarray: ...
+
+    def select(self, rows: np.ndarray) -> None: ...
+
+
+@dataclass
+class DecodingOptions:
+    """What to decode and how; built by the public classes from CTranslate2's arguments."""
+
+    max_new_tokens: int | list[int]  # one limit for all, or one per example
+    end_ids: tuple[int, ...]
+    min_new_tokens: int | list[int] = 0
+    beam_size: int = 1
+    patience: float = 1.0
+    num_hypotheses: int = 1
+    length_penalty: float = 1.0
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    suppress_ids: tuple[int, ...] = ()
+    sampling_topk: int = 1
+    sampling_topp: float = 1.0
+    sampling_temperature: float = 1.0
+    return_end_token: bool = False
+    seed: int | None = None
+    # Tokens already in each hypothesis before decoding (the prompt, when it is returned): they
+    # count towards the score's length normalisation and towards the penalties' history.
+    history: list[list[int]] | None = None
+    length_offset: list[int] | None = None
+    # Tokens each example must start with (a target prefix): forced, scored 0, returned.
+    forced: list[list[int]] | None = None
+    # Send every decoded token to the supervisor as it comes (callback, generate_tokens).
+    stream: bool = False
+
+    @property
+    def sampling(self) -> bool:
+        return self.sampling_topk != 1 and self.sampling_temperature != 0
+
+    def per_example(self, name: str, count: int) -> list[int]:
+        value = getattr(self, name)
+        return list(value) if isinstance(value, (list, tuple)) else [value] * count
+
+
+@dataclass
+class Hypotheses:
+    """Decoded continuations of one example, best first."""
+
+    ids: list[list[int]] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+    token_log_probs: list[list[float]] = field(default_factory=list)
+
+
+@dataclass
+class StepEvent:
+    """One token decoded for one example (streaming and ``callback``)."""
+
+    batch_id: int
+    step: int
+    token_id: int
+    log_prob: float
+    is_last: bool
+    hypothesis_id: int = 0
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax in float32 (the model's own precision)."""
+    logits = logits.astype(np.float32, copy=False)
+    peak = np.max(logits, axis=-1, keepdims=True)
+    peak[~np.isfinite(peak)] = 0
+    shifted = logits - peak
+    return shifted - np.log(np.sum(np.exp(shifted), axis=-1, keepdims=True))
+
+
+class _History:
+    """Token history per live row, for repetition penalties and n-gram bans."""
+
+    def __init__(self, initial: list[list[int]], vocab_size: int, options: DecodingOptions):
+        self.rows = [list(h) for h in initial]
+        self.options = options
+        self.min_new = np.array(options.per_example("min_new_tokens", len(initial)))
+        self.presence = None
+        if options.repetition_penalty != 1:
+            self.presence = np.zeros((len(initial), vocab_size), dtype=bool)
+            for r, tokens in enumerate(initial):
+                self.presence[r, [t for t in tokens if 0 <= t < vocab_size]] = True
+
+    def select(self, rows: np.ndarray) -> None:
+        self.rows = [list(self.rows[r]) for r in rows]
+        self.min_new = self.min_new[rows]
+        if self.presence is not None:
+            self.presence = self.presence[rows]
+
+    def append(self, tokens: np.ndarray) -> None:
+        for r, t in enumerate(tokens.tolist()):
+            self.rows[r].append(t)
+        if self.presence is not None:
+            self.presence[np.arange(len(tokens)), tokens] = True
+
+    def process(self, logits: np.ndarray, step: int) -> np.ndarray:
+        """Apply penalties and bans to raw logits [rows, V] (a copy is made only when needed)."""
+        o = self.options
+        if self.presence is not None:
+            logits = logits.copy()
+            penalised = np.where(logits < 0, logits * o.repetition_penalty, logits / o.repetition_penalty)
+            logits = np.where(self.presence, penalised, logits)
+        banned_rows, banned_ids = [], []
+        n = o.no_repeat_ngram_size
+        if n > 0:
+            for r, tokens in enumerate(self.rows):
+                if len(tokens) >= n:
+                    tail = tuple(tokens[len(tokens) - n + 1 :])
+                    for i in range(len(tokens) - n + 1):
+                        if tuple(tokens[i : i + n - 1]) == tail:
+                            banned_rows.append(r)
+                            banned_ids.append(tokens[i + n - 1])
+        too_short = np.nonzero(step < self.min_new)[0]
+        if banned_rows or o.suppress_ids or len(too_short):
+            logits = np.array(logits, dtype=np.float32, copy=True)
+            if banned_rows:
+                logits[banned_rows, banned_ids] = NEG_INF
+            if o.suppress_ids:
+                logits[:, list(o.suppress_ids)] = NEG_INF
+            if len(too_short):
+                logits[np.ix_(too_short, list(o.end_ids))] = NEG_INF
+        return logits
+
+
+def _sample(log_probs: np.ndarray, options: DecodingOptions, rng: np.random.Generator) -> np.ndarray:
+    """One token per row: the argmax, or a draw from the top-k / top-p tempered distribution."""
+    if not options.sampling:
+        return np.argmax(log_probs, axis=-1)
+    scaled = log_probs / np.float32(options.sampling_temperature)
+    vocab = scaled.shape[-1]
+    k = vocab if options.sampling_topk <= 0 else min(options.sampling_topk, vocab)
+    candidates = np.argpartition(-scaled, k - 1, axis=-1)[:, :k] if k < vocab else np.tile(np.arange(vocab), (len(scaled), 1))
+    cand_scores = np.take_along_axis(scaled, candidates, axis=-1)
+    order = np.argsort(-cand_scores, axis=-1, kind="stable")
+    candidates = np.take_along_axis(candidates, order, axis=-1)
+    cand_scores = np.take_along_axis(cand_scores, order, axis=-1)
+    probs = np.exp(cand_scores - cand_scores[:, :1])
+    probs /= probs.sum(axis=-1, keepdims=True)
+    if options.sampling_topp < 1:
+        # keep the smallest prefix whose mass reaches top-p (the first token always stays)
+        keep = np.cumsum(probs, axis=-1) - probs < options.sampling_topp
+        probs = np.where(keep, probs, 0)
+        probs /= probs.sum(axis=-1, keepdims=True)
+    draws = rng.random(len(probs))[:, None]
+    index = np.minimum((np.cumsum(probs, axis=-1) < draws).sum(axis=-1), probs.shape[-1] - 1)
+    return candidates[np.arange(len(candidates)), index]
+
+
+def _normalise(score: float, length: int, penalty: float) -> float:
+    return score / (max(length, 1) ** penalty) if penalty != 0 else score
+
+
+def decode(
+    stepper: Stepper,
+    prompts: Sequence[Sequence[int]],
+    options: DecodingOptions,
+    on_step: Callable[[StepEvent], bool] | None = None,
+) -> list[Hypotheses]:
+    """Decode every prompt; returns one :class:`Hypotheses` per prompt, in order.
+
+    ``on_step`` (greedy and sampling only) sees every token as it is chosen; returning True stops
+    that example (CTranslate2's ``callback``).
+    """
+    if options.beam_size > 1:
+        return _beam_search(stepper, prompts, options)
+    if options.num_hypotheses > 1:
+        # several independent samples per example: run the batch repeated, then regroup
+        repeated = [p for p in prompts for _ in range(options.num_hypotheses)]
+        opts = _replace(options, num_hypotheses=1)
+        for name in ("history", "length_offset", "forced", "max_new_tokens", "min_new_tokens"):
+            per_example = getattr(options, name)
+            if isinstance(per_example, list):
+                setattr(opts, name, [x for x in per_example for _ in range(options.num_hypotheses)])
+
+        def regroup_events(event: StepEvent) -> bool:
+            event.hypothesis_id = event.batch_id % options.num_hypotheses
+            event.batch_id //= options.num_hypotheses
+            return on_step(event) if on_step else False
+
+        flat = _greedy(stepper, repeated, opts, regroup_events if on_step else None)
+        results = []
+        for i in range(len(prompts)):
+            group = flat[i * options.num_hypotheses : (i + 1) * options.num_hypotheses]
+            order = sorted(range(len(group)), key=lambda j: -group[j].scores[0])
+            results.append(
+                Hypotheses(
+                    [group[j].ids[0] for j in order],
+                    [group[j].scores[0] for j in order],
+                    [group[j].token_log_probs[0] for j in order],
+                )
+            )
+        return results
+    return _greedy(stepper, prompts, options, on_step)
+
+
+def _replace(options: DecodingOptions, **changes) -> DecodingOptions:
+    values = dict(options.__dict__)
+    values.update(changes)
+    return DecodingOptions(**values)
+
+
+def _greedy(stepper: Stepper, prompts, options: DecodingOptions, on_step) -> list[Hypotheses]:
+    batch = len(prompts)
+    rng = np.random.default_rng(options.seed)
+    end_ids = np.array(options.end_ids, dtype=np.int64)
+    offsets = options.length_offset or [0] * batch
+    limits = options.per_example("max_new_tokens", batch)
+    results = [Hypotheses([[]], [0.0], [[]]) for _ in range(batch)]
+    alive = np.array([i for i in range(batch) if limits[i] > 0], dtype=np.int64)
+    logits = stepper.prefill(prompts)
+    history = _History(options.history or [list(p) for p in prompts], logits.shape[-1], options)
+    if len(alive) < batch:
+        if not len(alive):
+            return _finish_greedy(results, offsets, options)
+        stepper.select(alive)
+        history.select(alive)
+        logits = logits[alive]
+    forced = options.forced
+    for step in range(max(limits)):
+        log_probs = log_softmax(history.process(logits, step))
+        chosen = _sample(log_probs, options, rng)
+        chosen_lp = log_probs[np.arange(len(chosen)), chosen]
+        if forced is not None:
+            for row, example in enumerate(alive.tolist()):
+                if step < len(forced[example]):
+                    chosen[row], chosen_lp[row] = forced[example][step], 0.0
+        finished = np.isin(chosen, end_ids)
+        keep = []
+        for row, example in enumerate(alive.tolist()):
+            token, lp, is_end = int(chosen[row]), float(chosen_lp[row]), bool(finished[row])
+            result = results[example]
+            if not is_end or options.return_end_token:
+                result.ids[0].append(token)
+            result.token_log_probs[0].append(lp)
+            result.scores[0] += lp
+            done = is_end or step + 1 == limits[example]
+            if on_step is not None and on_step(StepEvent(example, step, token, lp, done)):
+                done = True
+            if not done:
+                keep.append(row)
+        if len(keep) < len(alive):
+            if not keep:
+                alive = alive[:0]
+                break
+            rows = np.array(keep)
+            alive = alive[rows]
+            stepper.select(rows)
+            history.select(rows)
+            chosen = chosen[rows]
+        history.append(chosen)
+        logits = stepper.step(chosen)
+    return _finish_greedy(results, offsets, options)
+
+
+def _finish_greedy(results: list[Hypotheses], offsets, options: DecodingOptions) -> list[Hypotheses]:
+    for example, result in enumerate(results):
+        result.scores[0] = _normalise(result.scores[0], len(result.ids[0]) + offsets[example], options.length_penalty)
+    return results
+
+
+def _beam_search(stepper: Stepper, prompts, options: DecodingOptions) -> list[Hypotheses]:
+    batch, beam = len(prompts), options.beam_size
+    candidates_per_example = 2 * beam
+    max_finished = max(1, round(beam * options.patience))
+    early_exit = options.length_penalty == 0
+    end_set = set(options.end_ids)
+    offsets = options.length_offset or [0] * batch
+    limits = options.per_example("max_new_tokens", batch)
+    finished: list[list[tuple[float, list[int], list[float]]]] = [[] for _ in range(batch)]
+
+    logits = stepper.prefill(prompts)  # [batch, V]: only the first beam exists before step 0
+    vocab = logits.shape[-1]
+    history = _History(options.history or [list(p) for p in prompts], vocab, options)
+    alive = np.array([i for i in range(batch) if limits[i] > 0], dtype=np.int64)  # in state order
+    for example in set(range(batch)) - set(alive.tolist()):
+        finished[example].append((0.0, [], []))  # no budget left: the prompt alone
+    if len(alive) < batch and len(alive):
+        stepper.select(alive)
+        history.select(alive)
+        logits = logits[alive]
+    beam_scores = np.zeros((len(alive), 1), dtype=np.float32)
+    sequences = [[[]] for _ in alive]  # per live example, per beam: tokens so far
+    seq_lps = [[[]] for _ in alive]
+    top_finished = np.zeros(batch, dtype=bool)
+
+    for step in range(max(limits, default=0) if len(alive) else 0):
+        width = beam_scores.shape[1]  # 1 on the first step, then beam
+        log_probs = log_softmax(history.process(logits, step)).reshape(len(alive), width, vocab)
+        total = (log_probs + beam_scores[:, :, None]).reshape(len(alive), width * vocab)
+        k = min(candidates_per_example, width * vocab)
+        top = np.argpartition(-total, k - 1, axis=-1)[:, :k]
+        top_scores = np.take_along_axis(total, top, axis=-1)
+        order = np.argsort(-top_scores, axis=-1, kind="stable")
+        top = np.take_along_axis(top, order, axis=-1)
+        top_scores = np.take_along_axis(top_scores, order, axis=-1)
+        origin, token = np.divmod(top, vocab)
+        if options.forced is not None:
+            for i, example in enumerate(alive.tolist()):
+                prefix = options.forced[example]
+                if step < len(prefix):
+                    # CTranslate2: the prefix token goes to the first beam with score 0; the
+                    # other beams are dead until the prefix ends
+                    origin[i], token[i] = 0, prefix[step]
+                    top_scores[i] = NEG_INF
+                    top_scores[i, 0] = 0.0
+                elif step == len(prefix) and prefix:
+                    # first free step after a prefix: an end token in a secondary beam would
+                    # produce short hypotheses that dominate (CTranslate2 issue #277)
+                    for c in range(1, k):
+                        if int(token[i, c]) in end_set:
+                            top_scores[i, c] = NEG_INF
+                    order_i = np.argsort(-top_scores[i], kind="stable")
+                    origin[i], token[i], top_scores[i] = origin[i][order_i], token[i][order_i], top_scores[i][order_i]
+
+        next_rows, next_tokens, next_scores, keep_examples = [], [], [], []
+        new_sequences, new_lps = [], []
+        for i, example in enumerate(alive.tolist()):
+            last_step = step + 1 >= limits[example]
+            chosen = []  # (candidate index) of the beams that continue
+            secondary = beam
+            for slot in range(beam):
+                c = slot
+                t = int(token[i, c])
+                if t in end_set or last_step:
+                    if slot == 0:
+                        top_finished[example] = True
+                    src = int(origin[i, c])
+                    hyp = sequences[i][src] + ([t] if (t not in end_set or options.return_end_token) else [])
+                    lps = seq_lps[i][src] + [float(log_probs[i, src, t])]
+                    finished[example].append((float(top_scores[i, c]), hyp, lps))
+                    # refill this beam from the next candidate that is not an end token
+                    c = None
+                    while secondary < k:
+                        if int(token[i, secondary]) not in end_set:
+                            c = secondary
+                            secondary += 1
+                            break
+                        secondary += 1
+                    if c is None:
+                        c = slot  # nothing left to refill with: keep a dead beam (score -inf)
+                chosen.append(c)
+            if last_step:
+                done = True
+            elif early_exit:
+                done = top_finished[example] and len(finished[example]) >= options.num_hypotheses
+            else:
+                done = len(finished[example]) >= max_finished
+            if done:
+                continue
+            keep_examples.append(i)
+            beams_seq, beams_lp = [], []
+            for c in chosen:
+                src, t = int(origin[i, c]), int(token[i, c])
+                dead = t in end_set
+                next_rows.append(i * width + src)
+                next_tokens.append(t)
+                next_scores.append(NEG_INF if dead else top_scores[i, c])
+                beams_seq.append(sequences[i][src] + [t])
+                beams_lp.append(seq_lps[i][src] + [float(log_probs[i, src, t])])
+            new_sequences.append(beams_seq)
+            new_lps.append(beams_lp)
+        if not keep_examples:
+            break
+        rows = np.array(next_rows)
+        alive = alive[np.array(keep_examples)]
+        sequences, seq_lps = new_sequences, new_lps
+        beam_scores = np.array(next_scores, dtype=np.float32).reshape(len(alive), beam)
+        stepper.select(rows)
+        history.select(rows)
+        tokens = np.array(next_tokens, dtype=np.int64)
+        history.append(tokens)
+        logits = stepper.step(tokens)
+
+    results = []
+    for example in range(batch):
+        ranked = sorted(
+            (
+                (_normalise(score, len(hyp) + offsets[example], options.length_penalty), hyp, lps)
+                for score, hyp, lps in finished[example]
+            ),
+            key=lambda item: -item[0],
+        )[: options.num_hypotheses]
+        results.append(Hypotheses([h for _, h, _ in ranked], [s for s, _, _ in ranked], [lp for _, _, lp in ranked]))
+    return results

@@ -1,0 +1,345 @@
+"""``shmengine.Generator``: CTranslate2's Generator over an Optimum decoder-only ONNX export."""
+
+from __future__ import annotations
+
+import os
+import queue
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future
+
+from .batching import plan_batches, split_future
+from .decoding import StepEvent
+from .engine import PooledModel
+from .errors import InvalidInputError
+from .modeldir import ModelDirectory
+from .options import end_ids_for, search_options
+from .results import GenerationResult, GenerationStepResult, ScoringResult
+from .worker import ProgramSpec
+
+__all__ = ["Generator"]
+
+
+def check_constructor_extras(compute_type: str, tensor_parallel: bool) -> None:
+    """CTranslate2 constructor arguments that mean nothing here yet, or are not built yet."""
+    if tensor_parallel:
+        raise NotImplementedError(
+            "tensor_parallel=True is not supported yet; run one model per process with inter_threads instead"
+        )
+    if not isinstance(compute_type, str):
+        raise ValueError(f"compute_type must be a string such as 'default', got {compute_type!r}")
+
+
+class Generator(PooledModel):
+    """Text generation with a decoder-only model (GPT-2, Llama, ... exported by Optimum).
+
+    Args:
+        model_path: an Optimum ONNX export directory: ``model.onnx`` (with its KV-cache inputs),
+            ``config.json``, ``generation_config.json`` and ``tokenizer.json`` or ``vocab.json``.
+        device, device_index, inter_threads, intra_threads, max_queued_batches: as
+            :class:`shmengine.Engine` (CTranslate2's meanings).
+        compute_type: accepted for CTranslate2 compatibility; the ONNX graph's own precision is
+            used (export in float16 or quantize the ONNX model to change it).
+        tensor_parallel: not supported yet (raises NotImplementedError).
+        prepack_weights, graph_optimization_level: see :class:`shmengine.Engine`.
+
+    Every batch (or sub-batch, with ``max_batch_size``) runs its whole decoding loop inside one
+    worker; sub-batches run in parallel on the workers.
+    """
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike,
+        device: str = "cpu",
+        *,
+        device_index: int | Sequence[int] = 0,
+        compute_type: str = "default",
+        inter_threads: int = 1,
+        intra_threads: int = 0,
+        max_queued_batches: int = 0,
+        flash_attention: bool = False,
+        tensor_parallel: bool = False,
+        files=None,
+        prepack_weights: bool = False,
+        graph_optimization_level: str = "all",
+    ):
+        check_constructor_extras(compute_type, tensor_parallel)
+        self.model = ModelDirectory.open(model_path, "decoder")
+        self.vocabulary = self.model.vocab
+        super().__init__(
+            self.model.graphs,
+            ProgramSpec("shmengine.generation", "GeneratorProgram", {"pad_id": self.model.pad_id}),
+            device,
+            device_index=device_index,
+            inter_threads=inter_threads,
+            intra_threads=intra_threads,
+            max_queued_batches=max_queued_batches,
+            prepack_weights=prepack_weights,
+            graph_optimization_level=graph_optimization_level,
+        )
+        if "logits" not in {o.name for o in self._store.catalog["model"].outputs}:
+            self.close()
+            raise InvalidInputError(f"{self.model.graphs['model']} has no 'logits' output: it is not a generation model")
+
+    # -- generation -----------------------------------------------------------------------------
+
+    def generate_batch(
+        self,
+        start_tokens: Sequence[Sequence[str | int]],
+        *,
+        max_batch_size: int = 0,
+        batch_type: str = "examples",
+        asynchronous: bool = False,
+        beam_size: int = 1,
+        patience: float = 1,
+        num_hypotheses: int = 1,
+        length_penalty: float = 1,
+        repetition_penalty: float = 1,
+        no_repeat_ngram_size: int = 0,
+        disable_unk: bool = False,
+        suppress_sequences=None,
+        end_token=None,
+        return_end_token: bool = False,
+        max_length: int = 512,
+        min_length: int = 0,
+        static_prompt=None,
+        cache_static_prompt: bool = True,
+        include_prompt_in_result: bool = True,
+        return_scores: bool = False,
+        return_logits_vocab: bool = False,
+        return_alternatives: bool = False,
+        min_alternative_expansion_prob: float = 0,
+        sampling_topk: int = 1,
+        sampling_topp: float = 1,
+        sampling_temperature: float = 1,
+        callback=None,
+    ):
+        """Generate from a batch of start tokens (CTranslate2's ``generate_batch``).
+
+        Tokens are strings of the model's vocabulary (ids are accepted too). ``max_length`` counts
+        the prompt (less its start token) when ``include_prompt_in_result``, as CTranslate2 does,
+        and the result then holds the prompt without its start token. With
+        ``include_prompt_in_result=False`` the result holds only new tokens; CTranslate2 instead
+        returns the tails of prompts longer than the batch's shortest one as if generated (its
+        results then depend on how the batch was cut); for prompts of equal length the two agree. ``static_prompt`` is
+        prepended to every prompt and left out of the results; ``cache_static_prompt``,
+        ``return_logits_vocab``, ``return_alternatives`` and ``min_alternative_expansion_prob``
+        are accepted and ignored. ``callback(GenerationStepResult)`` sees each token as it is
+        decoded (greedy and sampling); returning True stops that example. Returns one
+        :class:`GenerationResult` per example, or with ``asynchronous=True`` one
+        ``concurrent.futures.Future`` per example.
+        """
+        if isinstance(start_tokens, (str, bytes)) or not isinstance(start_tokens, Sequence):
+            raise InvalidInputError("start_tokens must be a list of token lists, e.g. [['<s>', 'Hello']]")
+        if not start_tokens:
+            return []
+        if max_length < 1:
+            raise InvalidInputError(f"max_length must be >= 1, got {max_length}")
+        if min_length > max_length:
+            raise InvalidInputError(f"min_length ({min_length}) is greater than max_length ({max_length})")
+        static = self.vocabulary.to_ids(static_prompt, where="static_prompt") if static_prompt else []
+        prompts = []
+        for i, tokens in enumerate(start_tokens):
+            if isinstance(tokens, (str, bytes)):
+                raise InvalidInputError(f"start_tokens[{i}] is a string; pass a list of tokens (split it with the tokenizer)")
+            ids = static + self.vocabulary.to_ids(tokens, where=f"start_tokens[{i}]")
+            if not ids:
+                raise InvalidInputError(
+                    f"start_tokens[{i}] is empty; generation needs at least one start token (the bos token, for instance)"
+                )
+            limit = self.model.max_positions
+            if limit and len(ids) > limit:
+                raise InvalidInputError(
+                    f"start_tokens[{i}] has {len(ids)} tokens, more than the model's {limit} positions; shorten it"
+                )
+            prompts.append(ids)
+
+        offset = [len(p) - 1 - len(static) if include_prompt_in_result else 0 for p in prompts]
+        max_new = [max(0, max_length - o) for o in offset]
+        if self.model.max_positions:
+            max_new = [min(m, self.model.max_positions - len(p)) for m, p in zip(max_new, prompts)]
+        options = search_options(
+            vocab=self.vocabulary,
+            end_ids=end_ids_for(end_token, self.vocabulary, self.model.eos_ids),
+            max_new_tokens=max_new,
+            min_new_tokens=[max(0, min_length - o) for o in offset],
+            beam_size=beam_size,
+            patience=patience,
+            num_hypotheses=num_hypotheses,
+            length_penalty=length_penalty,
+            repetition_penalty=repetition_penalty,
+            no_repeat_ngram_size=no_repeat_ngram_size,
+            disable_unk=disable_unk,
+            suppress_sequences=suppress_sequences,
+            return_end_token=return_end_token,
+            sampling_topk=sampling_topk,
+            sampling_topp=sampling_topp,
+            sampling_temperature=sampling_temperature,
+            callback=callback,
+        )
+        options.length_offset = offset
+        options.stream = callback is not None
+        options.history = [p[1 + len(static) :] if include_prompt_in_result else [] for p in prompts]
+
+        def convert(hyps, i, example):
+            # CTranslate2 returns the prompt without its first token (the start token)
+            prefix = prompts[example][len(static) + 1 :] if include_prompt_in_result else []
+            ids = [prefix + h for h in hyps.ids]
+            return GenerationResult(
+                sequences=[self.vocabulary.to_tokens(s) for s in ids],
+                sequences_ids=ids,
+                scores=list(hyps.scores) if return_scores else [],
+            )
+
+        futures = self._submit_decoding("generate", prompts, prompts, options, max_batch_size, batch_type, convert, callback)
+        return futures if asynchronous else [f.result() for f in futures]
+
+    def _submit_decoding(self, method, inputs, lengths_of, options, max_batch_size, batch_type, convert, callback):
+        """Split, submit, and hand back one future per example in input order."""
+        futures: list[Future | None] = [None] * len(inputs)
+        for indices in plan_batches([len(x) for x in lengths_of], max_batch_size, batch_type):
+            sub = _slice_options(options, indices)
+            on_event = _callback_router(callback, indices, self.vocabulary) if callback else None
+            batch_future = self._pool.submit(method, ([inputs[i] for i in indices], sub), on_event=on_event)
+            per_example = split_future(batch_future, len(indices), lambda result, j, idx=indices: convert(result[j], j, idx[j]))
+            for i, f in zip(indices, per_example):
+                futures[i] = f
+        return futures
+
+    def generate_tokens(self, prompt: Sequence[str | int], **options) -> Iterator[GenerationStepResult]:
+        """Yield tokens one by one as they are decoded (greedy or sampling), CTranslate2-style.
+
+        Closing the iterator early (``break``) stops the decoding in the worker.
+        """
+        return _stream(self, lambda cb: self.generate_batch([prompt], callback=cb, asynchronous=True, **options))
+
+    def generate_iterable(
+        self, start_tokens: Iterable[Sequence[str]], max_batch_size: int = 32, batch_type: str = "examples", **options
+    ) -> Iterator[GenerationResult]:
+        """Generate from an iterable of prompts, reading and running it in chunks, in order."""
+        yield from _iterate_in_chunks(
+            start_tokens, max_batch_size, lambda chunk: self.generate_batch(
+                chunk, max_batch_size=max_batch_size, batch_type=batch_type, asynchronous=True, **options
+            )
+        )
+
+    # -- scoring --------------------------------------------------------------------------------
+
+    def score_batch(
+        self,
+        tokens: Sequence[Sequence[str | int]],
+        *,
+        max_batch_size: int = 0,
+        batch_type: str = "examples",
+        max_input_length: int = 1024,
+        offset: int = 0,
+        asynchronous: bool = False,
+    ):
+        """Log-probability of each token given the ones before it (CTranslate2's ``score_batch``).
+
+        Each :class:`ScoringResult` covers the tokens after the first (the first is only
+        conditioned on); sequences longer than ``max_input_length`` are truncated first
+        (0 = no limit), and ``offset`` skips that many more scored tokens at the start.
+        """
+        if not tokens:
+            return []
+        sequences = []
+        for i, seq in enumerate(tokens):
+            ids = self.vocabulary.to_ids(seq, where=f"tokens[{i}]")
+            if max_input_length and len(ids) > max_input_length:
+                ids = ids[:max_input_length]
+            if self.model.max_positions and len(ids) > self.model.max_positions:
+                raise InvalidInputError(
+                    f"tokens[{i}] has {len(ids)} tokens, more than the model's {self.model.max_positions} positions; "
+                    "set max_input_length to truncate"
+                )
+            if len(ids) < 2:
+                raise InvalidInputError(f"tokens[{i}] has {len(ids)} token(s); scoring needs at least 2")
+            sequences.append(ids)
+
+        def convert(log_probs, i, example):
+            ids = sequences[example][1 + offset :]
+            return ScoringResult(tokens=self.vocabulary.to_tokens(ids), log_probs=list(log_probs[offset:]))
+
+        futures: list = [None] * len(sequences)
+        for indices in plan_batches([len(s) for s in sequences], max_batch_size, batch_type):
+            batch = self._pool.submit("score", [sequences[i] for i in indices])
+            for i, f in zip(indices, split_future(batch, len(indices), lambda r, j, idx=indices: convert(r[j], j, idx[j]))):
+                futures[i] = f
+        return futures if asynchronous else [f.result() for f in futures]
+
+
+def _slice_options(options, indices):
+    from .decoding import _replace
+
+    changes = {}
+    for name in ("max_new_tokens", "min_new_tokens", "history", "length_offset", "forced"):
+        value = getattr(options, name)
+        if isinstance(value, list):
+            changes[name] = [value[i] for i in indices]
+    return _replace(options, **changes)
+
+
+def _callback_router(callback, indices, vocabulary):
+    """Turn worker events of one sub-batch into the user's GenerationStepResult callbacks."""
+
+    def on_event(event: StepEvent):
+        result = GenerationStepResult(
+            step=event.step,
+            batch_id=indices[event.batch_id],
+            token_id=event.token_id,
+            hypothesis_id=event.hypothesis_id,
+            token=vocabulary.id_to_token[event.token_id],
+            log_prob=event.log_prob,
+            is_last=event.is_last,
+        )
+        if callback(result):
+            return event.batch_id
+        return None
+
+    return on_event
+
+
+_END = object()
+
+
+def _stream(model, start) -> Iterator[GenerationStepResult]:
+    """Run ``start(callback)`` (one example) and yield its step results as they arrive."""
+    steps: queue.Queue = queue.Queue()
+    stop = {"now": False}
+
+    def callback(step: GenerationStepResult) -> bool:
+        steps.put(step)
+        return stop["now"]
+
+    futures = start(callback)
+    futures[0].add_done_callback(lambda _: steps.put(_END))
+    try:
+        while True:
+            item = steps.get()
+            if item is _END:
+                futures[0].result()  # raise the batch's error, if any
+                return
+            yield item
+            if item.is_last:
+                futures[0].result()
+                return
+    finally:
+        stop["now"] = True
+
+
+def _iterate_in_chunks(items: Iterable, chunk_size: int, submit) -> Iterator:
+    """Read ``items`` in chunks, submit each chunk, yield results in order with one chunk ahead."""
+    chunk_size = max(1, chunk_size)
+    pending: list = []
+    chunk: list = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == chunk_size * 4:
+            pending.extend(submit(chunk))
+            chunk = []
+            while len(pending) > chunk_size * 8:
+                yield pending.pop(0).result()
+    if chunk:
+        pending.extend(submit(chunk))
+    for future in pending:
+        yield future.result()

@@ -1,0 +1,204 @@
+"""Steppers: one decoding step of an Optimum ONNX export, with its KV cache, as ``decoding.py`` wants.
+
+Everything is read from the sessions' input and output metadata, never hard-coded:
+
+* ``past_key_values.<rest>`` inputs are fed from the ``present.<rest>`` outputs of the previous
+  step; their head count, head size and dtype come from the input's declared shape and type;
+* ``attention_mask`` / ``position_ids`` are fed when the graph declares them; prompts of different
+  lengths are left-padded, masked, and their positions counted from each prompt's first token;
+* merged decoders (Optimum's ``decoder_model_merged.onnx``, with a ``use_cache_branch`` input) run
+  their first step with an empty cache and the flag off, then with the flag on;
+* seq2seq models run the encoder once per batch; the decoder is the merged graph, or the pair
+  ``decoder_model.onnx`` (first step) + ``decoder_with_past_model.onnx``. Cross-attention caches
+  (``.encoder.`` in their names) are computed on the first step and kept as they are.
+
+``select(rows)`` keeps, reorders or repeats batch rows of every cached tensor: that is how beams
+are reordered and finished examples leave the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+__all__ = ["DecoderOnlyStepper", "Seq2SeqStepper", "run_encoder", "pad_right"]
+
+_ORT_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(bool)": np.bool_,
+}
+
+
+def _inputs(session) -> dict:
+    return {i.name: i for i in session.get_inputs()}
+
+
+def _int_dtype(meta) -> type:
+    return _ORT_TYPES.get(meta.type, np.int64)
+
+
+def _empty_cache(meta, batch: int) -> np.ndarray:
+    """A zero-length cache tensor [batch, heads, 0, head_dim] shaped as the input declares."""
+    shape = []
+    for axis, dim in enumerate(meta.shape):
+        if axis == 0:
+            shape.append(batch)
+        elif axis == len(meta.shape) - 2:
+            shape.append(0)
+        else:
+            if not isinstance(dim, int):
+                raise ValueError(f"cache input {meta.name!r} has a symbolic dimension {dim!r} at axis {axis}; cannot size it")
+            shape.append(dim)
+    return np.zeros(shape, dtype=_ORT_TYPES.get(meta.type, np.float32))
+
+
+def pad_right(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    length = max(len(s) for s in sequences)
+    ids = np.full((len(sequences), length), pad_id, dtype=np.int64)
+    mask = np.zeros((len(sequences), length), dtype=np.int64)
+    for i, s in enumerate(sequences):
+        ids[i, : len(s)] = s
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+def _pad_left(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    length = max(len(s) for s in sequences)
+    ids = np.full((len(sequences), length), pad_id, dtype=np.int64)
+    mask = np.zeros((len(sequences), length), dtype=np.int64)
+    for i, s in enumerate(sequences):
+        if s:
+            ids[i, length - len(s) :] = s
+            mask[i, length - len(s) :] = 1
+    return ids, mask
+
+
+class DecoderOnlyStepper:
+    """A decoder-only Optimum export (``model.onnx`` or ``decoder_model_merged.onnx``)."""
+
+    def __init__(self, session, pad_id: int):
+        self.session = session
+        self.pad_id = pad_id
+        self.inputs = _inputs(session)
+        self.output_names = [o.name for o in session.get_outputs()]
+        self.past_names = [n for n in self.inputs if n.startswith("past_key_values")]
+        self.present_of = {p: "present" + p[len("past_key_values") :] for p in self.past_names}
+        missing = [v for v in self.present_of.values() if v not in self.output_names]
+        if missing:
+            raise ValueError(f"the decoder has cache inputs but no output {missing[0]!r} to feed them")
+        self.ids_dtype = _int_dtype(self.inputs["input_ids"])
+        self.cache: dict[str, np.ndarray] = {}
+        self.mask: np.ndarray | None = None
+        self.positions: np.ndarray | None = None
+
+    def _run(self, input_ids: np.ndarray, first: bool) -> dict[str, np.ndarray]:
+        feeds = {"input_ids": input_ids.astype(self.ids_dtype, copy=False)}
+        if "attention_mask" in self.inputs:
+            feeds["attention_mask"] = self.mask.astype(_int_dtype(self.inputs["attention_mask"]), copy=False)
+        if "position_ids" in self.inputs:
+            feeds["position_ids"] = self.positions.astype(_int_dtype(self.inputs["position_ids"]), copy=False)
+        if "use_cache_branch" in self.inputs:
+            feeds["use_cache_branch"] = np.array([not first])
+        feeds.update(self.cache)
+        outputs = dict(zip(self.output_names, self.session.run(None, feeds)))
+        self.cache = {p: outputs[self.present_of[p]] for p in self.past_names}
+        return outputs
+
+    def prefill(self, prompts: Sequence[Sequence[int]], *, all_logits: bool = False) -> np.ndarray:
+        ids, self.mask = _pad_left(prompts, self.pad_id)
+        positions = np.cumsum(self.mask, axis=1) - 1
+        self.positions = np.where(self.mask == 1, positions, 1)
+        self.cache = {p: _empty_cache(self.inputs[p], len(prompts)) for p in self.past_names}
+        logits = self._run(ids, first=True)["logits"]
+        self.positions = self.positions[:, -1:] + 1
+        return logits if all_logits else logits[:, -1, :]
+
+    def step(self, token_ids: np.ndarray) -> np.ndarray:
+        self.mask = np.concatenate([self.mask, np.ones((len(token_ids), 1), dtype=self.mask.dtype)], axis=1)
+        logits = self._run(token_ids.reshape(-1, 1), first=False)["logits"][:, -1, :]
+        self.positions = self.positions + 1
+        return logits
+
+    def select(self, rows: np.ndarray) -> None:
+        self.cache = {k: v[rows] for k, v in self.cache.items()}
+        self.mask = self.mask[rows]
+        self.positions = self.positions[rows]
+
+
+def run_encoder(session, sources: Sequence[Sequence[int]], pad_id: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Run an encoder export on right-padded sources: (outputs by name, attention mask)."""
+    inputs = _inputs(session)
+    ids, mask = pad_right(sources, pad_id)
+    feeds = {"input_ids": ids.astype(_int_dtype(inputs["input_ids"]), copy=False)}
+    if "attention_mask" in inputs:
+        feeds["attention_mask"] = mask.astype(_int_dtype(inputs["attention_mask"]), copy=False)
+    if "token_type_ids" in inputs:
+        feeds["token_type_ids"] = np.zeros_like(ids, dtype=_int_dtype(inputs["token_type_ids"]))
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(None, feeds))), mask
+
+
+class Seq2SeqStepper:
+    """An encoder-decoder Optimum export; ``encode`` first, then the decoding steps."""
+
+    def __init__(self, encoder, decoder, decoder_with_past=None, *, pad_id: int, decoder_start_id: int):
+        self.encoder = encoder
+        self.first = decoder  # merged decoder, or the no-cache decoder of a pair
+        self.rest = decoder_with_past or decoder
+        self.pad_id = pad_id
+        self.decoder_start_id = decoder_start_id
+        self.first_inputs = _inputs(self.first)
+        self.rest_inputs = _inputs(self.rest)
+        self.first_outputs = [o.name for o in self.first.get_outputs()]
+        self.rest_outputs = [o.name for o in self.rest.get_outputs()]
+        self.past_names = [n for n in self.rest_inputs if n.startswith("past_key_values")]
+        self.state: dict[str, np.ndarray] = {}
+
+    def encode(self, sources: Sequence[Sequence[int]]) -> None:
+        outputs, mask = run_encoder(self.encoder, sources, self.pad_id)
+        self.state = {"encoder_hidden_states": outputs["last_hidden_state"], "encoder_attention_mask": mask}
+
+    def _feeds(self, inputs: dict, input_ids: np.ndarray, first: bool) -> dict:
+        feeds = {"input_ids": input_ids.astype(_int_dtype(inputs["input_ids"]), copy=False)}
+        for name in ("encoder_hidden_states", "encoder_attention_mask"):
+            if name in inputs:
+                value = self.state[name]
+                feeds[name] = value.astype(_int_dtype(inputs[name]), copy=False) if name.endswith("mask") else value
+        if "use_cache_branch" in inputs:
+            feeds["use_cache_branch"] = np.array([not first])
+        for name in inputs:
+            if name.startswith("past_key_values"):
+                feeds[name] = self.state[name] if not first else _empty_cache(inputs[name], len(input_ids))
+        return feeds
+
+    def _run(self, input_ids: np.ndarray, first: bool) -> np.ndarray:
+        session, inputs, names = (
+            (self.first, self.first_inputs, self.first_outputs) if first else (self.rest, self.rest_inputs, self.rest_outputs)
+        )
+        outputs = dict(zip(names, session.run(None, self._feeds(inputs, input_ids, first))))
+        for past in self.past_names:
+            present = "present" + past[len("past_key_values") :]
+            # cross-attention caches are computed once, on the first step, and kept as they are
+            if present in outputs and (first or ".encoder." not in past):
+                self.state[past] = outputs[present]
+        return outputs["logits"][:, -1, :]
+
+    def prefill(self, prompts: Sequence[Sequence[int]], *, all_logits: bool = False) -> np.ndarray:
+        """``prompts`` are the decoder inputs, all of length 1 (the start token) unless scoring."""
+        ids = pad_right(prompts, self.pad_id)[0]  # the decoder is causal: right padding is harmless
+        if all_logits:
+            session, inputs, names = self.first, self.first_inputs, self.first_outputs
+            outputs = dict(zip(names, session.run(None, self._feeds(inputs, ids, True))))
+            return outputs["logits"]
+        return self._run(ids, first=True)
+
+    def step(self, token_ids: np.ndarray) -> np.ndarray:
+        return self._run(token_ids.reshape(-1, 1), first=False)
+
+    def select(self, rows: np.ndarray) -> None:
+        self.state = {k: v[rows] for k, v in self.state.items()}
