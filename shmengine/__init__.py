@@ -11,6 +11,7 @@ import logging
 
 __version__ = "0.1.0"
 
+from .encoder import Encoder  # noqa: E402
 from .engine import Engine  # noqa: E402
 from .errors import (  # noqa: E402
     EngineBrokenError,
@@ -32,12 +33,15 @@ from .results import (  # noqa: E402
     TranslationResult,
 )
 from .threads import get_cuda_device_count, parallel_info  # noqa: E402
+from .translator import Translator  # noqa: E402
 
 logging.getLogger("shmengine").addHandler(logging.NullHandler())
 
 __all__ = [
     "Engine",
     "Generator",
+    "Translator",
+    "Encoder",
     "set_random_seed",
     "GenerationResult",
     "GenerationStepResult",

@@ -16,7 +16,7 @@ from .options import end_ids_for, search_options
 from .results import GenerationResult, GenerationStepResult, ScoringResult
 from .worker import ProgramSpec
 
-__all__ = ["Generator"]
+__all__ = ["Generator", "DecodingModel", "check_constructor_extras"]
 
 
 def check_constructor_extras(compute_type: str, tensor_parallel: bool) -> None:
@@ -29,7 +29,23 @@ def check_constructor_extras(compute_type: str, tensor_parallel: bool) -> None:
         raise ValueError(f"compute_type must be a string such as 'default', got {compute_type!r}")
 
 
-class Generator(PooledModel):
+class DecodingModel(PooledModel):
+    """What Generator and Translator share: splitting a call into sub-batches for the workers."""
+
+    def _submit_decoding(self, method, inputs, lengths_of, options, max_batch_size, batch_type, convert, callback):
+        """Split, submit, and hand back one future per example in input order."""
+        futures: list[Future | None] = [None] * len(inputs)
+        for indices in plan_batches([len(x) for x in lengths_of], max_batch_size, batch_type):
+            sub = _slice_options(options, indices)
+            on_event = _callback_router(callback, indices, self.vocabulary) if callback else None
+            batch_future = self._pool.submit(method, ([inputs[i] for i in indices], sub), on_event=on_event)
+            per_example = split_future(batch_future, len(indices), lambda result, j, idx=indices: convert(result[j], j, idx[j]))
+            for i, f in zip(indices, per_example):
+                futures[i] = f
+        return futures
+
+
+class Generator(DecodingModel):
     """Text generation with a decoder-only model (GPT-2, Llama, ... exported by Optimum).
 
     Args:
@@ -192,18 +208,6 @@ class Generator(PooledModel):
 
         futures = self._submit_decoding("generate", prompts, prompts, options, max_batch_size, batch_type, convert, callback)
         return futures if asynchronous else [f.result() for f in futures]
-
-    def _submit_decoding(self, method, inputs, lengths_of, options, max_batch_size, batch_type, convert, callback):
-        """Split, submit, and hand back one future per example in input order."""
-        futures: list[Future | None] = [None] * len(inputs)
-        for indices in plan_batches([len(x) for x in lengths_of], max_batch_size, batch_type):
-            sub = _slice_options(options, indices)
-            on_event = _callback_router(callback, indices, self.vocabulary) if callback else None
-            batch_future = self._pool.submit(method, ([inputs[i] for i in indices], sub), on_event=on_event)
-            per_example = split_future(batch_future, len(indices), lambda result, j, idx=indices: convert(result[j], j, idx[j]))
-            for i, f in zip(indices, per_example):
-                futures[i] = f
-        return futures
 
     def generate_tokens(self, prompt: Sequence[str | int], **options) -> Iterator[GenerationStepResult]:
         """Yield tokens one by one as they are decoded (greedy or sampling), CTranslate2-style.

@@ -1,0 +1,105 @@
+"""``shmengine.Encoder``: CTranslate2's Encoder over an encoder-only ONNX export (BERT-like,
+sentence-transformers)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+from .engine import PooledModel
+from .errors import InvalidInputError
+from .generator import check_constructor_extras
+from .modeldir import ModelDirectory
+from .results import EncoderForwardOutput
+from .worker import ProgramSpec
+
+__all__ = ["Encoder"]
+
+
+class Encoder(PooledModel):
+    """Run an encoder: ``forward_batch`` gives hidden states and a pooled vector per example.
+
+    Args:
+        model_path: an Optimum ONNX export of an encoder (``model.onnx`` with ``input_ids``,
+            ``attention_mask`` and optionally ``token_type_ids``), with ``config.json`` and the
+            tokenizer's ``tokenizer.json`` or ``vocab.json``.
+        Others: as :class:`shmengine.Engine`; ``compute_type`` is accepted and ignored.
+    """
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike,
+        device: str = "cpu",
+        *,
+        device_index: int | Sequence[int] = 0,
+        compute_type: str = "default",
+        inter_threads: int = 1,
+        intra_threads: int = 0,
+        max_queued_batches: int = 0,
+        files=None,
+        prepack_weights: bool = False,
+        graph_optimization_level: str = "all",
+    ):
+        check_constructor_extras(compute_type, False)
+        self.model = ModelDirectory.open(model_path, "encoder")
+        self.vocabulary = self.model.vocab
+        super().__init__(
+            self.model.graphs,
+            ProgramSpec("shmengine.generation", "EncoderProgram", {"pad_id": self.model.pad_id}),
+            device,
+            device_index=device_index,
+            inter_threads=inter_threads,
+            intra_threads=intra_threads,
+            max_queued_batches=max_queued_batches,
+            prepack_weights=prepack_weights,
+            graph_optimization_level=graph_optimization_level,
+        )
+
+    def forward_batch(
+        self,
+        inputs,
+        lengths: Sequence[int] | None = None,
+        token_type_ids=None,
+        *,
+        asynchronous: bool = False,
+    ):
+        """Encode a batch: a list of token lists (strings or ids), or an id array with ``lengths``.
+
+        Returns an :class:`EncoderForwardOutput` with ``last_hidden_state`` [batch, length,
+        hidden] (padded positions are whatever the model computes there) and ``pooler_output``
+        [batch, hidden]: the model's pooler when the graph has one, else the mean over the real
+        tokens. ``token_type_ids`` is accepted for CTranslate2 compatibility; segment ids are 0.
+        """
+        if isinstance(inputs, np.ndarray):
+            if lengths is None:
+                raise InvalidInputError("forward_batch got an id array without lengths")
+            sequences = [row[:n].tolist() for row, n in zip(inputs, lengths)]
+        else:
+            sequences = [self.vocabulary.to_ids(tokens, where=f"inputs[{i}]") for i, tokens in enumerate(inputs)]
+        if not sequences:
+            raise InvalidInputError("forward_batch got an empty batch")
+        for i, ids in enumerate(sequences):
+            if not ids:
+                raise InvalidInputError(f"inputs[{i}] is empty; an encoder needs at least one token")
+            if self.model.max_positions and len(ids) > self.model.max_positions:
+                raise InvalidInputError(
+                    f"inputs[{i}] has {len(ids)} tokens, more than the model's {self.model.max_positions} positions"
+                )
+        future = self._pool.submit("forward", sequences)
+
+        def convert(result):
+            hidden, pooled = result
+            return EncoderForwardOutput(last_hidden_state=hidden, pooler_output=pooled)
+
+        if asynchronous:
+            from concurrent.futures import Future
+
+            out: Future = Future()
+            out.set_running_or_notify_cancel()
+            future.add_done_callback(
+                lambda f: out.set_exception(f.exception()) if f.exception() else out.set_result(convert(f.result()))
+            )
+            return out
+        return convert(future.result())

@@ -1,0 +1,374 @@
+"""``shmengine.Translator``: CTranslate2's Translator over an Optimum seq2seq ONNX export."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+
+from .errors import InvalidInputError
+from .generator import DecodingModel, _iterate_in_chunks, _stream, check_constructor_extras
+from .modeldir import ModelDirectory
+from .options import end_ids_for, search_options
+from .results import ExecutionStats, GenerationStepResult, ScoringResult, TranslationResult
+from .worker import ProgramSpec
+
+__all__ = ["Translator"]
+
+
+def _split_tokens(line: str) -> list[str]:
+    return line.split()
+
+
+def _join_tokens(tokens: Sequence[str]) -> str:
+    return " ".join(tokens)
+
+
+def _read_lines(path: str | os.PathLike) -> Iterator[str]:
+    """Lines of a UTF-8 text file, one at a time; bad UTF-8 is an error that names the line."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                yield raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as exc:
+                raise InvalidInputError(f"{os.fspath(path)}, line {number}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from exc
+
+
+class Translator(DecodingModel):
+    """Translation (and any text-to-text task) with an encoder-decoder model (Marian, T5, BART...).
+
+    Args:
+        model_path: an Optimum ONNX export directory: ``encoder_model.onnx`` with
+            ``decoder_model_merged.onnx`` (or ``decoder_model.onnx`` + ``decoder_with_past_model.onnx``),
+            ``config.json``, ``generation_config.json`` and the tokenizer's ``tokenizer.json``.
+        Others: as :class:`shmengine.Generator`.
+
+    Source tokens get the end token appended (and a start token for BART-like models) as the
+    original tokenizers and CTranslate2's converters do, so pass the tokens without them.
+    """
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike,
+        device: str = "cpu",
+        *,
+        device_index: int | Sequence[int] = 0,
+        compute_type: str = "default",
+        inter_threads: int = 1,
+        intra_threads: int = 0,
+        max_queued_batches: int = 0,
+        flash_attention: bool = False,
+        tensor_parallel: bool = False,
+        files=None,
+        prepack_weights: bool = False,
+        graph_optimization_level: str = "all",
+    ):
+        check_constructor_extras(compute_type, tensor_parallel)
+        self.model = ModelDirectory.open(model_path, "seq2seq")
+        self.vocabulary = self.model.vocab
+        super().__init__(
+            self.model.graphs,
+            ProgramSpec(
+                "shmengine.generation",
+                "TranslatorProgram",
+                {"pad_id": self.model.pad_id, "decoder_start_id": self.model.decoder_start_id},
+            ),
+            device,
+            device_index=device_index,
+            inter_threads=inter_threads,
+            intra_threads=intra_threads,
+            max_queued_batches=max_queued_batches,
+            prepack_weights=prepack_weights,
+            graph_optimization_level=graph_optimization_level,
+        )
+
+    # -- inputs ---------------------------------------------------------------------------------
+
+    def _source_ids(self, source, max_input_length: int) -> list[list[int]]:
+        if isinstance(source, (str, bytes)) or not isinstance(source, Sequence):
+            raise InvalidInputError("source must be a list of token lists, e.g. [['▁Hello', '▁world']]")
+        model = self.model
+        specials = int(model.add_source_eos) + int(model.add_source_bos)
+        sources = []
+        for i, tokens in enumerate(source):
+            if isinstance(tokens, (str, bytes)):
+                raise InvalidInputError(f"source[{i}] is a string; pass a list of tokens (split it with the tokenizer)")
+            ids = self.vocabulary.to_ids(tokens, where=f"source[{i}]")
+            if max_input_length and len(ids) + specials > max_input_length:
+                ids = ids[: max(0, max_input_length - specials)]
+            if model.add_source_bos and model.bos_id is not None:
+                ids = [model.bos_id] + ids
+            if model.add_source_eos:
+                ids = ids + [model.eos_ids[0]]
+            if model.max_positions and len(ids) > model.max_positions:
+                raise InvalidInputError(
+                    f"source[{i}] has {len(ids)} tokens, more than the model's {model.max_positions} positions; "
+                    "set max_input_length to truncate"
+                )
+            sources.append(ids)
+        return sources
+
+    # -- translation ----------------------------------------------------------------------------
+
+    def translate_batch(
+        self,
+        source: Sequence[Sequence[str | int]],
+        target_prefix: Sequence[Sequence[str | int] | None] | None = None,
+        *,
+        max_batch_size: int = 0,
+        batch_type: str = "examples",
+        asynchronous: bool = False,
+        beam_size: int = 2,
+        patience: float = 1,
+        num_hypotheses: int = 1,
+        length_penalty: float = 1,
+        coverage_penalty: float = 0,
+        repetition_penalty: float = 1,
+        no_repeat_ngram_size: int = 0,
+        disable_unk: bool = False,
+        suppress_sequences=None,
+        end_token=None,
+        return_end_token: bool = False,
+        prefix_bias_beta: float = 0,
+        max_input_length: int = 1024,
+        max_decoding_length: int = 256,
+        min_decoding_length: int = 1,
+        use_vmap: bool = False,
+        return_scores: bool = False,
+        return_logits_vocab: bool = False,
+        return_attention: bool = False,
+        return_alternatives: bool = False,
+        min_alternative_expansion_prob: float = 0,
+        sampling_topk: int = 1,
+        sampling_topp: float = 1,
+        sampling_temperature: float = 1,
+        replace_unknowns: bool = False,
+        callback=None,
+    ):
+        """Translate a batch of token lists (CTranslate2's ``translate_batch``).
+
+        ``target_prefix`` forces each hypothesis to start with the given tokens (they are part of
+        the result and count towards ``max_decoding_length``). ``coverage_penalty``,
+        ``prefix_bias_beta`` (a hard prefix is used), ``use_vmap``, ``return_logits_vocab``,
+        ``return_attention``, ``return_alternatives``, ``min_alternative_expansion_prob`` and
+        ``replace_unknowns`` are accepted and have no effect. Returns a :class:`TranslationResult`
+        per example, or with ``asynchronous=True`` one ``concurrent.futures.Future`` per example.
+        """
+        if not source:
+            return []
+        if max_decoding_length < 1:
+            raise InvalidInputError(f"max_decoding_length must be >= 1, got {max_decoding_length}")
+        if min_decoding_length > max_decoding_length:
+            raise InvalidInputError(
+                f"min_decoding_length ({min_decoding_length}) is greater than max_decoding_length ({max_decoding_length})"
+            )
+        sources = self._source_ids(source, max_input_length)
+        if target_prefix is not None and len(target_prefix) != len(sources):
+            raise InvalidInputError(f"target_prefix has {len(target_prefix)} entries for {len(sources)} source examples")
+        forced = [
+            self.vocabulary.to_ids(p, where=f"target_prefix[{i}]") if p else []
+            for i, p in enumerate(target_prefix or [None] * len(sources))
+        ]
+        max_new = max_decoding_length
+        if self.model.max_positions:
+            max_new = min(max_new, self.model.max_positions)
+        options = search_options(
+            vocab=self.vocabulary,
+            end_ids=end_ids_for(end_token, self.vocabulary, self.model.eos_ids),
+            max_new_tokens=[max_new] * len(sources),
+            min_new_tokens=[min_decoding_length] * len(sources),
+            beam_size=beam_size,
+            patience=patience,
+            num_hypotheses=num_hypotheses,
+            length_penalty=length_penalty,
+            repetition_penalty=repetition_penalty,
+            no_repeat_ngram_size=no_repeat_ngram_size,
+            disable_unk=disable_unk,
+            suppress_sequences=suppress_sequences,
+            return_end_token=return_end_token,
+            sampling_topk=sampling_topk,
+            sampling_topp=sampling_topp,
+            sampling_temperature=sampling_temperature,
+            callback=callback,
+        )
+        options.forced = forced if any(forced) else None
+        options.history = [[] for _ in sources]
+        options.stream = callback is not None
+
+        def convert(hyps, i, example):
+            return TranslationResult(
+                hypotheses=[self.vocabulary.to_tokens(h) for h in hyps.ids],
+                scores=list(hyps.scores) if return_scores else [],
+            )
+
+        futures = self._submit_decoding(
+            "translate", sources, sources, options, max_batch_size, batch_type, convert, callback
+        )
+        return futures if asynchronous else [f.result() for f in futures]
+
+    def translate_iterable(
+        self,
+        source: Iterable[Sequence[str]],
+        target_prefix: Iterable[Sequence[str]] | None = None,
+        max_batch_size: int = 32,
+        batch_type: str = "examples",
+        **options,
+    ) -> Iterator[TranslationResult]:
+        """Translate an iterable of token lists, read and run in chunks, results in order."""
+        items = source if target_prefix is None else zip(source, target_prefix)
+
+        def submit(chunk):
+            if target_prefix is None:
+                return self.translate_batch(chunk, max_batch_size=max_batch_size, batch_type=batch_type, asynchronous=True, **options)
+            src, prefix = zip(*chunk)
+            return self.translate_batch(
+                list(src), list(prefix), max_batch_size=max_batch_size, batch_type=batch_type, asynchronous=True, **options
+            )
+
+        yield from _iterate_in_chunks(items, max_batch_size, submit)
+
+    def translate_file(
+        self,
+        source_path: str | os.PathLike,
+        output_path: str | os.PathLike,
+        target_path: str | os.PathLike | None = None,
+        *,
+        max_batch_size: int = 32,
+        read_batch_size: int = 0,
+        batch_type: str = "examples",
+        with_scores: bool = False,
+        source_tokenize_fn: Callable[[str], list[str]] | None = None,
+        target_tokenize_fn: Callable[[str], list[str]] | None = None,
+        target_detokenize_fn: Callable[[list[str]], str] | None = None,
+        progress: Callable[[int], None] | None = None,
+        **options,
+    ) -> ExecutionStats:
+        """Translate a file line by line into another, in order, never holding the whole file.
+
+        Lines are split on spaces unless ``source_tokenize_fn`` is given; hypotheses are joined
+        with spaces unless ``target_detokenize_fn`` is given. ``target_path`` gives target
+        prefixes, one line per source line. ``progress(n)`` is called after every written line.
+        Returns the number of examples and target tokens and the time taken.
+        """
+        tokenize = source_tokenize_fn or _split_tokens
+        detokenize = target_detokenize_fn or _join_tokens
+        stats = ExecutionStats()
+        start = time.perf_counter()
+        sources = (tokenize(line) for line in _read_lines(source_path))
+        prefixes = None
+        if target_path is not None:
+            prefixes = ((target_tokenize_fn or _split_tokens)(line) for line in _read_lines(target_path))
+        results = self.translate_iterable(
+            sources, prefixes, max_batch_size=max_batch_size, batch_type=batch_type, return_scores=with_scores, **options
+        )
+        with open(output_path, "w", encoding="utf-8") as out:
+            for result in results:
+                tokens = result.hypotheses[0] if result.hypotheses else []
+                line = detokenize(tokens)
+                if with_scores:
+                    line = f"{result.scores[0]:.6f} ||| {line}"
+                out.write(line + "\n")
+                stats.num_examples += 1
+                stats.num_tokens += len(tokens)
+                if progress:
+                    progress(stats.num_examples)
+        stats.total_time_in_ms = (time.perf_counter() - start) * 1000
+        return stats
+
+    def generate_tokens(
+        self, source: Sequence[str | int], target_prefix: Sequence[str | int] | None = None, **options
+    ) -> Iterator[GenerationStepResult]:
+        """Yield the translation of one example token by token (greedy or sampling)."""
+        options.setdefault("beam_size", 1)
+        return _stream(
+            self,
+            lambda cb: self.translate_batch(
+                [source], [target_prefix] if target_prefix else None, callback=cb, asynchronous=True, **options
+            ),
+        )
+
+    # -- scoring --------------------------------------------------------------------------------
+
+    def score_batch(
+        self,
+        source: Sequence[Sequence[str | int]],
+        target: Sequence[Sequence[str | int]],
+        *,
+        max_batch_size: int = 0,
+        batch_type: str = "examples",
+        max_input_length: int = 1024,
+        offset: int = 0,
+        asynchronous: bool = False,
+    ):
+        """Log-probability of each target token (and of the end token) given the source."""
+        if len(source) != len(target):
+            raise InvalidInputError(f"score_batch got {len(source)} sources and {len(target)} targets")
+        if not source:
+            return []
+        sources = self._source_ids(source, max_input_length)
+        eos = self.model.eos_ids[0]
+        targets = [self.vocabulary.to_ids(t, where=f"target[{i}]") + [eos] for i, t in enumerate(target)]
+
+        def convert(log_probs, i, example):
+            ids = targets[example][offset:]
+            return ScoringResult(tokens=self.vocabulary.to_tokens(ids), log_probs=list(log_probs[offset:]))
+
+        from .batching import plan_batches, split_future
+
+        futures: list = [None] * len(sources)
+        for indices in plan_batches([len(s) for s in sources], max_batch_size, batch_type):
+            batch = self._pool.submit("score", ([sources[i] for i in indices], [targets[i] for i in indices]))
+            for i, f in zip(indices, split_future(batch, len(indices), lambda r, j, idx=indices: convert(r[j], j, idx[j]))):
+                futures[i] = f
+        return futures if asynchronous else [f.result() for f in futures]
+
+    def score_iterable(
+        self, source: Iterable, target: Iterable, max_batch_size: int = 64, batch_type: str = "examples", **options
+    ) -> Iterator[ScoringResult]:
+        """Score an iterable of (source, target) pairs, in chunks, in order."""
+
+        def submit(chunk):
+            src, tgt = zip(*chunk)
+            return self.score_batch(list(src), list(tgt), max_batch_size=max_batch_size, batch_type=batch_type, asynchronous=True, **options)
+
+        yield from _iterate_in_chunks(zip(source, target), max_batch_size, submit)
+
+    def score_file(
+        self,
+        source_path: str | os.PathLike,
+        target_path: str | os.PathLike,
+        output_path: str | os.PathLike,
+        *,
+        max_batch_size: int = 32,
+        read_batch_size: int = 0,
+        batch_type: str = "examples",
+        max_input_length: int = 1024,
+        offset: int = 0,
+        with_tokens_score: bool = False,
+        source_tokenize_fn=None,
+        target_tokenize_fn=None,
+        target_detokenize_fn=None,
+    ) -> ExecutionStats:
+        """Score a parallel file pair; each output line is ``mean log-prob ||| target``."""
+        tokenize_source = source_tokenize_fn or _split_tokens
+        tokenize_target = target_tokenize_fn or _split_tokens
+        detokenize = target_detokenize_fn or _join_tokens
+        stats = ExecutionStats()
+        start = time.perf_counter()
+        sources = (tokenize_source(line) for line in _read_lines(source_path))
+        targets = (tokenize_target(line) for line in _read_lines(target_path))
+        results = self.score_iterable(
+            sources, targets, max_batch_size=max_batch_size, batch_type=batch_type,
+            max_input_length=max_input_length, offset=offset,
+        )
+        with open(output_path, "w", encoding="utf-8") as out:
+            for result in results:
+                mean = sum(result.log_probs) / max(1, len(result.log_probs))
+                line = f"{mean:.6f} ||| {detokenize(result.tokens[:-1])}"
+                if with_tokens_score:
+                    line += " ||| " + " ".join(f"{t}:{lp:.6f}" for t, lp in zip(result.tokens, result.log_probs))
+                out.write(line + "\n")
+                stats.num_examples += 1
+                stats.num_tokens += len(result.tokens)
+        stats.total_time_in_ms = (time.perf_counter() - start) * 1000
+        return stats
