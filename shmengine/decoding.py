@@ -358,9 +358,9 @@ def _beam_search(stepper: Stepper, prompts, options: DecodingOptions) -> list[Hy
         new_sequences, new_lps = [], []
         for i, example in enumerate(alive.tolist()):
             last_step = step + 1 >= limits[example]
-            chosen = []  # (candidate index) of the beams that continue
-            secondary = beam
-            for slot in range(beam):
+            chosen: list[int | None] = []  # candidate index of each beam that continues (None: dead)
+            secondary = min(beam, k)
+            for slot in range(min(beam, k)):
                 c = slot
                 t = int(token[i, c])
                 if t in end_set or last_step:
@@ -381,6 +381,9 @@ def _beam_search(stepper: Stepper, prompts, options: DecodingOptions) -> list[Hy
                     if c is None:
                         c = slot  # nothing left to refill with: keep a dead beam (score -inf)
                 chosen.append(c)
+            # fewer candidates than beams (a beam wider than the first step's vocabulary): the
+            # missing beams are dead until real candidates outnumber them
+            chosen.extend([None] * (beam - len(chosen)))
             if last_step:
                 done = True
             elif early_exit:
@@ -392,8 +395,8 @@ def _beam_search(stepper: Stepper, prompts, options: DecodingOptions) -> list[Hy
             keep_examples.append(i)
             beams_seq, beams_lp = [], []
             for c in chosen:
-                src, t = int(origin[i, c]), int(token[i, c])
-                dead = t in end_set
+                src, t = int(origin[i, c or 0]), int(token[i, c or 0])
+                dead = c is None or t in end_set
                 next_rows.append(i * width + src)
                 next_tokens.append(t)
                 next_scores.append(NEG_INF if dead else top_scores[i, c])

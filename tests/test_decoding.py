@@ -1,0 +1,158 @@
+"""The search algorithms against a numpy toy model whose answers can be computed independently."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from shmengine.decoding import DecodingOptions, decode
+
+VOCAB, END = 6, 0
+
+
+class ToyStepper:
+    """A bigram model: the next-token logits depend only on the last token."""
+
+    def __init__(self, seed=0, scale=2.0):
+        self.table = np.random.default_rng(seed).standard_normal((VOCAB, VOCAB)).astype(np.float32) * scale
+        self.last = None
+        self.selects = []
+
+    def prefill(self, prompts):
+        self.last = np.array([p[-1] for p in prompts])
+        return self.table[self.last]
+
+    def step(self, tokens):
+        self.last = np.asarray(tokens)
+        return self.table[self.last]
+
+    def select(self, rows):
+        self.selects.append(len(rows))
+        self.last = self.last[rows]
+
+    def log_probs(self, last):
+        row = self.table[last].astype(np.float64)
+        return row - np.log(np.exp(row - row.max()).sum()) - row.max()
+
+
+def options(**kw):
+    base = dict(max_new_tokens=4, end_ids=(END,))
+    base.update(kw)
+    return DecodingOptions(**base)
+
+
+def test_greedy_is_the_argmax_chain_and_scores_are_length_normalised():
+    toy = ToyStepper()
+    prompts = [[1], [2], [3, 4]]
+    results = decode(toy, prompts, options(max_new_tokens=5))
+    for prompt, result in zip(prompts, results):
+        last, tokens, total = prompt[-1], [], 0.0
+        for _ in range(5):
+            lp = toy.log_probs(last)
+            nxt = int(np.argmax(lp))
+            total += lp[nxt]
+            if nxt == END:
+                break
+            tokens.append(nxt)
+            last = nxt
+        assert result.ids[0] == tokens
+        assert result.scores[0] == pytest.approx(total / max(len(tokens), 1), abs=1e-5)
+
+
+def _exhaustive_best(toy, start, max_new, length_penalty):
+    """Every sequence up to max_new tokens that ends with END (or is cut at max_new)."""
+    best = None
+    for n in range(1, max_new + 1):
+        for seq in itertools.product(range(VOCAB), repeat=n):
+            if END in seq[:-1] or (n < max_new and seq[-1] != END):
+                continue
+            last, total = start, 0.0
+            for t in seq:
+                total += toy.log_probs(last)[t]
+                last = t
+            hyp = list(seq[:-1]) if seq[-1] == END else list(seq)
+            score = total / (max(len(hyp), 1) ** length_penalty)
+            if best is None or score > best[0]:
+                best = (score, hyp)
+    return best
+
+
+@pytest.mark.parametrize("length_penalty", [0.0, 1.0])
+def test_wide_beam_finds_the_exhaustive_optimum(length_penalty):
+    toy = ToyStepper(seed=3, scale=1.0)
+    # a beam wider than every path, patience enough to finish them all: beam search is exact
+    results = decode(toy, [[2], [5]], options(max_new_tokens=3, beam_size=VOCAB**3, patience=4.0, length_penalty=length_penalty))
+    for start, result in zip([2, 5], results):
+        score, hyp = _exhaustive_best(toy, start, 3, length_penalty)
+        assert result.ids[0] == hyp
+        assert result.scores[0] == pytest.approx(score, abs=1e-4)
+
+
+def test_beam_returns_sorted_hypotheses_and_finished_examples_leave_the_batch():
+    toy = ToyStepper(seed=1)
+    results = decode(toy, [[1], [2], [3]], options(max_new_tokens=8, beam_size=3, num_hypotheses=3))
+    for r in results:
+        assert len(r.ids) == 3 and r.scores == sorted(r.scores, reverse=True)
+    assert toy.selects[0] == 9  # expanded to 3 beams after the first step
+    assert min(toy.selects) <= 9
+
+
+def test_min_length_and_end_token_handling():
+    toy = ToyStepper(seed=0)
+    toy.table[:, END] = 10  # the model always wants to end
+    assert decode(toy, [[1]], options(max_new_tokens=5))[0].ids[0] == []
+    forced = decode(toy, [[1]], options(max_new_tokens=5, min_new_tokens=3))[0].ids[0]
+    assert len(forced) == 3 and END not in forced
+    with_end = decode(toy, [[1]], options(max_new_tokens=5, return_end_token=True))[0].ids[0]
+    assert with_end == [END]
+
+
+def test_repetition_penalty_and_no_repeat_ngram():
+    toy = ToyStepper(seed=0)
+    toy.table[:] = -5
+    toy.table[:, 3] = 5  # always 3
+    toy.table[:, 4] = 4  # then 4
+    toy.table[:, END] = -10
+    assert decode(toy, [[1]], options(max_new_tokens=4))[0].ids[0] == [3, 3, 3, 3]
+    # 3 is in the history: 5 / 2 = 2.5 < 4, so 4 wins from then on (both penalised afterwards)
+    assert decode(toy, [[1]], options(max_new_tokens=3, repetition_penalty=2.0))[0].ids[0] == [3, 4, 3]
+    ids = decode(toy, [[1]], options(max_new_tokens=6, no_repeat_ngram_size=2))[0].ids[0]
+    bigrams = list(zip(ids, ids[1:]))
+    assert len(bigrams) == len(set(bigrams))
+
+
+def test_forced_prefix_greedy_and_beam():
+    toy = ToyStepper(seed=2)
+    for beam in (1, 3):
+        result = decode(toy, [[1], [1]], options(max_new_tokens=6, beam_size=beam, forced=[[4, 5], []]))
+        assert result[0].ids[0][:2] == [4, 5]
+        free = decode(ToyStepper(seed=2), [[5]], options(max_new_tokens=4, beam_size=beam))[0].ids[0]
+        assert result[0].ids[0][2:] == free  # after the prefix the toy continues from token 5
+
+
+def test_sampling_is_reproducible_and_topk_restricts():
+    toy = ToyStepper(seed=4, scale=0.5)
+    a = decode(toy, [[1]] * 8, options(max_new_tokens=6, sampling_topk=0, seed=7))
+    b = decode(ToyStepper(seed=4, scale=0.5), [[1]] * 8, options(max_new_tokens=6, sampling_topk=0, seed=7))
+    assert [r.ids for r in a] == [r.ids for r in b]
+    assert len({tuple(r.ids[0]) for r in a}) > 1  # it does sample
+    top2 = decode(ToyStepper(seed=4, scale=0.5), [[1]] * 30, options(max_new_tokens=1, sampling_topk=2, seed=1))
+    allowed = set(np.argsort(-toy.table[1])[:2].tolist())
+    assert {r.ids[0][0] for r in top2 if r.ids[0]} | ({END} & allowed) <= allowed | {END}
+
+
+def test_callback_sees_every_token_and_can_stop():
+    toy = ToyStepper(seed=0)
+    toy.table[:, END] = -100
+    seen = []
+
+    def on_step(event):
+        seen.append((event.batch_id, event.token_id, event.is_last))
+        return event.batch_id == 0 and event.step == 1  # stop example 0 after two tokens
+
+    results = decode(toy, [[1], [2]], options(max_new_tokens=5), on_step)
+    assert len(results[0].ids[0]) == 2 and len(results[1].ids[0]) == 5
+    assert [t for b, t, _ in seen if b == 1] == results[1].ids[0]
+    assert [last for b, _, last in seen if b == 1][-1]
