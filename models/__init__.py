@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["BUNDLED_DIR", "default_model_path"]
+__all__ = ["BUNDLED_DIR", "default_model_path", "bundled_model_path"]
 
 BUNDLED_DIR = Path(__file__).resolve().parent
 
@@ -16,5 +16,16 @@ def default_model_path() -> Path:
         raise FileNotFoundError(
             f"the bundled default model is missing from {path}; rebuild it with "
             "`python -m shmengine.models.builders default`"
+        )
+    return path
+
+
+def bundled_model_path(name: str) -> Path:
+    """A bundled model directory: ``numbers-marian`` (seq2seq) or ``numbers-gpt2`` (decoder)."""
+    path = BUNDLED_DIR / name
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"the bundled model {name!r} is missing from {BUNDLED_DIR}; rebuild it with "
+            "`python models/train_numbers.py all`"
         )
     return path

@@ -1,17 +1,24 @@
 """``shmengine-run``: the launcher.
 
+    shmengine-run translate [MODEL]        translate text (stdin -> stdout, or --input/--output files)
+    shmengine-run generate [MODEL]         continue each input line with a decoder-only model
+    shmengine-run score [MODEL]            score --source/--target files with a seq2seq model
     shmengine-run info                     parallel settings of this machine and of an engine
-    shmengine-run run [MODEL]              run a model over inputs (an .npz file, or synthetic)
+    shmengine-run run [MODEL]              run any ONNX model over inputs (an .npz file, or synthetic)
     shmengine-run bench [MODEL]            throughput and latency of one inter x intra split
     shmengine-run tune [MODEL]             sweep every split, plot it, name the best
 
-With no MODEL the bundled default model is used.
+With no MODEL the bundled models are used: numbers-marian (translate, score), numbers-gpt2
+(generate) and the default MLP (run, bench, tune). They write numbers in words:
+
+    echo 1984 | shmengine-run translate        ->  one thousand nine hundred eighty four
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import time
 from pathlib import Path
@@ -21,13 +28,17 @@ import numpy as np
 __all__ = ["main"]
 
 
-def _default_model() -> Path:
+def _bundled():
     try:
-        from shmengine.models import default_model_path
+        import shmengine.models as bundled
     except ImportError:  # running from a source checkout that is not installed
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-        from models import default_model_path
-    return default_model_path()
+        import models as bundled
+    return bundled
+
+
+def _default_model() -> Path:
+    return _bundled().default_model_path()
 
 
 def _add_engine_options(parser: argparse.ArgumentParser) -> None:
@@ -40,11 +51,12 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prepack-weights", action="store_true", help="let ORT prepack weights (private copies)")
 
 
-def _engine(args):
+def _engine(args, cls=None, default=None):
     from .engine import Engine
 
-    return Engine(
-        args.model or _default_model(),
+    cls = cls or Engine
+    return cls(
+        args.model or default or _default_model(),
         args.device,
         device_index=args.device_index if len(args.device_index) > 1 else args.device_index[0],
         inter_threads=args.inter_threads,
@@ -137,10 +149,181 @@ def _cmd_tune(args) -> int:
     return 0
 
 
+class _Progress:
+    """``n/N lines, rate`` on stderr, redrawn in place; only when stderr is a terminal."""
+
+    def __init__(self, total: int | None, enabled: bool):
+        self.total, self.enabled = total, enabled and sys.stderr.isatty()
+        self.start = time.perf_counter()
+        self.last_draw = 0.0
+
+    def __call__(self, done: int) -> None:
+        now = time.perf_counter()
+        if not self.enabled or (now - self.last_draw < 0.2 and done != self.total):
+            return
+        self.last_draw = now
+        rate = done / max(now - self.start, 1e-9)
+        of = f"/{self.total}" if self.total else ""
+        sys.stderr.write(f"\r{done}{of} lines, {rate:.1f} lines/s")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
+def _count_lines(path: str) -> int:
+    with open(path, "rb") as f:
+        return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+
+
+def _summary(verb: str, examples: int, tokens: int, seconds: float, model) -> None:
+    print(
+        f"{verb} {examples} examples, {tokens} tokens in {seconds:.2f} s: {tokens / max(seconds, 1e-9):.1f} tokens/s "
+        f"({model.num_workers} workers x {model.intra_threads} intra threads)",
+        file=sys.stderr,
+    )
+
+
+def _decoding_kwargs(args) -> dict:
+    kwargs = {"beam_size": args.beam_size, "num_hypotheses": 1, "length_penalty": args.length_penalty,
+              "repetition_penalty": args.repetition_penalty, "no_repeat_ngram_size": args.no_repeat_ngram_size,
+              "sampling_topk": args.sampling_topk, "sampling_topp": args.sampling_topp,
+              "sampling_temperature": args.sampling_temperature}
+    if args.seed is not None:
+        from .options import set_random_seed
+
+        set_random_seed(args.seed)
+    return kwargs
+
+
+def _cmd_translate(args) -> int:
+    from .text import TextCodec
+    from .translator import Translator
+
+    model_dir = args.model or _bundled().bundled_model_path("numbers-marian")
+    codec = TextCodec(model_dir, args.tokenize)
+    options = dict(_decoding_kwargs(args), max_decoding_length=args.max_decoding_length)
+    with _engine(args, Translator, model_dir) as translator:
+        start = time.perf_counter()
+        if args.input:
+            progress = _Progress(_count_lines(args.input), True)
+            stats = translator.translate_file(
+                args.input, args.output or "/dev/stdout", max_batch_size=args.max_batch_size,
+                source_tokenize_fn=codec.tokenize, target_detokenize_fn=codec.detokenize, progress=progress, **options,
+            )
+            progress.close()
+            _summary("translated", stats.num_examples, stats.num_tokens, stats.total_time_in_ms / 1000, translator)
+            return 0
+        interactive = sys.stdin.isatty()
+        lines = (line.rstrip("\n") for line in sys.stdin)
+        out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+        examples = tokens = 0
+        try:
+            results = translator.translate_iterable(
+                (codec.tokenize(line) for line in lines), max_batch_size=1 if interactive else args.max_batch_size, **options
+            )
+            for result in results:
+                hypothesis = result.hypotheses[0]
+                out.write(codec.detokenize(hypothesis) + "\n")
+                if interactive:
+                    out.flush()
+                examples += 1
+                tokens += len(hypothesis)
+        finally:
+            if out is not sys.stdout:
+                out.close()
+        _summary("translated", examples, tokens, time.perf_counter() - start, translator)
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    from .generator import Generator
+    from .text import TextCodec
+
+    model_dir = args.model or _bundled().bundled_model_path("numbers-gpt2")
+    codec = TextCodec(model_dir, args.tokenize)
+    with _engine(args, Generator, model_dir) as generator:
+        bos = generator.model.bos_id
+        start_token = [generator.vocabulary.id_to_token[bos]] if bos is not None else []
+        source = open(args.input, encoding="utf-8") if args.input else sys.stdin
+        out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+        start = time.perf_counter()
+        examples = tokens = 0
+        try:
+            prompts = (start_token + codec.tokenize(line.rstrip("\n")) for line in source)
+            results = generator.generate_iterable(
+                prompts, max_batch_size=args.max_batch_size, max_length=args.max_length,
+                include_prompt_in_result=False, **_decoding_kwargs(args),
+            )
+            for result in results:
+                out.write(codec.detokenize(result.sequences[0]) + "\n")
+                examples += 1
+                tokens += len(result.sequences[0])
+        finally:
+            for f in (source, out):
+                if f not in (sys.stdin, sys.stdout):
+                    f.close()
+        _summary("generated for", examples, tokens, time.perf_counter() - start, generator)
+    return 0
+
+
+def _cmd_score(args) -> int:
+    from .text import TextCodec
+    from .translator import Translator
+
+    model_dir = args.model or _bundled().bundled_model_path("numbers-marian")
+    codec = TextCodec(model_dir, args.tokenize)
+    with _engine(args, Translator, model_dir) as translator:
+        stats = translator.score_file(
+            args.source, args.target, args.output or "/dev/stdout", max_batch_size=args.max_batch_size,
+            source_tokenize_fn=codec.tokenize, target_tokenize_fn=codec.tokenize, target_detokenize_fn=codec.detokenize,
+        )
+        _summary("scored", stats.num_examples, stats.num_tokens, stats.total_time_in_ms / 1000, translator)
+    return 0
+
+
+def _add_decoding_options(parser: argparse.ArgumentParser, beam_size: int) -> None:
+    parser.add_argument("--input", help="input text file (default: stdin)")
+    parser.add_argument("--output", help="output text file (default: stdout)")
+    parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument("--beam-size", type=int, default=beam_size)
+    parser.add_argument("--length-penalty", type=float, default=1.0)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--no-repeat-ngram-size", type=int, default=0)
+    parser.add_argument("--sampling-topk", type=int, default=1)
+    parser.add_argument("--sampling-topp", type=float, default=1.0)
+    parser.add_argument("--sampling-temperature", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, help="random seed for sampling")
+    parser.add_argument("--tokenize", default="model", choices=["model", "space"],
+                        help="'model': the model's tokenizer.json; 'space': text is already space-separated tokens")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shmengine-run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the engine does")
     commands = parser.add_subparsers(dest="command", required=True)
+
+    translate = commands.add_parser("translate", help="translate text with a seq2seq model")
+    _add_engine_options(translate)
+    _add_decoding_options(translate, beam_size=2)
+    translate.add_argument("--max-decoding-length", type=int, default=256)
+    translate.set_defaults(func=_cmd_translate)
+
+    generate = commands.add_parser("generate", help="continue each input line with a decoder-only model")
+    _add_engine_options(generate)
+    _add_decoding_options(generate, beam_size=1)
+    generate.add_argument("--max-length", type=int, default=64, help="new tokens at most")
+    generate.set_defaults(func=_cmd_generate)
+
+    score = commands.add_parser("score", help="score target lines given source lines")
+    _add_engine_options(score)
+    score.add_argument("--source", required=True)
+    score.add_argument("--target", required=True)
+    score.add_argument("--output")
+    score.add_argument("--max-batch-size", type=int, default=32)
+    score.add_argument("--tokenize", default="model", choices=["model", "space"])
+    score.set_defaults(func=_cmd_score)
 
     info = commands.add_parser("info", help="parallel settings of this machine and of an engine's workers")
     _add_engine_options(info)
@@ -173,13 +356,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt_on_sigterm() -> None:
+    """SIGTERM ends the run like Ctrl-C: the engine closes, files keep complete lines only."""
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     from .errors import ShmEngineError
 
+    _interrupt_on_sigterm()
     try:
         return args.func(args)
+    except KeyboardInterrupt:
+        print("shmengine-run: interrupted; output holds the lines finished so far", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # the reader went away (| head)
+        sys.stderr.close()
+        return 0
     except (ShmEngineError, ValueError, FileNotFoundError) as exc:
         print(f"shmengine-run: error: {exc}", file=sys.stderr)
         return 2
