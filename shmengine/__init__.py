@@ -23,6 +23,7 @@ from .errors import (  # noqa: E402
     WorkerStartupError,
 )
 from .generator import Generator  # noqa: E402
+from .mpi import MpiInfo  # noqa: E402
 from .options import set_random_seed  # noqa: E402
 from .results import (  # noqa: E402
     EncoderForwardOutput,
@@ -37,11 +38,36 @@ from .translator import Translator  # noqa: E402
 
 logging.getLogger("shmengine").addHandler(logging.NullHandler())
 
+
+def contains_model(path) -> bool:
+    """Whether ``path`` is a model directory this engine can load (CTranslate2's name)."""
+    from .errors import ModelLoadError
+    from .modeldir import ModelDirectory
+
+    for kind in ("seq2seq", "decoder", "encoder"):
+        try:
+            ModelDirectory.open(path, kind)
+            return True
+        except ModelLoadError:
+            continue
+    return False
+
+
+def get_supported_compute_types(device: str, device_index: int = 0) -> set[str]:
+    """Compute types accepted on ``device``. The ONNX graph's own precision is what runs; these
+    names are accepted for CTranslate2 compatibility."""
+    if device not in ("cpu", "cuda", "auto"):
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'auto', got {device!r}")
+    return {"default", "auto", "float32"} | ({"float16"} if device == "cuda" else set())
+
 __all__ = [
     "Engine",
     "Generator",
     "Translator",
     "Encoder",
+    "MpiInfo",
+    "contains_model",
+    "get_supported_compute_types",
     "set_random_seed",
     "GenerationResult",
     "GenerationStepResult",

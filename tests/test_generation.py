@@ -1,0 +1,213 @@
+"""Generator and Translator on the bundled number models: accuracy, API behaviour, bad input.
+
+The expected words come from models/numbers_heldout.tsv, written by the reference function
+``number_to_words`` in models/train_numbers.py, not by shmengine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+import shmengine
+from shmengine import InvalidInputError, ModelLoadError
+
+MARIAN = ROOT / "models" / "numbers-marian"
+GPT2 = ROOT / "models" / "numbers-gpt2"
+
+
+def heldout() -> list[tuple[str, str]]:
+    with open(ROOT / "models" / "numbers_heldout.tsv", encoding="utf-8") as f:
+        return [tuple(line.rstrip("\n").split("\t")) for line in f if line.strip()]
+
+
+def digits(number: str) -> list[str]:
+    return list(number)
+
+
+@pytest.fixture(scope="module")
+def translator():
+    with shmengine.Translator(MARIAN, inter_threads=2, intra_threads=1) as t:
+        yield t
+
+
+@pytest.fixture(scope="module")
+def generator():
+    with shmengine.Generator(GPT2, inter_threads=2, intra_threads=1) as g:
+        yield g
+
+
+def test_translator_writes_held_out_numbers_in_words(translator):
+    pairs = heldout()
+    assert len(pairs) == 1000
+    results = translator.translate_batch([digits(n) for n, _ in pairs], beam_size=1, max_batch_size=64)
+    correct = sum(" ".join(r.hypotheses[0]) == words for r, (_, words) in zip(results, pairs))
+    assert correct / len(pairs) >= 0.99, f"exact match {correct}/{len(pairs)}"
+
+
+def test_generator_continues_held_out_numbers(generator):
+    pairs = heldout()
+    bos = generator.vocabulary.id_to_token[generator.model.bos_id]
+    prompts = [[bos, *digits(n), "="] for n, _ in pairs]
+    results = generator.generate_batch(prompts, max_batch_size=64, max_length=24, include_prompt_in_result=False)
+    correct = sum(" ".join(r.sequences[0]) == words for r, (_, words) in zip(results, pairs))
+    assert correct / len(pairs) >= 0.99, f"exact match {correct}/{len(pairs)}"
+
+
+def test_split_and_async_results_come_back_in_input_order(translator):
+    pairs = heldout()[:40]
+    source = [digits(n) for n, _ in pairs]
+    whole = [r.hypotheses[0] for r in translator.translate_batch(source, beam_size=2)]
+    for kwargs in ({"max_batch_size": 3}, {"max_batch_size": 20, "batch_type": "tokens"}):
+        split = translator.translate_batch(source, beam_size=2, **kwargs)
+        assert [r.hypotheses[0] for r in split] == whole
+    futures = translator.translate_batch(source, beam_size=2, max_batch_size=7, asynchronous=True)
+    assert [f.result(timeout=60).hypotheses[0] for f in futures] == whole
+
+    async def gather():
+        fs = translator.translate_batch(source[:5], beam_size=2, asynchronous=True)
+        return await asyncio.gather(*(asyncio.wrap_future(f) for f in fs))
+
+    assert [r.hypotheses[0] for r in asyncio.run(gather())] == whole[:5]
+
+
+def test_beam_hypotheses_and_scores(translator):
+    result = translator.translate_batch([digits("1984")], beam_size=4, num_hypotheses=3, return_scores=True)[0]
+    assert len(result.hypotheses) == 3 and result.scores == sorted(result.scores, reverse=True)
+    assert " ".join(result.hypotheses[0]) == "one thousand nine hundred eighty four"
+
+
+def test_target_prefix_is_kept_and_continued(translator):
+    result = translator.translate_batch([digits("1984")], [["one", "thousand"]], beam_size=1)[0]
+    assert result.hypotheses[0][:2] == ["one", "thousand"]
+
+
+def test_scores_prefer_the_right_words(translator, generator):
+    right, wrong = translator.score_batch(
+        [digits("42"), digits("42")], [["forty", "two"], ["forty", "three"]]
+    )
+    assert right.tokens[-1] == wrong.tokens[-1] == "</s>" or right.tokens[-1] == wrong.tokens[-1]
+    assert sum(right.log_probs) > sum(wrong.log_probs)
+    bos = generator.vocabulary.id_to_token[generator.model.bos_id]
+    good, bad = generator.score_batch([[bos, "4", "2", "=", "forty", "two"], [bos, "4", "2", "=", "forty", "one"]])
+    assert good.tokens == ["4", "2", "=", "forty", "two"] and len(good.log_probs) == 5
+    assert good.log_probs[-1] > bad.log_probs[-1]
+
+
+def test_generate_tokens_streams_what_generate_batch_returns(generator):
+    bos = generator.vocabulary.id_to_token[generator.model.bos_id]
+    prompt = [bos, "7", "0", "7", "="]
+    batch = generator.generate_batch([prompt], max_length=20, include_prompt_in_result=False)[0].sequences[0]
+    steps = list(generator.generate_tokens(prompt, max_length=20, include_prompt_in_result=False))
+    assert [s.token for s in steps if not (s.is_last and s.token_id in generator.model.eos_ids)] == batch
+    assert steps[-1].is_last and [s.step for s in steps] == list(range(len(steps)))
+    first_two = []
+    for step in generator.generate_tokens(prompt, max_length=20, include_prompt_in_result=False):
+        first_two.append(step.token)
+        if len(first_two) == 2:
+            break  # closing the stream early stops the decoding; the engine stays usable
+    assert first_two == batch[:2]
+    assert generator.generate_batch([prompt], max_length=20, include_prompt_in_result=False)[0].sequences[0] == batch
+
+
+def test_callback_can_stop_an_example(generator):
+    bos = generator.vocabulary.id_to_token[generator.model.bos_id]
+    seen = []
+
+    def callback(step):
+        seen.append((step.batch_id, step.token))
+        return step.batch_id == 0 and step.step == 0
+
+    results = generator.generate_batch(
+        [[bos, "1", "2", "3", "="], [bos, "4", "5", "6", "="]], max_length=20, include_prompt_in_result=False, callback=callback
+    )
+    assert len(results[0].sequences[0]) == 1
+    assert " ".join(results[1].sequences[0]) == "four hundred fifty six"
+    assert [t for b, t in seen if b == 1][: len(results[1].sequences[0])] == results[1].sequences[0]
+
+
+def test_sampling_is_reproducible_with_set_random_seed(generator):
+    bos = generator.vocabulary.id_to_token[generator.model.bos_id]
+    prompts = [[bos, "9", "="]] * 6
+    runs = []
+    for _ in range(2):
+        shmengine.set_random_seed(1234)
+        runs.append([r.sequences[0] for r in generator.generate_batch(
+            prompts, sampling_topk=0, sampling_temperature=3.0, max_length=10, include_prompt_in_result=False, max_batch_size=2
+        )])
+    assert runs[0] == runs[1]
+    assert len({tuple(s) for s in runs[0]}) > 1
+
+
+def test_translate_file_streams_in_order(translator, tmp_path):
+    pairs = heldout()[:300]
+    source = tmp_path / "numbers.txt"
+    source.write_text("".join(" ".join(digits(n)) + "\n" for n, _ in pairs))
+    stats = translator.translate_file(source, tmp_path / "words.txt", max_batch_size=16, beam_size=1)
+    lines = (tmp_path / "words.txt").read_text().splitlines()
+    expected = [" ".join(r.hypotheses[0]) for r in translator.translate_batch([digits(n) for n, _ in pairs], beam_size=1)]
+    assert lines == expected
+    assert stats.num_examples == 300 and stats.num_tokens == sum(len(line.split()) for line in lines)
+
+
+def test_invalid_utf8_names_the_line(translator, tmp_path):
+    source = tmp_path / "bad.txt"
+    source.write_bytes(b"1 2\n3 4\n\xff\xfe 5\n")
+    with pytest.raises(InvalidInputError, match=r"line 3: not valid UTF-8"):
+        translator.translate_file(source, tmp_path / "out.txt")
+
+
+def test_bad_inputs_get_clear_errors_and_the_engine_stays_usable(translator, generator):
+    assert translator.translate_batch([]) == []
+    assert generator.generate_batch([]) == []
+    unk = translator.translate_batch([["1", "no-such-token", "2"]], beam_size=1)[0]  # mapped to <unk>
+    assert isinstance(unk.hypotheses[0], list)
+    assert isinstance(translator.translate_batch([[]], beam_size=1)[0].hypotheses[0], list)  # an empty example
+    cases = [
+        (lambda: translator.translate_batch([digits("12")], beam_size=0), "beam_size must be an integer >= 1"),
+        (lambda: translator.translate_batch([digits("12")], beam_size=2, num_hypotheses=3), "num_hypotheses=3 cannot be greater"),
+        (lambda: translator.translate_batch([digits("12")], min_decoding_length=9, max_decoding_length=4), "greater than max_decoding_length"),
+        (lambda: translator.translate_batch(["1 2"]), "is a string"),
+        (lambda: translator.translate_batch([["1"] * 5000], max_input_length=0), "more than the model's"),
+        (lambda: generator.generate_batch([[]]), "is empty"),
+        (lambda: generator.generate_batch([["1"]], callback=print, beam_size=2), "callback only works"),
+        (lambda: generator.generate_batch([["1"]], sampling_topp=0), "sampling_topp"),
+    ]
+    for call, message in cases:
+        with pytest.raises(InvalidInputError, match=message):
+            call()
+    long = translator.translate_batch([["1"] * 5000], beam_size=1, max_decoding_length=3)[0]  # truncated to 1024
+    assert len(long.hypotheses[0]) <= 3
+    assert " ".join(translator.translate_batch([digits("15")], beam_size=1)[0].hypotheses[0]) == "fifteen"
+
+
+def test_model_directory_missing_a_file_names_it(tmp_path):
+    import shutil
+
+    broken = tmp_path / "marian"
+    shutil.copytree(MARIAN, broken)
+    (broken / "encoder_model.onnx").unlink()
+    with pytest.raises(ModelLoadError, match="encoder_model.onnx"):
+        shmengine.Translator(broken)
+    (broken / "tokenizer.json").unlink()
+    with pytest.raises(ModelLoadError, match="tokenizer.json"):
+        shmengine.Generator(broken)  # no model.onnx either: the first missing piece is named
+    assert not shmengine.contains_model(broken)
+
+
+def test_readme_main_command(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "shmengine.cli", "translate"], input="1984\n7\n", capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["one thousand nine hundred eighty four", "seven"]
+    assert "tokens/s" in out.stderr
+    out = subprocess.run(
+        [sys.executable, "-m", "shmengine.cli", "generate"], input="1984 =\n", capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "one thousand nine hundred eighty four"
