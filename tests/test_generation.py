@@ -193,10 +193,13 @@ def test_model_directory_missing_a_file_names_it(tmp_path):
     (broken / "encoder_model.onnx").unlink()
     with pytest.raises(ModelLoadError, match="encoder_model.onnx"):
         shmengine.Translator(broken)
+    assert not shmengine.contains_model(broken)
+    shutil.copy(MARIAN / "encoder_model.onnx", broken / "encoder_model.onnx")
     (broken / "tokenizer.json").unlink()
     with pytest.raises(ModelLoadError, match="tokenizer.json"):
-        shmengine.Generator(broken)  # no model.onnx either: the first missing piece is named
-    assert not shmengine.contains_model(broken)
+        shmengine.Translator(broken)
+    with pytest.raises(ModelLoadError, match="model.onnx"):
+        shmengine.Generator(broken)  # a seq2seq directory has no decoder-only graph
 
 
 def test_readme_main_command(tmp_path):
