@@ -20,6 +20,7 @@ their data, unsupported tensor types) runs before the segment is allocated.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import pickle
@@ -466,6 +467,8 @@ class WeightStore:
             segment.close()
             segment.unlink()
             raise
+        del readers  # the parsed protos (as large as the weights for inline models) go now...
+        _return_heap_to_os()  # ...and their pages back to the system, not to malloc's free lists
         store = cls(segment, catalog)
         logger.info(
             "weight store: %d model(s), %d shared tensors, %.1f MiB in one shared segment",
@@ -483,6 +486,15 @@ class WeightStore:
     def close(self) -> None:
         self.segment.close()
         self.segment.unlink()
+
+
+def _return_heap_to_os() -> None:
+    """glibc keeps freed heap memory for reuse; after parsing a large model that is hundreds of
+    MiB the supervisor would hold for nothing. ``malloc_trim`` gives it back (no-op elsewhere)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def read_catalog(segment: SharedSegment) -> dict[str, ModelEntry]:
