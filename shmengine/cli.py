@@ -245,13 +245,19 @@ def _cmd_generate(args) -> int:
     codec = TextCodec(model_dir, args.tokenize)
     with _engine(args, Generator, model_dir) as generator:
         bos = generator.model.bos_id
-        start_token = [generator.vocabulary.id_to_token[bos]] if bos is not None else []
+        bos_token = generator.vocabulary.id_to_token[bos] if bos is not None else None
+
+        def prompt(line: str) -> list[str]:
+            tokens = codec.tokenize(line)
+            # a decoder starts from its bos token; add it where the tokenizer does not
+            return tokens if bos_token is None or tokens[:1] == [bos_token] else [bos_token] + tokens
+
         source = open(args.input, encoding="utf-8") if args.input else sys.stdin
         out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
         start = time.perf_counter()
         examples = tokens = 0
         try:
-            prompts = (start_token + codec.tokenize(line.rstrip("\n")) for line in source)
+            prompts = (prompt(line.rstrip("\n")) for line in source)
             results = generator.generate_iterable(
                 prompts, max_batch_size=args.max_batch_size, max_length=args.max_length,
                 include_prompt_in_result=False, **_decoding_kwargs(args),

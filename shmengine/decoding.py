@@ -24,7 +24,7 @@ tokens and scores:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -99,6 +99,7 @@ class StepEvent:
     log_prob: float
     is_last: bool
     hypothesis_id: int = 0
+    key: int = -1  # the example's index in this decode call (what a stop request names)
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -196,12 +197,13 @@ def decode(
     stepper: Stepper,
     prompts: Sequence[Sequence[int]],
     options: DecodingOptions,
-    on_step: Callable[[StepEvent], bool] | None = None,
+    on_step: Callable[[list[StepEvent]], Iterable[int]] | None = None,
 ) -> list[Hypotheses]:
     """Decode every prompt; returns one :class:`Hypotheses` per prompt, in order.
 
-    ``on_step`` (greedy and sampling only) sees every token as it is chosen; returning True stops
-    that example (CTranslate2's ``callback``).
+    ``on_step`` (greedy and sampling only) gets the tokens of each step, one event per live
+    example, as soon as they are chosen, and returns the ``key`` of the examples to stop there
+    (CTranslate2's ``callback``, which is synchronous: a stop takes effect at that very token).
     """
     if options.beam_size > 1:
         return _beam_search(stepper, prompts, options)
@@ -214,10 +216,11 @@ def decode(
             if isinstance(per_example, list):
                 setattr(opts, name, [x for x in per_example for _ in range(options.num_hypotheses)])
 
-        def regroup_events(event: StepEvent) -> bool:
-            event.hypothesis_id = event.batch_id % options.num_hypotheses
-            event.batch_id //= options.num_hypotheses
-            return on_step(event) if on_step else False
+        def regroup_events(events: list[StepEvent]):
+            for event in events:
+                event.hypothesis_id = event.batch_id % options.num_hypotheses
+                event.batch_id //= options.num_hypotheses
+            return on_step(events)
 
         flat = _greedy(stepper, repeated, opts, regroup_events if on_step else None)
         results = []
@@ -267,7 +270,7 @@ def _greedy(stepper: Stepper, prompts, options: DecodingOptions, on_step) -> lis
                 if step < len(forced[example]):
                     chosen[row], chosen_lp[row] = forced[example][step], 0.0
         finished = np.isin(chosen, end_ids)
-        keep = []
+        keep, events = [], []
         for row, example in enumerate(alive.tolist()):
             token, lp, is_end = int(chosen[row]), float(chosen_lp[row]), bool(finished[row])
             result = results[example]
@@ -276,10 +279,14 @@ def _greedy(stepper: Stepper, prompts, options: DecodingOptions, on_step) -> lis
             result.token_log_probs[0].append(lp)
             result.scores[0] += lp
             done = is_end or step + 1 == limits[example]
-            if on_step is not None and on_step(StepEvent(example, step, token, lp, done)):
-                done = True
+            if on_step is not None:
+                events.append(StepEvent(example, step, token, lp, done, key=example))
             if not done:
                 keep.append(row)
+        if events:
+            stopped = set(on_step(events) or ())
+            if stopped:
+                keep = [row for row in keep if int(alive[row]) not in stopped]
         if len(keep) < len(alive):
             if not keep:
                 alive = alive[:0]

@@ -17,9 +17,9 @@ def _streamer(context: WorkerContext, options):
     if not options.stream:
         return None
 
-    def on_step(event) -> bool:
-        context.emit(event)
-        return context.stop_requested(event.batch_id)
+    def on_step(events) -> list[int]:
+        context.emit(events)
+        return context.wait_for_stops()
 
     return on_step
 

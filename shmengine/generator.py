@@ -32,12 +32,18 @@ def check_constructor_extras(compute_type: str, tensor_parallel: bool) -> None:
 class DecodingModel(PooledModel):
     """What Generator and Translator share: splitting a call into sub-batches for the workers."""
 
-    def _submit_decoding(self, method, inputs, lengths_of, options, max_batch_size, batch_type, convert, callback):
-        """Split, submit, and hand back one future per example in input order."""
+    def _submit_decoding(
+        self, method, inputs, lengths_of, options, max_batch_size, batch_type, convert, callback, positions=None
+    ):
+        """Split, submit, and hand back one future per example in input order.
+
+        ``positions`` maps each input to its index in the caller's batch (for the callback's
+        ``batch_id``) when some examples were answered without decoding."""
         futures: list[Future | None] = [None] * len(inputs)
         for indices in plan_batches([len(x) for x in lengths_of], max_batch_size, batch_type):
             sub = _slice_options(options, indices)
-            on_event = _callback_router(callback, indices, self.vocabulary) if callback else None
+            batch_ids = [positions[i] for i in indices] if positions else indices
+            on_event = _callback_router(callback, batch_ids, self.vocabulary) if callback else None
             batch_future = self._pool.submit(method, ([inputs[i] for i in indices], sub), on_event=on_event)
             per_example = split_future(batch_future, len(indices), lambda result, j, idx=indices: convert(result[j], j, idx[j]))
             for i, f in zip(indices, per_example):
@@ -286,19 +292,21 @@ def _slice_options(options, indices):
 def _callback_router(callback, indices, vocabulary):
     """Turn worker events of one sub-batch into the user's GenerationStepResult callbacks."""
 
-    def on_event(event: StepEvent):
-        result = GenerationStepResult(
-            step=event.step,
-            batch_id=indices[event.batch_id],
-            token_id=event.token_id,
-            hypothesis_id=event.hypothesis_id,
-            token=vocabulary.id_to_token[event.token_id],
-            log_prob=event.log_prob,
-            is_last=event.is_last,
-        )
-        if callback(result):
-            return event.batch_id
-        return None
+    def on_event(events: list[StepEvent]) -> list[int]:
+        stops = []
+        for event in events:
+            result = GenerationStepResult(
+                step=event.step,
+                batch_id=indices[event.batch_id],
+                token_id=event.token_id,
+                hypothesis_id=event.hypothesis_id,
+                token=vocabulary.id_to_token[event.token_id],
+                log_prob=event.log_prob,
+                is_last=event.is_last,
+            )
+            if callback(result):
+                stops.append(event.key)
+        return stops
 
     return on_event
 

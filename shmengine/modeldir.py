@@ -22,11 +22,6 @@ from .vocab import Vocabulary
 
 __all__ = ["ModelDirectory"]
 
-# Source-side special tokens the original tokenizers add, by model type (as CTranslate2's converters set them).
-_SOURCE_EOS_TYPES = {"marian", "t5", "mt5", "m2m_100", "nllb", "pegasus", "bart", "mbart"}
-_SOURCE_BOS_TYPES = {"bart"}
-
-
 def _first(*values):
     for v in values:
         if v is not None:
@@ -58,14 +53,6 @@ class ModelDirectory:
     def model_type(self) -> str:
         return self.config.get("model_type", "")
 
-    @property
-    def add_source_eos(self) -> bool:
-        return self.kind == "seq2seq" and self.model_type in _SOURCE_EOS_TYPES
-
-    @property
-    def add_source_bos(self) -> bool:
-        return self.kind == "seq2seq" and self.model_type in _SOURCE_BOS_TYPES
-
     @classmethod
     def open(cls, path: str | os.PathLike, kind: str) -> "ModelDirectory":
         """Inspect ``path`` for a model of ``kind``; every error names the missing piece."""
@@ -79,6 +66,10 @@ class ModelDirectory:
         if not config_path.is_file():
             raise ModelLoadError(f"model directory {str(directory)!r} lacks config.json (written by save_pretrained / optimum-cli)")
         config = _read_json(config_path)
+        if kind != "seq2seq" and config.get("is_encoder_decoder"):
+            raise ModelLoadError(
+                f"{str(config_path)!r} describes an encoder-decoder model; load it with shmengine.Translator"
+            )
         generation_path = directory / "generation_config.json"
         generation = _read_json(generation_path) if generation_path.is_file() else {}
         vocab = Vocabulary.from_directory(directory)

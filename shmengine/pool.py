@@ -87,7 +87,7 @@ class _Batch:
     payload: Any
     future: Future
     attempts: int = 0
-    on_event: Callable[[Any], bool | None] | None = None  # runs in the manager thread
+    on_event: Callable[[Any], list[int] | None] | None = None  # runs in the manager thread
 
 
 @dataclass
@@ -191,8 +191,8 @@ class WorkerPool:
         """Queue one batch; blocks while ``max_queued_batches`` batches already wait.
 
         ``on_event(payload)`` is called, in the manager thread, for each event the worker emits
-        while running the batch (streamed tokens); it must be quick. If it returns an example
-        index (an int), that example of the batch is asked to stop.
+        while running the batch (the tokens of a decoding step); the worker waits for it, so it
+        must be quick. It returns the keys of the examples to stop (or None).
         """
         future: Future = Future()
         with self._not_full:
@@ -376,18 +376,18 @@ class WorkerPool:
             exc = _rebuild_exception(message[1], message[2])
             worker.info = {"startup_error": exc}
         elif kind == "event":
+            # The worker waits for the answer: always send one, whatever the callback does.
             batch = worker.batch
+            stops = []
             if batch is not None and batch.id == message[1] and batch.on_event is not None:
                 try:
-                    stop = batch.on_event(message[2])
+                    stops = list(batch.on_event(message[2]) or [])
                 except Exception:  # a failing callback must not take the manager down
                     logger.exception("an event callback raised; the batch goes on")
-                    stop = None
-                if isinstance(stop, int) and not isinstance(stop, bool):
-                    try:
-                        send_message(worker.conn, ("stop", batch.id, stop, None), None)
-                    except OSError:
-                        pass  # the worker is dying; its exit report follows
+            try:
+                send_message(worker.conn, ("stop", message[1], stops, None), None)
+            except OSError:
+                pass  # the worker is dying; its exit report follows
         elif kind in ("ok", "error"):
             batch = worker.batch
             if batch is None or batch.id != message[1]:

@@ -29,9 +29,10 @@ class TextCodec:
             raise ValueError(f"--tokenize must be 'model' or 'space', got {mode!r}")
 
     def tokenize(self, line: str) -> list[str]:
+        """The tokens the model's tokenizer makes of ``line``, its special tokens included."""
         if self.tokenizer is None:
             return line.split()
-        return self.tokenizer.encode(line, add_special_tokens=False).tokens
+        return self.tokenizer.encode(line).tokens
 
     def detokenize(self, tokens: list[str]) -> str:
         if self.tokenizer is None:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future
 
 from .errors import InvalidInputError
-from .generator import DecodingModel, _iterate_in_chunks, _stream, check_constructor_extras
+from .generator import DecodingModel, _iterate_in_chunks, _slice_options, _stream, check_constructor_extras
 from .modeldir import ModelDirectory
 from .options import end_ids_for, search_options
 from .results import ExecutionStats, GenerationStepResult, ScoringResult, TranslationResult
@@ -43,8 +44,8 @@ class Translator(DecodingModel):
             ``config.json``, ``generation_config.json`` and the tokenizer's ``tokenizer.json``.
         Others: as :class:`shmengine.Generator`.
 
-    Source tokens get the end token appended (and a start token for BART-like models) as the
-    original tokenizers and CTranslate2's converters do, so pass the tokens without them.
+    Source tokens are given as the model's tokenizer makes them, special tokens included (for
+    Marian: ending with ``</s>``), exactly as CTranslate2 takes them.
     """
 
     def __init__(
@@ -88,18 +89,13 @@ class Translator(DecodingModel):
         if isinstance(source, (str, bytes)) or not isinstance(source, Sequence):
             raise InvalidInputError("source must be a list of token lists, e.g. [['▁Hello', '▁world']]")
         model = self.model
-        specials = int(model.add_source_eos) + int(model.add_source_bos)
         sources = []
         for i, tokens in enumerate(source):
             if isinstance(tokens, (str, bytes)):
                 raise InvalidInputError(f"source[{i}] is a string; pass a list of tokens (split it with the tokenizer)")
             ids = self.vocabulary.to_ids(tokens, where=f"source[{i}]")
-            if max_input_length and len(ids) + specials > max_input_length:
-                ids = ids[: max(0, max_input_length - specials)]
-            if model.add_source_bos and model.bos_id is not None:
-                ids = [model.bos_id] + ids
-            if model.add_source_eos:
-                ids = ids + [model.eos_ids[0]]
+            if max_input_length and len(ids) > max_input_length:
+                ids = ids[:max_input_length]
             if model.max_positions and len(ids) > model.max_positions:
                 raise InvalidInputError(
                     f"source[{i}] has {len(ids)} tokens, more than the model's {model.max_positions} positions; "
@@ -201,9 +197,23 @@ class Translator(DecodingModel):
                 scores=list(hyps.scores) if return_scores else [],
             )
 
-        futures = self._submit_decoding(
-            "translate", sources, sources, options, max_batch_size, batch_type, convert, callback
-        )
+        # An empty source translates to an empty hypothesis, with no trip to a worker (the
+        # encoder cannot take a zero-length input).
+        filled = [i for i, ids in enumerate(sources) if ids]
+        futures: list[Future] = []
+        for _ in sources:
+            empty: Future = Future()
+            empty.set_running_or_notify_cancel()
+            empty.set_result(TranslationResult(hypotheses=[[]], scores=[0.0] if return_scores else []))
+            futures.append(empty)
+        if filled:
+            sub_options = _slice_options(options, filled)
+            submitted = self._submit_decoding(
+                "translate", [sources[i] for i in filled], [sources[i] for i in filled], sub_options,
+                max_batch_size, batch_type, convert, callback, positions=filled,
+            )
+            for i, future in zip(filled, submitted):
+                futures[i] = future
         return futures if asynchronous else [f.result() for f in futures]
 
     def translate_iterable(

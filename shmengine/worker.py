@@ -7,7 +7,7 @@ one socket (control and small tensors) and two arenas (large tensors, see ``tran
     supervisor ◀── ("ready", info) ── worker     or ("startup_error", traceback)
     supervisor ── ("run", id, method, payload) ──▶ worker
     supervisor ◀── ("event", id, payload) ── worker      (zero or more: streamed tokens)
-    supervisor ── ("stop", id, example, None) ──▶ worker (the caller wants example stopped)
+    supervisor ── ("stop", id, [examples], None) ──▶ worker   (the answer to each event)
     supervisor ◀── ("ok", id, result) ── worker  or ("error", id, exception, traceback)
 
 What a worker *does* with a batch is its **program**: an object built in the worker from a
@@ -75,23 +75,20 @@ class WorkerContext:
         self._segment = segment
         self._conn = conn
         self.batch_id: int | None = None
-        self._stopped: set[int] = set()
 
     def emit(self, payload) -> None:
         """Send an event (a streamed token, say) of the running batch to the supervisor now."""
         send_message(self._conn, ("event", self.batch_id, payload), None)
 
-    def stop_requested(self, example: int) -> bool:
-        """Whether the supervisor asked to stop ``example`` of the running batch (non-blocking)."""
-        while self._conn.poll(0):
-            kind, batch_id, stopped, _ = recv_message(self._conn, None, copy=True)
-            if kind == "stop" and batch_id == self.batch_id:
-                self._stopped.add(stopped)
-        return example in self._stopped
+    def wait_for_stops(self) -> list[int]:
+        """After an event: block until the supervisor says which examples to stop (maybe none)."""
+        kind, batch_id, stopped, _ = recv_message(self._conn, None, copy=True)
+        if kind != "stop" or batch_id != self.batch_id:
+            raise RuntimeError(f"expected the answer to an event of batch {self.batch_id}, got {kind!r} for {batch_id}")
+        return stopped
 
     def begin(self, batch_id: int) -> None:
         self.batch_id = batch_id
-        self._stopped.clear()
 
     def create_session(self, key: str, settings: SessionSettings | None = None):
         """An ORT session for model ``key`` of the store, over the shared weights."""
@@ -158,8 +155,6 @@ def worker_main(data_fd: int, weights_fd: int, arena_in_fd: int, arena_out_fd: i
             return 0  # the supervisor closed us, or died: nothing left to serve
         kind, batch_id, method, payload = message
         del message
-        if kind == "stop":
-            continue  # it came after its batch had finished
         context.begin(batch_id)
         result = None
         try:

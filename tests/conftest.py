@@ -51,11 +51,23 @@ def wait_until(predicate, timeout: float = 5.0, interval: float = 0.02) -> bool:
 
 @pytest.fixture(autouse=True)
 def no_leaks():
-    """Every test must leave no shmengine segment in /dev/shm and no child process behind."""
-    before = shm_segments()
+    """Every test leaves no new shmengine segment in /dev/shm and no new process behind.
+
+    What existed when the test started (a module-scoped engine, set up before this fixture)
+    may stay; ``nothing_left_at_the_end`` checks that it is gone after the session.
+    """
+    segments, children = shm_segments(), set(live_children())
     yield
-    assert wait_until(lambda: not (shm_segments() - before)), f"leaked segments: {shm_segments() - before}"
-    assert wait_until(lambda: not live_children()), f"leaked processes: {live_children()}"
+    assert wait_until(lambda: not (shm_segments() - segments)), f"leaked segments: {shm_segments() - segments}"
+    assert wait_until(lambda: not (set(live_children()) - children)), f"leaked processes: {set(live_children()) - children}"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def nothing_left_at_the_end():
+    segments = shm_segments()
+    yield
+    assert wait_until(lambda: not live_children()), f"processes left after the session: {live_children()}"
+    assert wait_until(lambda: not (shm_segments() - segments)), "segments left after the session"
 
 
 class MlpModel:

@@ -148,9 +148,9 @@ def test_callback_sees_every_token_and_can_stop():
     toy.table[:, END] = -100
     seen = []
 
-    def on_step(event):
-        seen.append((event.batch_id, event.token_id, event.is_last))
-        return event.batch_id == 0 and event.step == 1  # stop example 0 after two tokens
+    def on_step(events):
+        seen.extend((e.batch_id, e.token_id, e.is_last) for e in events)
+        return [e.key for e in events if e.batch_id == 0 and e.step == 1]  # stop example 0 after two tokens
 
     results = decode(toy, [[1], [2]], options(max_new_tokens=5), on_step)
     assert len(results[0].ids[0]) == 2 and len(results[1].ids[0]) == 5
