@@ -33,6 +33,7 @@ import numpy as np
 __all__ = ["DecodingOptions", "Hypotheses", "Stepper", "StepEvent", "decode", "log_softmax"]
 
 NEG_INF = np.float32(-np.inf)
+DEAD_SCORE = np.float32(-1e10)  # CTranslate2's score for a candidate it removed
 
 
 class Stepper(Protocol):
@@ -70,6 +71,12 @@ class DecodingOptions:
     forced: list[list[int]] | None = None
     # Send every decoded token to the supervisor as it comes (callback, generate_tokens).
     stream: bool = False
+    # Per example, the step at which free decoding starts after a prefix that is part of the
+    # hypothesis (a target prefix, or a returned prompt), or None: see the beam search.
+    after_prefix: list[int | None] | None = None
+    # Whether an end token that is not returned still counts in the length that normalises the
+    # score (CTranslate2 decodes with it in the hypothesis and strips it afterwards).
+    end_counts_in_length: bool = False
 
     @property
     def sampling(self) -> bool:
@@ -211,7 +218,7 @@ def decode(
         # several independent samples per example: run the batch repeated, then regroup
         repeated = [p for p in prompts for _ in range(options.num_hypotheses)]
         opts = _replace(options, num_hypotheses=1)
-        for name in ("history", "length_offset", "forced", "max_new_tokens", "min_new_tokens"):
+        for name in ("history", "length_offset", "forced", "max_new_tokens", "min_new_tokens", "after_prefix"):
             per_example = getattr(options, name)
             if isinstance(per_example, list):
                 setattr(opts, name, [x for x in per_example for _ in range(options.num_hypotheses)])
@@ -251,12 +258,13 @@ def _greedy(stepper: Stepper, prompts, options: DecodingOptions, on_step) -> lis
     offsets = options.length_offset or [0] * batch
     limits = options.per_example("max_new_tokens", batch)
     results = [Hypotheses([[]], [0.0], [[]]) for _ in range(batch)]
+    ended = [False] * batch
     alive = np.array([i for i in range(batch) if limits[i] > 0], dtype=np.int64)
     logits = stepper.prefill(prompts)
     history = _History(options.history or [list(p) for p in prompts], logits.shape[-1], options)
     if len(alive) < batch:
         if not len(alive):
-            return _finish_greedy(results, offsets, options)
+            return _finish_greedy(results, offsets, options, ended)
         stepper.select(alive)
         history.select(alive)
         logits = logits[alive]
@@ -276,6 +284,7 @@ def _greedy(stepper: Stepper, prompts, options: DecodingOptions, on_step) -> lis
             result = results[example]
             if not is_end or options.return_end_token:
                 result.ids[0].append(token)
+            ended[example] = is_end
             result.token_log_probs[0].append(lp)
             result.scores[0] += lp
             done = is_end or step + 1 == limits[example]
@@ -298,12 +307,18 @@ def _greedy(stepper: Stepper, prompts, options: DecodingOptions, on_step) -> lis
             chosen = chosen[rows]
         history.append(chosen)
         logits = stepper.step(chosen)
-    return _finish_greedy(results, offsets, options)
+    return _finish_greedy(results, offsets, options, ended)
 
 
-def _finish_greedy(results: list[Hypotheses], offsets, options: DecodingOptions) -> list[Hypotheses]:
+def _hidden_end(is_end: bool, options: DecodingOptions) -> int:
+    """1 when an end token that is not returned still counts in the normalising length."""
+    return int(is_end and options.end_counts_in_length and not options.return_end_token)
+
+
+def _finish_greedy(results: list[Hypotheses], offsets, options: DecodingOptions, ended) -> list[Hypotheses]:
     for example, result in enumerate(results):
-        result.scores[0] = _normalise(result.scores[0], len(result.ids[0]) + offsets[example], options.length_penalty)
+        length = len(result.ids[0]) + offsets[example] + _hidden_end(ended[example], options)
+        result.scores[0] = _normalise(result.scores[0], length, options.length_penalty)
     return results
 
 
@@ -315,14 +330,14 @@ def _beam_search(stepper: Stepper, prompts, options: DecodingOptions) -> list[Hy
     end_set = set(options.end_ids)
     offsets = options.length_offset or [0] * batch
     limits = options.per_example("max_new_tokens", batch)
-    finished: list[list[tuple[float, list[int], list[float]]]] = [[] for _ in range(batch)]
+    finished: list[list[tuple[float, list[int], list[float], int]]] = [[] for _ in range(batch)]
 
     logits = stepper.prefill(prompts)  # [batch, V]: only the first beam exists before step 0
     vocab = logits.shape[-1]
     history = _History(options.history or [list(p) for p in prompts], vocab, options)
     alive = np.array([i for i in range(batch) if limits[i] > 0], dtype=np.int64)  # in state order
     for example in set(range(batch)) - set(alive.tolist()):
-        finished[example].append((0.0, [], []))  # no budget left: the prompt alone
+        finished[example].append((0.0, [], [], 0))  # no budget left: the prompt alone
     if len(alive) < batch and len(alive):
         stepper.select(alive)
         history.select(alive)
@@ -352,14 +367,15 @@ def _beam_search(stepper: Stepper, prompts, options: DecodingOptions) -> list[Hy
                     origin[i], token[i] = 0, prefix[step]
                     top_scores[i] = NEG_INF
                     top_scores[i, 0] = 0.0
-                elif step == len(prefix) and prefix:
-                    # first free step after a prefix: an end token in a secondary beam would
-                    # produce short hypotheses that dominate (CTranslate2 issue #277)
+        if options.after_prefix is not None:
+            for i, example in enumerate(alive.tolist()):
+                if options.after_prefix[example] == step:
+                    # CTranslate2 (issue #277): at the first free step after a prefix, an end
+                    # token among the secondary candidates would give short hypotheses that
+                    # dominate; it becomes a dead candidate in place (token 0, score -1e10)
                     for c in range(1, k):
                         if int(token[i, c]) in end_set:
-                            top_scores[i, c] = NEG_INF
-                    order_i = np.argsort(-top_scores[i], kind="stable")
-                    origin[i], token[i], top_scores[i] = origin[i][order_i], token[i][order_i], top_scores[i][order_i]
+                            token[i, c], top_scores[i, c] = 0, DEAD_SCORE
 
         next_rows, next_tokens, next_scores, keep_examples = [], [], [], []
         new_sequences, new_lps = [], []
@@ -376,7 +392,7 @@ def _beam_search(stepper: Stepper, prompts, options: DecodingOptions) -> list[Hy
                     src = int(origin[i, c])
                     hyp = sequences[i][src] + ([t] if (t not in end_set or options.return_end_token) else [])
                     lps = seq_lps[i][src] + [float(log_probs[i, src, t])]
-                    finished[example].append((float(top_scores[i, c]), hyp, lps))
+                    finished[example].append((float(top_scores[i, c]), hyp, lps, _hidden_end(t in end_set, options)))
                     # refill this beam from the next candidate that is not an end token
                     c = None
                     while secondary < k:
@@ -427,8 +443,8 @@ def _beam_search(stepper: Stepper, prompts, options: DecodingOptions) -> list[Hy
     for example in range(batch):
         ranked = sorted(
             (
-                (_normalise(score, len(hyp) + offsets[example], options.length_penalty), hyp, lps)
-                for score, hyp, lps in finished[example]
+                (_normalise(score, len(hyp) + offsets[example] + hidden, options.length_penalty), hyp, lps)
+                for score, hyp, lps, hidden in finished[example]
             ),
             key=lambda item: -item[0],
         )[: options.num_hypotheses]

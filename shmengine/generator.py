@@ -199,12 +199,18 @@ class Generator(DecodingModel):
             callback=callback,
         )
         options.length_offset = offset
+        options.end_counts_in_length = True
         options.stream = callback is not None
+        # a returned prompt is a prefix of the hypothesis: CTranslate2 decodes it constrained
+        options.after_prefix = [0 if include_prompt_in_result and len(p) - len(static) > 1 else None for p in prompts]
         options.history = [p[1 + len(static) :] if include_prompt_in_result else [] for p in prompts]
 
         def convert(hyps, i, example):
-            # CTranslate2 returns the prompt without its first token (the start token)
-            prefix = prompts[example][len(static) + 1 :] if include_prompt_in_result else []
+            # CTranslate2 returns the prompt without its start token (the bos token, when the
+            # prompt begins with it)
+            prompt = prompts[example][len(static) :]
+            starts_with_bos = bool(prompt) and prompt[0] == self.model.bos_id
+            prefix = (prompt[1:] if starts_with_bos else prompt) if include_prompt_in_result else []
             ids = [prefix + h for h in hyps.ids]
             return GenerationResult(
                 sequences=[self.vocabulary.to_tokens(s) for s in ids],
@@ -218,8 +224,10 @@ class Generator(DecodingModel):
     def generate_tokens(self, prompt: Sequence[str | int], **options) -> Iterator[GenerationStepResult]:
         """Yield tokens one by one as they are decoded (greedy or sampling), CTranslate2-style.
 
-        Closing the iterator early (``break``) stops the decoding in the worker.
+        ``max_length`` counts the new tokens only (the prompt is not part of the stream), as in
+        CTranslate2. Closing the iterator early (``break``) stops the decoding in the worker.
         """
+        options.setdefault("include_prompt_in_result", False)
         return _stream(self, lambda cb: self.generate_batch([prompt], callback=cb, asynchronous=True, **options))
 
     def generate_iterable(
@@ -282,7 +290,7 @@ def _slice_options(options, indices):
     from .decoding import _replace
 
     changes = {}
-    for name in ("max_new_tokens", "min_new_tokens", "history", "length_offset", "forced"):
+    for name in ("max_new_tokens", "min_new_tokens", "history", "length_offset", "forced", "after_prefix"):
         value = getattr(options, name)
         if isinstance(value, list):
             changes[name] = [value[i] for i in indices]

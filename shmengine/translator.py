@@ -188,6 +188,8 @@ class Translator(DecodingModel):
             callback=callback,
         )
         options.forced = forced if any(forced) else None
+        options.after_prefix = [len(f) if f else None for f in forced]
+        options.end_counts_in_length = True
         options.history = [[] for _ in sources]
         options.stream = callback is not None
 
