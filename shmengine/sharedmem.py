@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 import secrets
@@ -30,6 +31,10 @@ SHM_DIR = "/dev/shm"
 INITIAL_ARENA = 1 << 20
 SHRINK_ABOVE = 16 << 20
 SEGMENT_PREFIX = "shmengine-"
+
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
 
 
 def align_up(n: int, alignment: int = ALIGNMENT) -> int:
@@ -99,17 +104,29 @@ class SharedSegment:
 
     def freeze(self) -> None:
         """End writing: make the file read-only (0400) and swap our read-write descriptor for a
-        read-only one, so that no process that inherits it can map the weights writable."""
+        read-only one, so that no process that inherits it can map the weights writable. The
+        read-write descriptor stays private to this process (for :meth:`discard`)."""
         self._unmap()
         os.fchmod(self.fd, 0o400)
         readonly = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-        os.close(self.fd)
+        self._writer_fd = self.fd
         self.fd = readonly
         self.writable = False
         self._map_now()
 
+    def discard(self, start: int, end: int) -> None:
+        """Give the pages of ``[start, end)`` back to the system (they read as zeros afterwards)."""
+        writer = getattr(self, "_writer_fd", -1)
+        if writer < 0 or end <= start:
+            return
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+        if libc.fallocate(writer, _FALLOC_FL_KEEP_SIZE | _FALLOC_FL_PUNCH_HOLE, start, end - start) != 0:
+            raise OSError(ctypes.get_errno(), "fallocate(PUNCH_HOLE) failed on the weights segment")
+
     def unlink(self) -> None:
-        """Remove the name from ``/dev/shm``; mappings and descriptors stay valid."""
+        """Remove the name (and the files named after it) from ``/dev/shm``; mappings and
+        descriptors stay valid."""
         if self.name:
             unlink_segment(self.name)
 
@@ -120,14 +137,23 @@ class SharedSegment:
         self._unmap()
         os.close(self.fd)
         self.fd = -1
+        if getattr(self, "_writer_fd", -1) >= 0:
+            os.close(self._writer_fd)
+            self._writer_fd = -1
 
 
 def unlink_segment(name: str) -> None:
-    """Remove ``/dev/shm/<name>`` if it is still there. Safe to call from any owner, any number of times."""
+    """Remove ``/dev/shm/<name>`` and the files derived from it (``<name>-*``: prepacked models)
+    if they are still there. Safe to call from any owner, any number of times."""
     try:
-        os.unlink(os.path.join(SHM_DIR, name))
-    except FileNotFoundError:
-        pass
+        derived = [n for n in os.listdir(SHM_DIR) if n.startswith(name + "-")]
+    except OSError:
+        derived = []
+    for entry in [name, *derived]:
+        try:
+            os.unlink(os.path.join(SHM_DIR, entry))
+        except FileNotFoundError:
+            pass
 
 
 class Arena:

@@ -483,6 +483,12 @@ class WeightStore:
         """Bytes of tensor data in the segment."""
         return sum(e.shared_bytes for e in self.catalog.values())
 
+    def discard_tensor_data(self) -> None:
+        """Free the tensor pages once every worker loads its weights from elsewhere (prepacked
+        model files); the catalog stays."""
+        _, catalog_offset, _ = _HEADER.unpack_from(self.segment.buffer, 0)
+        self.segment.discard(ALIGNMENT, catalog_offset // 4096 * 4096)
+
     def close(self) -> None:
         self.segment.close()
         self.segment.unlink()

@@ -11,6 +11,7 @@ import textwrap
 import threading
 import time
 
+import numpy as np
 import pytest
 from conftest import ROOT, make_mlp, shm_segments, wait_until
 
@@ -186,3 +187,23 @@ def test_two_workers_cost_the_weights_once(tmp_path):
         proc.wait(30)
     budget = 1.1 * weights_mib + 2 * 100
     assert total_mib <= budget, f"total PSS {total_mib:.0f} MiB > {budget:.0f} MiB for {weights_mib:.0f} MiB of weights"
+
+
+def test_prepacked_weights_are_written_once_shared_and_removed(slow_mlp):
+    """prepack_weights=True: same numbers, the prepacked model files exist once in /dev/shm
+    while the engine runs (named after its segment), and go with it."""
+    x = slow_mlp.inputs(8)
+    with shmengine.Engine(slow_mlp.path, inter_threads=2, intra_threads=1, prepack_weights=True) as engine:
+        segment = engine._store.segment.name
+        files = [n for n in shm_segments() if n.startswith(segment + "-")]
+        assert any(n.endswith(".onnx") for n in files) and any(n.endswith(".data") for n in files)
+        results = engine.run_batch([{"x": x}] * 4)
+        for out in results:
+            np.testing.assert_allclose(out["y"], slow_mlp.reference(x), rtol=1e-3, atol=1e-3)
+        # the original tensor pages were given back: the segment file now holds little
+        assert os.stat(f"/dev/shm/{segment}").st_blocks * 512 < 1 << 20
+        pids = engine.worker_pids
+        os.kill(pids[0], signal.SIGKILL)  # a respawned worker loads the prepacked file too
+        assert wait_until(lambda: len(engine.worker_pids) == 2 and engine.worker_pids != pids, timeout=10)
+        np.testing.assert_allclose(engine.run_batch({"x": x})["y"], slow_mlp.reference(x), rtol=1e-3, atol=1e-3)
+    assert not [n for n in shm_segments() if n.startswith(segment)]
