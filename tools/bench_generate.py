@@ -7,8 +7,10 @@ model with transformers, exports them with optimum-cli (shmengine's input) and c
 ct2-transformers-converter (CTranslate2's input): same weights on both sides. Needs the parity
 environment's packages (torch==2.13.0, transformers, optimum-onnx, ctranslate2).
 
-Each engine runs in a subprocess of its own, so its peak PSS (process and children, sampled
-every 50 ms from /proc/PID/smaps_rollup) is its own. Every example decodes exactly
+Each engine runs in a subprocess of its own, so its peak memory is its own: private PSS of the
+process and its children plus every byte of shmengine's /dev/shm files, sampled every 50 ms.
+shmengine runs twice: by default, and with ``prepack_weights=True`` (ORT's prepacked weights,
+made once and shared by the workers). Every example decodes exactly
 ``--new-tokens`` tokens (min_length = max_length), so both engines do the same work. Rows:
 model x inter_threads (1, 2; intra 1) x batch size (1, 8, 32) x search (greedy, beam 4);
 tokens/s counts generated tokens over wall time with every batch submitted at once.
@@ -28,6 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+ENGINES = ("ct2", "shm", "shm-prepacked")
 SHAPES = {
     "gpt2": dict(vocab=50257, layers=12, hidden=768, heads=12, positions=1024),
     "marian": dict(vocab=58101, layers=6, hidden=512, heads=8, ffn=2048, positions=512),
@@ -90,17 +93,32 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
-def peak_pss_mib(proc: subprocess.Popen, stop: threading.Event, box: dict) -> None:
+def _memory_kib(pids: list[int]) -> int:
+    """Private PSS of the processes plus every byte of shmengine's /dev/shm files.
+
+    Shared pages are counted once, whether or not a process has touched them: a segment page no
+    worker has read yet still costs memory, and PSS alone would not show it."""
+    total = 0
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/smaps_rollup") as f:
+                fields = {line.split()[0].rstrip(":"): int(line.split()[1]) for line in f if line.startswith("Pss")}
+            total += fields.get("Pss", 0) - fields.get("Pss_Shmem", 0)
+        except (OSError, ValueError):
+            pass
+    for name in os.listdir("/dev/shm"):
+        if name.startswith("shmengine-"):
+            try:
+                total += os.stat(os.path.join("/dev/shm", name)).st_blocks * 512 // 1024
+            except OSError:
+                pass
+    return total
+
+
+def peak_memory_mib(proc: subprocess.Popen, stop: threading.Event, box: dict) -> None:
     peak = 0
     while not stop.is_set() and proc.poll() is None:
-        total = 0
-        for p in [proc.pid, *_descendants(proc.pid)]:
-            try:
-                with open(f"/proc/{p}/smaps_rollup") as f:
-                    total += next(int(line.split()[1]) for line in f if line.startswith("Pss:"))
-            except (OSError, StopIteration):
-                pass
-        peak = max(peak, total)
+        peak = max(peak, _memory_kib([proc.pid, *_descendants(proc.pid)]))
         time.sleep(0.05)
     box["peak_mib"] = peak / 1024
 
@@ -127,7 +145,8 @@ def child(args) -> None:
         import shmengine
 
         cls = shmengine.Generator if kind == "gpt2" else shmengine.Translator
-        model = cls(model_dir / "onnx", device="cpu", inter_threads=inter, intra_threads=1, max_queued_batches=-1)
+        model = cls(model_dir / "onnx", device="cpu", inter_threads=inter, intra_threads=1, max_queued_batches=-1,
+                    prepack_weights=engine == "shm-prepacked")
     rows = []
     for batch in args.batches:
         for beam in (1, 4):
@@ -156,7 +175,7 @@ def run_child(kind: str, engine: str, inter: int, model_dir: Path, opts) -> tupl
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
     stop, box = threading.Event(), {}
-    sampler = threading.Thread(target=peak_pss_mib, args=(proc, stop, box))
+    sampler = threading.Thread(target=peak_memory_mib, args=(proc, stop, box))
     sampler.start()
     out, _ = proc.communicate()
     stop.set()
@@ -193,24 +212,25 @@ def main() -> int:
         model_dir = build(kind, Path(opts.cache))
         results = {}
         for inter in (1, 2):
-            for engine in ("ct2", "shm"):
+            for engine in ENGINES:
                 print(f"{kind}: {engine} inter_threads={inter}", file=sys.stderr, flush=True)
                 results[engine, inter] = run_child(kind, engine, inter, model_dir, opts)
         for inter in (1, 2):
-            (ct2_rows, ct2_pss), (shm_rows, shm_pss) = results["ct2", inter], results["shm", inter]
-            for c, s in zip(ct2_rows, shm_rows):
-                scale = ""
-                if inter == 2:
-                    one = next(r for r in results["shm", 1][0] if r["batch"] == s["batch"] and r["beam"] == s["beam"])
-                    scale = f"{s['tokens_per_s'] / one['tokens_per_s']:.2f}x"
-                table.append((kind, inter, s["batch"], "greedy" if s["beam"] == 1 else f"beam {s['beam']}",
-                              c["tokens_per_s"], s["tokens_per_s"], s["tokens_per_s"] / c["tokens_per_s"], scale, ct2_pss, shm_pss))
-    header = f"{'model':<7}{'inter':>6}{'batch':>6}  {'search':<8}{'ct2 tok/s':>11}{'shm tok/s':>11}{'shm/ct2':>9}{'shm 2/1':>9}{'ct2 PSS':>10}{'shm PSS':>10}"
+            rows = {engine: results[engine, inter][0] for engine in ENGINES}
+            memory = {engine: results[engine, inter][1] for engine in ENGINES}
+            for i, c in enumerate(rows["ct2"]):
+                s, p = rows["shm"][i], rows["shm-prepacked"][i]
+                one = results["shm-prepacked", 1][0][i]["tokens_per_s"]
+                table.append((kind, inter, c["batch"], "greedy" if c["beam"] == 1 else f"beam {c['beam']}",
+                              c["tokens_per_s"], s["tokens_per_s"], p["tokens_per_s"], p["tokens_per_s"] / one,
+                              memory["ct2"], memory["shm"], memory["shm-prepacked"]))
+    header = (f"{'model':<7}{'inter':>6}{'batch':>6}  {'search':<8}{'ct2 tok/s':>10}{'shm':>9}{'shm/ct2':>9}"
+              f"{'shm-pp':>9}{'pp/ct2':>8}{'pp 2/1':>8}{'ct2 MiB':>9}{'shm MiB':>9}{'pp MiB':>8}")
     print(header)
     print("-" * len(header))
-    for row in table:
-        kind, inter, batch, search, c, s, ratio, scale, cp, sp = row
-        print(f"{kind:<7}{inter:>6}{batch:>6}  {search:<8}{c:>11.1f}{s:>11.1f}{ratio:>8.2f}x{scale:>9}{cp:>8.0f}Mi{sp:>8.0f}Mi")
+    for kind, inter, batch, search, c, s, p, scale, cm, sm, pm in table:
+        print(f"{kind:<7}{inter:>6}{batch:>6}  {search:<8}{c:>10.1f}{s:>9.1f}{s / c:>8.2f}x{p:>9.1f}{p / c:>7.2f}x"
+              f"{(f'{scale:.2f}x' if inter == 2 else ''):>8}{cm:>9.0f}{sm:>9.0f}{pm:>8.0f}")
     return 0
 
 

@@ -142,3 +142,22 @@ def test_a_ctranslate2_script_runs_unchanged(gpt2_reference, llama_reference, ma
                 np.testing.assert_allclose([s for _, s in ours[key]], [s for _, s in theirs[key]], atol=2e-3, err_msg=key)
             else:
                 assert ours[key] == theirs[key], key
+
+
+def test_unmerged_seq2seq_decoder_pair_equals_merged(marian_reference, tmp_path):
+    """The same Marian export without decoder_model_merged.onnx: decoder_model.onnx for the
+    first step, decoder_with_past_model.onnx after it. Same tokens and scores."""
+    import shutil
+
+    unmerged = tmp_path / "unmerged"
+    unmerged.mkdir()
+    for f in marian_reference.onnx.iterdir():
+        if f.name != "decoder_model_merged.onnx":
+            shutil.copy(f, unmerged / f.name)
+    tokens = [prompt_tokens(marian_reference, text) for text in PROMPTS]
+    options = dict(beam_size=BEAM_SIZE, max_decoding_length=MAX_NEW_TOKENS, min_decoding_length=0, return_scores=True)
+    with shmengine.Translator(marian_reference.onnx) as merged, shmengine.Translator(unmerged) as pair:
+        assert set(pair.model.graphs) == {"encoder", "decoder", "decoder_with_past"}
+        a, b = merged.translate_batch(tokens, **options), pair.translate_batch(tokens, **options)
+    assert [r.hypotheses for r in a] == [r.hypotheses for r in b]
+    np.testing.assert_allclose([r.scores for r in a], [r.scores for r in b], atol=SCORE_TOLERANCE)
