@@ -32,23 +32,39 @@ def check_constructor_extras(compute_type: str, tensor_parallel: bool) -> None:
 class DecodingModel(PooledModel):
     """What Generator and Translator share: splitting a call into sub-batches for the workers."""
 
-    def _submit_decoding(
-        self, method, inputs, lengths_of, options, max_batch_size, batch_type, convert, callback, positions=None
-    ):
-        """Split, submit, and hand back one future per example in input order.
-
-        ``positions`` maps each input to its index in the caller's batch (for the callback's
-        ``batch_id``) when some examples were answered without decoding."""
-        futures: list[Future | None] = [None] * len(inputs)
-        for indices in plan_batches([len(x) for x in lengths_of], max_batch_size, batch_type):
-            sub = _slice_options(options, indices)
-            batch_ids = [positions[i] for i in indices] if positions else indices
-            on_event = _callback_router(callback, batch_ids, self.vocabulary) if callback else None
-            batch_future = self._pool.submit(method, ([inputs[i] for i in indices], sub), on_event=on_event)
-            per_example = split_future(batch_future, len(indices), lambda result, j, idx=indices: convert(result[j], j, idx[j]))
+    def _submit_split(self, method, lengths, payload_for, convert, max_batch_size, batch_type, on_event_for=None):
+        """Cut the examples into length-sorted batches, submit each, and hand back one future per
+        example in input order. ``payload_for(indices)`` makes a batch's payload and
+        ``convert(batch_result[j], example)`` the result of the example at ``indices[j]``."""
+        futures: list[Future | None] = [None] * len(lengths)
+        for indices in plan_batches(lengths, max_batch_size, batch_type):
+            on_event = on_event_for(indices) if on_event_for else None
+            batch_future = self._pool.submit(method, payload_for(indices), on_event=on_event)
+            per_example = split_future(batch_future, len(indices), lambda result, j, idx=indices: convert(result[j], idx[j]))
             for i, f in zip(indices, per_example):
                 futures[i] = f
         return futures
+
+    def _submit_decoding(
+        self, method, inputs, options, max_batch_size, batch_type, convert, callback, positions=None
+    ):
+        """Decode ``inputs`` in sub-batches; ``positions`` maps each input to its index in the
+        caller's batch (for the callback's ``batch_id``) when some examples were answered
+        without decoding."""
+
+        def on_event_for(indices):
+            batch_ids = [positions[i] for i in indices] if positions else indices
+            return _callback_router(callback, batch_ids, self.vocabulary)
+
+        return self._submit_split(
+            method,
+            [len(x) for x in inputs],
+            lambda indices: ([inputs[i] for i in indices], _slice_options(options, indices)),
+            convert,
+            max_batch_size,
+            batch_type,
+            on_event_for if callback else None,
+        )
 
 
 class Generator(DecodingModel):
@@ -205,7 +221,7 @@ class Generator(DecodingModel):
         options.after_prefix = [0 if include_prompt_in_result and len(p) - len(static) > 1 else None for p in prompts]
         options.history = [p[1 + len(static) :] if include_prompt_in_result else [] for p in prompts]
 
-        def convert(hyps, i, example):
+        def convert(hyps, example):
             # CTranslate2 returns the prompt without its start token (the bos token, when the
             # prompt begins with it)
             prompt = prompts[example][len(static) :]
@@ -218,7 +234,7 @@ class Generator(DecodingModel):
                 scores=list(hyps.scores) if return_scores else [],
             )
 
-        futures = self._submit_decoding("generate", prompts, prompts, options, max_batch_size, batch_type, convert, callback)
+        futures = self._submit_decoding("generate", prompts, options, max_batch_size, batch_type, convert, callback)
         return futures if asynchronous else [f.result() for f in futures]
 
     def generate_tokens(self, prompt: Sequence[str | int], **options) -> Iterator[GenerationStepResult]:
@@ -274,15 +290,14 @@ class Generator(DecodingModel):
                 raise InvalidInputError(f"tokens[{i}] has {len(ids)} token(s); scoring needs at least 2")
             sequences.append(ids)
 
-        def convert(log_probs, i, example):
+        def convert(log_probs, example):
             ids = sequences[example][1 + offset :]
             return ScoringResult(tokens=self.vocabulary.to_tokens(ids), log_probs=list(log_probs[offset:]))
 
-        futures: list = [None] * len(sequences)
-        for indices in plan_batches([len(s) for s in sequences], max_batch_size, batch_type):
-            batch = self._pool.submit("score", [sequences[i] for i in indices])
-            for i, f in zip(indices, split_future(batch, len(indices), lambda r, j, idx=indices: convert(r[j], j, idx[j]))):
-                futures[i] = f
+        futures = self._submit_split(
+            "score", [len(s) for s in sequences], lambda indices: [sequences[i] for i in indices],
+            convert, max_batch_size, batch_type,
+        )
         return futures if asynchronous else [f.result() for f in futures]
 
 

@@ -193,7 +193,7 @@ class Translator(DecodingModel):
         options.history = [[] for _ in sources]
         options.stream = callback is not None
 
-        def convert(hyps, i, example):
+        def convert(hyps, example):
             return TranslationResult(
                 hypotheses=[self.vocabulary.to_tokens(h) for h in hyps.ids],
                 scores=list(hyps.scores) if return_scores else [],
@@ -211,7 +211,7 @@ class Translator(DecodingModel):
         if filled:
             sub_options = _slice_options(options, filled)
             submitted = self._submit_decoding(
-                "translate", [sources[i] for i in filled], [sources[i] for i in filled], sub_options,
+                "translate", [sources[i] for i in filled], sub_options,
                 max_batch_size, batch_type, convert, callback, positions=filled,
             )
             for i, future in zip(filled, submitted):
@@ -321,17 +321,18 @@ class Translator(DecodingModel):
         eos = self.model.eos_ids[0]
         targets = [self.vocabulary.to_ids(t, where=f"target[{i}]") + [eos] for i, t in enumerate(target)]
 
-        def convert(log_probs, i, example):
+        def convert(log_probs, example):
             ids = targets[example][offset:]
             return ScoringResult(tokens=self.vocabulary.to_tokens(ids), log_probs=list(log_probs[offset:]))
 
-        from .batching import plan_batches, split_future
-
-        futures: list = [None] * len(sources)
-        for indices in plan_batches([len(s) for s in sources], max_batch_size, batch_type):
-            batch = self._pool.submit("score", ([sources[i] for i in indices], [targets[i] for i in indices]))
-            for i, f in zip(indices, split_future(batch, len(indices), lambda r, j, idx=indices: convert(r[j], j, idx[j]))):
-                futures[i] = f
+        futures = self._submit_split(
+            "score",
+            [len(s) for s in sources],
+            lambda indices: ([sources[i] for i in indices], [targets[i] for i in indices]),
+            convert,
+            max_batch_size,
+            batch_type,
+        )
         return futures if asynchronous else [f.result() for f in futures]
 
     def score_iterable(
