@@ -114,7 +114,7 @@ def test_uncaught_exception_at_top_level_leaves_nothing(small_mlp):
     assert wait_until(lambda: not any(_alive(p) for p in pids), timeout=5)
 
 
-@pytest.mark.parametrize("repeat", range(3))
+@pytest.mark.parametrize("repeat", range(20))
 def test_killed_supervisor_takes_workers_and_segment_down(slow_mlp, repeat):
     script = _supervisor_script(
         str(slow_mlp.path),

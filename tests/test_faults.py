@@ -1,0 +1,153 @@
+"""Fault and abuse: workers killed under heavy load, signals during a long translation, a flood of
+requests against a small queue. Each test is bounded in time; the conftest fixtures check that
+no process and no /dev/shm segment is left behind."""
+
+from __future__ import annotations
+
+import os
+import random
+import resource
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import wait as wait_futures
+
+import numpy as np
+import pytest
+from conftest import ROOT, shm_segments, wait_until
+
+import shmengine
+from models.train_numbers import number_to_words
+
+
+def test_1000_requests_while_a_chaos_thread_kills_20_workers(slow_mlp):
+    """Every future completes with its own correct output or WorkerCrashedError; none hangs; the
+    pool ends at full strength; no result goes to the wrong request."""
+    with shmengine.Engine(slow_mlp.path, inter_threads=2, intra_threads=1, max_queued_batches=-1) as engine:
+        inputs = [slow_mlp.inputs(4, seed=i) for i in range(1000)]
+        kills = []
+
+        def chaos():
+            rng = random.Random(1)
+            while len(kills) < 20:
+                time.sleep(0.2)
+                pids = engine.worker_pids
+                if pids:
+                    pid = rng.choice(pids)
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                        kills.append(pid)
+                    except ProcessLookupError:
+                        pass
+
+        killer = threading.Thread(target=chaos)
+        killer.start()
+        futures = []
+        for x in inputs:  # submitted while the killing goes on
+            futures.append(engine.run_batch({"x": x}, asynchronous=True))
+            time.sleep(0.004)
+        killer.join(60)
+        done, not_done = wait_futures(futures, timeout=180)
+        assert not not_done, f"{len(not_done)} futures hung"
+        assert len(kills) == 20
+        ok = 0
+        for x, future in zip(inputs, futures):
+            exc = future.exception()
+            if exc is None:
+                np.testing.assert_allclose(future.result()["y"], slow_mlp.reference(x), rtol=1e-3, atol=1e-3)
+                ok += 1
+            else:
+                assert isinstance(exc, shmengine.WorkerCrashedError), repr(exc)
+        assert ok > 900  # a batch fails only if two workers die on it in a row
+        assert wait_until(lambda: len(engine.worker_pids) == 2, timeout=10)
+        assert not set(engine.worker_pids) & set(kills)
+
+
+def _translate_cli(source, output):
+    return subprocess.Popen(
+        [sys.executable, "-m", "shmengine.cli", "translate", "--input", str(source), "--output", str(output),
+         "--beam-size", "1", "--max-batch-size", "16"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def _descendants(pid):
+    parent = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parent[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                pass
+    found, frontier = [], [pid]
+    while frontier:
+        frontier = [p for p, pp in parent.items() if pp in frontier]
+        found += frontier
+    return found
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_during_a_long_translate_file(tmp_path, sig):
+    """SIGTERM / Ctrl-C while shmengine-run translates a long file: a clean exit (130), the output
+    holds complete, correct lines only, and no process or segment is left."""
+    numbers = [random.Random(i).randrange(1_000_000) for i in range(200_000)]
+    source, output = tmp_path / "numbers.txt", tmp_path / "words.txt"
+    source.write_text("".join(f"{n}\n" for n in numbers))
+    before = shm_segments()
+    proc = _translate_cli(source, output)
+    assert wait_until(lambda: output.exists() and output.stat().st_size > 20_000, timeout=60), proc.stderr.read()
+    children = _descendants(proc.pid)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err
+    text = output.read_text()
+    assert text.endswith("\n")
+    lines = text.splitlines()
+    assert 0 < len(lines) < len(numbers)
+    assert lines == [number_to_words(n) for n in numbers[: len(lines)]]
+    assert wait_until(lambda: not any(os.path.exists(f"/proc/{p}") for p in children), timeout=5)
+    assert wait_until(lambda: shm_segments() == before, timeout=5)
+
+
+def test_flood_of_100k_requests_blocks_the_submitter_and_close_is_prompt(small_mlp):
+    """A producer submitting 100,000 requests with max_queued_batches=8 is held back by the queue
+    (the queue never holds more than 8), its memory stays flat, and close() with requests still
+    queued fails them with EngineClosedError and returns promptly."""
+    engine = shmengine.Engine(small_mlp.path, inter_threads=2, intra_threads=1, max_queued_batches=8)
+    x = small_mlp.inputs(1)
+    submitted = []
+    peak_queue = [0]
+    done_producing = threading.Event()
+
+    def producer():
+        try:
+            for _ in range(100_000):
+                submitted.append(engine.run_batch({"x": x}, asynchronous=True))
+                peak_queue[0] = max(peak_queue[0], len(engine._pool._pending))
+        except shmengine.EngineClosedError:
+            pass
+        done_producing.set()
+
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    thread = threading.Thread(target=producer)
+    thread.start()
+    time.sleep(4)
+    assert thread.is_alive(), "the producer should still be held back by the queue"
+    assert peak_queue[0] <= 8
+    # results are dropped as they complete: what the engine holds is the queue, not the history
+    done = [f for f in submitted if f.done()]
+    assert done and all(np.allclose(f.result()["y"], small_mlp.reference(x), atol=1e-4) for f in done[:50])
+    del done
+    start = time.monotonic()
+    engine.close()
+    assert time.monotonic() - start < 5
+    assert done_producing.wait(10)
+    thread.join(10)
+    failed = [f for f in submitted if f.exception() is not None]
+    assert all(isinstance(f.exception(), shmengine.EngineClosedError) for f in failed)
+    growth_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
+    assert growth_mb < 50, f"RSS grew {growth_mb:.0f} MB"
