@@ -167,6 +167,11 @@ def serve() -> None:
             unlink_segment(name)
         os._exit(0)
 
+    # A SIGTERM or SIGHUP sent to the whole process group (kill -- -PGID, systemd, a closed
+    # terminal) must not kill us before we clean up: take the workers and the segment down first.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda *_: end(signal.SIGKILL))
+
     while True:
         try:
             readable, _, _ = select.select([control, wake_r], [], [])
@@ -197,7 +202,8 @@ def serve() -> None:
                     signal.set_wakeup_fd(-1)
                     os.close(wake_r)
                     os.close(wake_w)
-                    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                    for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP):
+                        signal.signal(sig, signal.SIG_DFL)
                     _set_parent_death_signal()
                     if os.getppid() != me:  # the fork server died before prctl took effect
                         os._exit(1)
