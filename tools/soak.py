@@ -13,8 +13,8 @@ intra thread:
 
 and for ``--seconds`` seconds runs, from several caller threads at once:
 
-* ``translate``: ``translate_batch`` of 1-24 numbers, greedy and beam 2 in turn, always with a
-  ``max_batch_size`` smaller than the batch, so that it is split across the workers;
+* ``translate``: ``translate_batch`` of 1-24 numbers, greedy and beam 2 in turn, with
+  ``max_batch_size`` 2, 3 or 8, so that most calls are split across the workers;
 * ``generate``: ``generate_batch`` (split by ``max_batch_size`` or whole, with and without the
   prompt in the result) in turn with a ``generate_tokens`` stream (one stream in four is closed
   after two tokens, which stops the decoding in the worker);
@@ -22,6 +22,12 @@ and for ``--seconds`` seconds runs, from several caller threads at once:
   shared-memory arenas rather than the socket), single batches and lists of batches;
 * ``async-1`` ... ``async-N`` (``--async-threads``, default 3): each submits to all three models
   with ``asynchronous=True``, keeps two rounds in flight and checks a round when it completes.
+
+Two things give the load a steady memory footprint, so that growth means a leak: it starts with
+two rounds of one 5,000-row batch per MLP worker (ONNX Runtime sizes a worker's memory for a
+shape on its second run of it), and at most one 5,000-row batch plus 1,000 smaller rows are in
+flight at a time (without that bound, the supervisor's heap would grow whenever more big results
+than ever before happened to coincide, late in the run as likely as early).
 
 Every result is checked against a reference that does not use shmengine:
 
@@ -47,16 +53,18 @@ Reading the output
 
 Progress lines go to stderr. At the end, stdout gets one table::
 
-    process                    pid   first MiB   last MiB   growth
-    supervisor               12345       410.2      411.0   +0.2%
-    marian worker 0          12400        96.1       96.3   +0.2%
+    process                       pid   first MiB   last MiB   growth
+    supervisor                  24783       142.3      142.9    +0.4%
+    marian fork server          24825        65.0       65.0    +0.0%
+    marian worker 0             24828        74.3       74.6    +0.4%
     ...
-    /dev/shm entries (ours)                  3          3   +0.0%
+    /dev/shm entries (ours)                     3          3    +0.0%
 
 ``first`` is the first sample taken after the warm-up (10% of the run: allocators, ORT's memory
 arenas and the transport arenas reach their working size there), ``last`` the last sample, taken
 at the end of the load. ``growth`` is (last - first) / first. A steady leak shows as growth that
-gets larger with ``--seconds``; a few tenths of a percent either way is allocator noise.
+gets larger with ``--seconds``; up to about 1% in a minute, levelling off, is allocators
+settling (Python's and glibc's heaps in workers that decode).
 
 ``/dev/shm entries (ours)`` counts the entries that a process of this run has open or mapped (the
 weights segment of each model, and files derived from it); other programs on the machine may
@@ -65,9 +73,10 @@ create and remove their own ``shmengine-*`` entries at the same time, so the cou
 left in ``/dev/shm``.
 
 Below the table: requests (one call of a public method: ``translate_batch``, ``generate_batch``,
-one stream, ``run_batch``), examples (numbers translated or generated, MLP rows), errors
-(exceptions, timeouts, hung threads, workers that died and were replaced) and wrong results,
-each with their rate, then PASS or FAIL with the reasons.
+one ``generate_tokens`` stream, ``run_batch``) and examples (numbers translated or generated, MLP
+rows), in all and per second (the throughput), then per kind; errors (exceptions, timeouts, hung
+threads, workers that died and were replaced) and wrong results, with the first messages; then
+PASS or FAIL with the reasons.
 
 Exit code: 0 on PASS; 1 if any result was wrong, any error happened, any process grew by
 ``--max-growth`` percent (default 5) or more, the count of our ``/dev/shm`` entries grew, or an
@@ -86,6 +95,7 @@ import itertools
 import json
 import os
 import random
+import signal
 import sys
 import threading
 import time
@@ -113,13 +123,11 @@ EOS = "<|endoftext|>"
 MLP_POOL_ROWS = 8192  # input rows with a precomputed reference; requests take slices of them
 MLP_SIZES = (1, 5, 16, 64, 300, 1000, 5000)  # 16 rows = 16 KiB: from there on, through the arenas
 BIG_ROWS = 5000
-# MLP rows in flight at once, over all caller threads. Without a bound, the supervisor's memory
-# high-water mark would be set by how many 5,000-row results happen to coincide, which can first
-# happen late in the run and look like growth; with it, the load reaches its peak early and stays.
-# Two big batches fit, so that both workers of a pair see one (a lone batch always goes to the
-# first idle worker, so with room for one only, the second worker would see its first big batch
-# at some random later moment and grow then).
-MLP_ROWS_IN_FLIGHT = 2 * BIG_ROWS + 1000
+# MLP rows in flight at once, over all caller threads: one big batch and some small ones.
+# Without a bound, the supervisor's memory high-water mark would be set by how many 5,000-row
+# results happen to coincide (and how they fragment its heap), which can first happen late in
+# the run and look like growth; with it, the load reaches its peak early and stays there.
+MLP_ROWS_IN_FLIGHT = BIG_ROWS + 1000
 CHECK_ROWS = 512  # rows compared at a time (keeps the check's own temporaries small)
 WARMUP_FRACTION = 0.1  # of the run; the first sample compared is the first one after it
 RESULT_TIMEOUT = 120.0  # a future that takes longer than this counts as a hang
@@ -309,12 +317,8 @@ class Load:
     models: Models
     refs: References
     stats: Stats
-    warmup_until: float  # time.monotonic() at the end of the warm-up
     deadline: float  # time.monotonic() at the end of the run
     budget: RowBudget = field(default_factory=lambda: RowBudget(MLP_ROWS_IN_FLIGHT))
-
-    def warming_up(self) -> bool:
-        return time.monotonic() < self.warmup_until
 
 
 def translate_once(load: Load, rng: random.Random, turn: int) -> None:
@@ -368,12 +372,9 @@ def stream_once(load: Load, rng: random.Random, turn: int) -> None:
     stats.done("generate_tokens", 1)
 
 
-def plan_mlp_sync(load: Load, rng: random.Random, turn: int) -> list[int]:
+def plan_mlp_sync(rng: random.Random, turn: int) -> list[int]:
     """Row counts for one run_batch call: a single batch (cycling through MLP_SIZES) or, every
-    third turn, a list of one big batch and small ones. During the warm-up every call is two big
-    batches (see ``plan_mlp_round``)."""
-    if load.warming_up():
-        return [BIG_ROWS, BIG_ROWS]
+    third turn, a list of one big batch and small ones."""
     if turn % 3 == 2:
         return [BIG_ROWS] + [rng.choice(MLP_SIZES[:4]) for _ in range(rng.randint(1, 3))]
     return [MLP_SIZES[turn % len(MLP_SIZES)]]
@@ -381,7 +382,7 @@ def plan_mlp_sync(load: Load, rng: random.Random, turn: int) -> list[int]:
 
 def mlp_once(load: Load, rng: random.Random, turn: int) -> None:
     """One run_batch call (one batch, or a list of them that runs in parallel), checked."""
-    sizes = plan_mlp_sync(load, rng, turn)
+    sizes = plan_mlp_sync(rng, turn)
     pairs = [load.refs.mlp_rows(rng, rows) for rows in sizes]
     engine = load.models.engine
     load.budget.acquire(sum(sizes))
@@ -412,13 +413,9 @@ class Round:
     rows: int  # MLP rows taken from the budget
 
 
-def plan_mlp_round(load: Load, rng: random.Random, turn: int) -> list[int]:
-    """Row counts of a round's MLP batches: a big one every fourth round, and during the
-    warm-up in every round. The warm-up is heavy on big batches on purpose: the supervisor's
-    allocator reaches its working size (how big batches and their results interleave) in the
-    warm-up rather than at some random moment after it."""
-    big = load.warming_up() or turn % 4 == 0
-    return [BIG_ROWS if big else rng.choice(MLP_SIZES)] + [rng.choice(MLP_SIZES[:4])]
+def plan_mlp_round(rng: random.Random, turn: int) -> list[int]:
+    """Row counts of a round's MLP batches: a big one every fourth round, and a small one."""
+    return [BIG_ROWS if turn % 4 == 0 else rng.choice(MLP_SIZES)] + [rng.choice(MLP_SIZES[:4])]
 
 
 def submit_round(load: Load, rng: random.Random, turn: int, sizes: list[int]) -> Round:
@@ -483,7 +480,7 @@ def run_async_caller(load: Load, kind: str, seed: int) -> None:
     rng = random.Random(seed)
     in_flight: collections.deque[Round] = collections.deque()
     turn = 0
-    sizes = plan_mlp_round(load, rng, turn)
+    sizes = plan_mlp_round(rng, turn)
     while time.monotonic() < load.deadline or in_flight:
         try:
             submitting = time.monotonic() < load.deadline and len(in_flight) < 2
@@ -494,11 +491,30 @@ def run_async_caller(load: Load, kind: str, seed: int) -> None:
                     load.budget.release(sum(sizes))
                     raise
                 turn += 1
-                sizes = plan_mlp_round(load, rng, turn)
+                sizes = plan_mlp_round(rng, turn)
                 continue
             check_round(load, in_flight.popleft())
         except Exception as exc:
             load.stats.error(kind, f"{type(exc).__name__}: {exc}")
+
+
+def prime(load: Load, rounds: int = 2) -> None:
+    """Start the load with big MLP batches, one per worker at once, twice, so that every worker
+    runs two: a lone batch goes to the first idle worker, and with one big batch in flight at a
+    time (the row budget) the others would meet theirs at some random later moment and grow
+    then, after the warm-up. Two, because ONNX Runtime plans a shape's memory on its first run
+    and allocates the planned block (here 20 MiB more) from the second one on."""
+    workers = load.models.engine.num_workers
+    rng = random.Random(-1)
+    for _ in range(rounds):
+        pairs = [load.refs.mlp_rows(rng, BIG_ROWS) for _ in range(workers)]
+        try:
+            futures = load.models.engine.run_batch([{"x": x} for x, _ in pairs], asynchronous=True)
+            for (_, expected), future in zip(pairs, futures):
+                check_mlp(load.stats, "run_batch (prime)", expected, future.result(RESULT_TIMEOUT))
+            load.stats.done("run_batch", workers * BIG_ROWS)
+        except Exception as exc:
+            load.stats.error("prime", f"{type(exc).__name__}: {exc}")
 
 
 def start_callers(load: Load, async_threads: int, seed: int) -> list[threading.Thread]:
@@ -797,8 +813,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit, so that the models are closed and their segments leave
+    /dev/shm even when the whole process group is terminated: the fork servers, which remove
+    the segments when the supervisor dies, then die at once themselves and leave them behind."""
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    exit_on_sigterm()
     refs = References(args.seed)
     shm_before = len(shm_entries())
     log(f"starting 3 models x {args.inter_threads} workers")
@@ -807,12 +835,14 @@ def main(argv=None) -> int:
     samples: list[Sample] = []
     hung: list[str] = []
     monitor: Monitor | None = None
+    load: Load | None = None
     try:
         monitor = Monitor(models)
         log(f"running {args.seconds:g} s of load: translate, generate, mlp and {args.async_threads} async callers")
         start = time.monotonic()
         deadline = start + args.seconds
-        load = Load(models, refs, stats, warmup_until=start + WARMUP_FRACTION * args.seconds, deadline=deadline)
+        load = Load(models, refs, stats, deadline=deadline)
+        prime(load)
         callers = start_callers(load, args.async_threads, args.seed)
         run_sampler(monitor, samples, start, deadline, args.sample_interval)
         for thread in callers:
@@ -821,6 +851,8 @@ def main(argv=None) -> int:
                 hung.append(f"caller thread {thread.name} still waiting {JOIN_TIMEOUT:.0f} s after the end of the run (hang)")
         load_seconds = time.monotonic() - start
     finally:
+        if load is not None:
+            load.deadline = 0.0  # callers still running (after a hang or a SIGTERM) stop here
         models.close()
     left = leftover_entries(monitor.seen_ours)
     report = build_report(args, samples, stats, load_seconds, hung, left, shm_before, len(shm_entries()))
