@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import random
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -38,6 +41,47 @@ def live_children() -> list[int]:
                 found.append(int(entry))
         parents |= set(found)
     return found
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (children, grandchildren, ...)."""
+    parent = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parent[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                pass
+    found, frontier = [], [pid]
+    while frontier:
+        frontier = [p for p, pp in parent.items() if pp in frontier]
+        found += frontier
+    return found
+
+
+def start_chaos(engine, kills: int, interval: float, seed: int, stop: threading.Event | None = None) -> tuple[threading.Thread, list[int]]:
+    """A thread that SIGKILLs a random live worker of ``engine`` every ``interval`` seconds until
+    it has killed ``kills`` of them (or ``stop`` is set); returns it and the list of killed pids."""
+    killed: list[int] = []
+    stop = stop or threading.Event()
+
+    def chaos():
+        rng = random.Random(seed)
+        while not stop.is_set() and len(killed) < kills:
+            time.sleep(interval)
+            pids = engine.worker_pids
+            if pids:
+                pid = rng.choice(pids)
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+                except ProcessLookupError:
+                    pass
+
+    thread = threading.Thread(target=chaos)
+    thread.start()
+    return thread, killed
 
 
 def wait_until(predicate, timeout: float = 5.0, interval: float = 0.02) -> bool:

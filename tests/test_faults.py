@@ -16,7 +16,7 @@ from concurrent.futures import wait as wait_futures
 
 import numpy as np
 import pytest
-from conftest import ROOT, shm_segments, wait_until
+from conftest import ROOT, descendants, shm_segments, start_chaos, wait_until
 
 import shmengine
 from models.train_numbers import number_to_words
@@ -27,23 +27,7 @@ def test_1000_requests_while_a_chaos_thread_kills_20_workers(slow_mlp):
     pool ends at full strength; no result goes to the wrong request."""
     with shmengine.Engine(slow_mlp.path, inter_threads=2, intra_threads=1, max_queued_batches=-1) as engine:
         inputs = [slow_mlp.inputs(4, seed=i) for i in range(1000)]
-        kills = []
-
-        def chaos():
-            rng = random.Random(1)
-            while len(kills) < 20:
-                time.sleep(0.2)
-                pids = engine.worker_pids
-                if pids:
-                    pid = rng.choice(pids)
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                        kills.append(pid)
-                    except ProcessLookupError:
-                        pass
-
-        killer = threading.Thread(target=chaos)
-        killer.start()
+        killer, kills = start_chaos(engine, kills=20, interval=0.2, seed=1)
         futures = []
         for x in inputs:  # submitted while the killing goes on
             futures.append(engine.run_batch({"x": x}, asynchronous=True))
@@ -73,22 +57,6 @@ def _translate_cli(source, output):
     )
 
 
-def _descendants(pid):
-    parent = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    parent[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
-            except OSError:
-                pass
-    found, frontier = [], [pid]
-    while frontier:
-        frontier = [p for p, pp in parent.items() if pp in frontier]
-        found += frontier
-    return found
-
-
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_during_a_long_translate_file(tmp_path, sig):
     """SIGTERM / Ctrl-C while shmengine-run translates a long file: a clean exit (130), the output
@@ -99,7 +67,7 @@ def test_signal_during_a_long_translate_file(tmp_path, sig):
     before = shm_segments()
     proc = _translate_cli(source, output)
     assert wait_until(lambda: output.exists() and output.stat().st_size > 20_000, timeout=60), proc.stderr.read()
-    children = _descendants(proc.pid)
+    children = descendants(proc.pid)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 130, err

@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import ROOT, make_mlp, shm_segments, wait_until
+from conftest import ROOT, descendants, make_mlp, shm_segments, wait_until
 
 import shmengine
 
@@ -145,20 +145,6 @@ def _pss_kib(pid: int) -> int:
     raise AssertionError("no Pss line")
 
 
-def _descendants(pid: int) -> list[int]:
-    children = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except OSError:
-                continue
-            if ppid == pid:
-                children.append(int(entry))
-    return children + [d for c in children for d in _descendants(c)]
-
-
 def test_two_workers_cost_the_weights_once(tmp_path):
     """Supervisor + fork server + 2 workers on a 256 MiB model: PSS <= 1.1 x weights + 2 x 100 MiB.
 
@@ -178,7 +164,7 @@ def test_two_workers_cost_the_weights_once(tmp_path):
     try:
         proc.stdout.readline()
         assert proc.stdout.readline().strip() == "RAN"
-        processes = [proc.pid, *_descendants(proc.pid)]
+        processes = [proc.pid, *descendants(proc.pid)]
         assert len(processes) == 4  # supervisor, fork server, 2 workers
         total_mib = sum(_pss_kib(p) for p in processes) / 1024
     finally:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import re
 import signal
 import threading
@@ -13,7 +12,7 @@ from concurrent.futures import wait as wait_futures
 
 import numpy as np
 import pytest
-from conftest import wait_until
+from conftest import start_chaos, wait_until
 
 import shmengine
 from shmengine.errors import RemoteTraceback
@@ -218,24 +217,8 @@ def test_sigkill_under_concurrent_load_loses_nothing(slow_mlp):
     with shmengine.Engine(slow_mlp.path, inter_threads=2, intra_threads=1, max_queued_batches=-1) as engine:
         inputs = [slow_mlp.inputs(64, seed=i) for i in range(40)]
         futures = engine.run_batch([{"x": x} for x in inputs], asynchronous=True)
-        killed = []
         stop = threading.Event()
-
-        def chaos():
-            rng = random.Random(0)
-            while not stop.is_set() and len(killed) < 6:
-                time.sleep(0.25)
-                pids = engine.worker_pids
-                if pids:
-                    pid = rng.choice(pids)
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                        killed.append(pid)
-                    except ProcessLookupError:
-                        pass
-
-        t = threading.Thread(target=chaos)
-        t.start()
+        t, killed = start_chaos(engine, kills=6, interval=0.25, seed=0, stop=stop)
         done, not_done = wait_futures(futures, timeout=120)
         stop.set()
         t.join()
