@@ -3,10 +3,16 @@ cleans up when the supervisor dies.
 
 Why: forking the supervisor itself is unsafe once it runs threads (the manager thread, the
 caller's threads, ORT pools): a child can inherit a lock held by a thread that does not exist in
-it and deadlock. Spawning fresh interpreters instead would re-import onnxruntime per worker and
-re-run the caller's ``__main__``. So the supervisor starts this small process once per engine,
-with a fresh interpreter that preloads numpy and onnxruntime and never starts a thread; every
-worker, including respawns, is a fork of it.
+it and deadlock. Spawning fresh interpreters instead would re-import numpy, onnx and our code per
+worker (about 0.3 s each) and re-run the caller's ``__main__``. So the supervisor starts this small process once per engine,
+with a fresh interpreter that preloads numpy, onnx and our worker code and never starts a
+thread; every worker, including respawns, is a fork of it.
+
+onnxruntime is *not* preloaded: importing it (1.31) starts a background thread of ORT's own, and
+a fork taken while that thread holds one of ORT's locks would leave the child waiting on it for
+ever. Each worker imports onnxruntime after its fork instead (about 30 ms, in parallel across
+workers). The one other thread here is OpenBLAS's pool, started by ``import numpy``; OpenBLAS
+stops it around ``fork()`` itself (``pthread_atfork``).
 
 ::
 
@@ -121,9 +127,8 @@ def serve() -> None:
     owned = json.loads(os.environ.pop("SHMENGINE_OWNED_SEGMENTS"))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
 
-    # Preload what every worker imports, once, before any fork.
+    # Preload what every worker imports, once, before any fork; not onnxruntime (module docstring).
     import numpy  # noqa: F401
-    import onnxruntime  # noqa: F401
 
     from . import worker as worker_module
     from .sharedmem import unlink_segment

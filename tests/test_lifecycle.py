@@ -137,6 +137,38 @@ def test_killed_supervisor_takes_workers_and_segment_down(slow_mlp, repeat):
     assert wait_until(lambda: segment not in shm_segments(), timeout=5), "segment outlived the supervisor"
 
 
+def _parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def _maps_onnxruntime(pid: int) -> bool:
+    with open(f"/proc/{pid}/maps") as f:
+        return "onnxruntime" in f.read()
+
+
+def test_fork_server_never_loads_onnxruntime_so_forks_hold_no_ort_thread(small_mlp):
+    """Importing onnxruntime starts a thread of ORT's own; a fork taken while it holds a lock can
+    deadlock the child. So the fork server must never load ORT, also across respawns, while every
+    worker does (which shows the check can see the library when it is there)."""
+    with shmengine.Engine(small_mlp.path, inter_threads=2, intra_threads=1) as engine:
+        first = engine.worker_pids
+        fork_server = _parent(first[0])
+        assert fork_server != os.getpid() and all(_parent(p) == fork_server for p in first)
+        assert all(_maps_onnxruntime(p) for p in first)
+        assert not _maps_onnxruntime(fork_server)
+        os.kill(first[0], signal.SIGKILL)
+        assert wait_until(lambda: len(set(engine.worker_pids) - set(first)) == 1, timeout=10)
+        x = small_mlp.inputs(4)
+        for _ in range(4):
+            np.testing.assert_allclose(engine.run_batch({"x": x})["y"], small_mlp.reference(x), rtol=1e-4, atol=1e-5)
+        respawned = (set(engine.worker_pids) - set(first)).pop()
+        # The replacement is listed as soon as it is forked, before it has built its session.
+        assert _parent(respawned) == fork_server
+        assert wait_until(lambda: _maps_onnxruntime(respawned), timeout=10)
+        assert not _maps_onnxruntime(fork_server)
+
+
 def _pss_kib(pid: int) -> int:
     with open(f"/proc/{pid}/smaps_rollup") as f:
         for line in f:
