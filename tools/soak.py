@@ -97,6 +97,7 @@ import os
 import random
 import signal
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import Future
@@ -639,7 +640,28 @@ class Monitor:
         return Sample(round(t, 2), rss, parts, dict(self.processes), len(ours), len(shm_entries()), replaced)
 
 
-def run_sampler(monitor: Monitor, samples: list[Sample], start: float, deadline: float, interval: float) -> None:
+class SampleLog:
+    """Samples kept on disk, one JSON line each, until the report reads them back.
+
+    Kept in a list, they were the supervisor's own steady growth: about 5.5 KB a sample, so
+    4.2 MiB of the 4.9 MiB (+3.7%) that the supervisor grew in a 30-minute run.
+    """
+
+    def __init__(self):
+        self._file = tempfile.TemporaryFile("w+", encoding="utf-8")
+
+    def append(self, sample: Sample) -> None:
+        self._file.write(json.dumps(asdict(sample)) + "\n")
+        self._file.flush()
+
+    def read(self) -> list[Sample]:
+        self._file.seek(0)
+        samples = [Sample(**json.loads(line)) for line in self._file]
+        self._file.close()
+        return samples
+
+
+def run_sampler(monitor: Monitor, samples: SampleLog, start: float, deadline: float, interval: float) -> None:
     """Sample every ``interval`` seconds until the deadline, then once more at the deadline."""
     next_at = start
     while True:
@@ -832,7 +854,7 @@ def main(argv=None) -> int:
     log(f"starting 3 models x {args.inter_threads} workers")
     models = start_models(args.inter_threads)
     stats = Stats()
-    samples: list[Sample] = []
+    samples = SampleLog()
     hung: list[str] = []
     monitor: Monitor | None = None
     load: Load | None = None
@@ -855,7 +877,7 @@ def main(argv=None) -> int:
             load.deadline = 0.0  # callers still running (after a hang or a SIGTERM) stop here
         models.close()
     left = leftover_entries(monitor.seen_ours)
-    report = build_report(args, samples, stats, load_seconds, hung, left, shm_before, len(shm_entries()))
+    report = build_report(args, samples.read(), stats, load_seconds, hung, left, shm_before, len(shm_entries()))
     print_report(report)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
