@@ -112,10 +112,21 @@ class StepEvent:
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     """Row-wise log-softmax in float32 (the model's own precision)."""
     logits = logits.astype(np.float32, copy=False)
+    return logits - log_normalizer(logits)
+
+
+def log_normalizer(logits: np.ndarray) -> np.ndarray:
+    """Row-wise log-sum-exp [rows, 1] in float32: ``log_softmax(x) = x - log_normalizer(x)``.
+
+    The search loops use it to score only the tokens they look at, rather than writing a
+    [rows, vocabulary] log-softmax every step (at 128 rows x 58k tokens that array alone costs
+    more than the Python around it)."""
+    logits = logits.astype(np.float32, copy=False)
     peak = np.max(logits, axis=-1, keepdims=True)
     peak[~np.isfinite(peak)] = 0
-    shifted = logits - peak
-    return shifted - np.log(np.sum(np.exp(shifted), axis=-1, keepdims=True))
+    work = np.subtract(logits, peak)
+    np.exp(work, out=work)
+    return peak + np.log(np.sum(work, axis=-1, keepdims=True))
 
 
 class _History:
@@ -270,9 +281,14 @@ def _greedy(stepper: Stepper, prompts, options: DecodingOptions, on_step) -> lis
         logits = logits[alive]
     forced = options.forced
     for step in range(max(limits)):
-        log_probs = log_softmax(history.process(logits, step))
-        chosen = _sample(log_probs, options, rng)
-        chosen_lp = log_probs[np.arange(len(chosen)), chosen]
+        scores = history.process(logits, step).astype(np.float32, copy=False)
+        if options.sampling:
+            log_probs = log_softmax(scores)
+            chosen = _sample(log_probs, options, rng)
+            chosen_lp = log_probs[np.arange(len(chosen)), chosen]
+        else:
+            chosen = np.argmax(scores, axis=-1)
+            chosen_lp = scores[np.arange(len(chosen)), chosen] - log_normalizer(scores)[:, 0]
         if forced is not None:
             for row, example in enumerate(alive.tolist()):
                 if step < len(forced[example]):
@@ -308,6 +324,10 @@ def _greedy(stepper: Stepper, prompts, options: DecodingOptions, on_step) -> lis
         history.append(chosen)
         logits = stepper.step(chosen)
     return _finish_greedy(results, offsets, options, ended)
+
+
+def _log_prob(scores: np.ndarray, normalizer: np.ndarray, row: int, token: int) -> float:
+    return float(scores[row, token] - normalizer[row, 0])
 
 
 def _hidden_end(is_end: bool, options: DecodingOptions) -> int:
@@ -349,15 +369,26 @@ def _beam_search(stepper: Stepper, prompts, options: DecodingOptions) -> list[Hy
 
     for step in range(max(limits, default=0) if len(alive) else 0):
         width = beam_scores.shape[1]  # 1 on the first step, then beam
-        log_probs = log_softmax(history.process(logits, step)).reshape(len(alive), width, vocab)
-        total = (log_probs + beam_scores[:, :, None]).reshape(len(alive), width * vocab)
+        scores = history.process(logits, step).astype(np.float32, copy=False)  # [examples * width, V]
+        normalizer = log_normalizer(scores)
         k = min(candidates_per_example, width * vocab)
-        top = np.argpartition(-total, k - 1, axis=-1)[:, :k]
-        top_scores = np.take_along_axis(total, top, axis=-1)
-        order = np.argsort(-top_scores, axis=-1, kind="stable")
-        top = np.take_along_axis(top, order, axis=-1)
-        top_scores = np.take_along_axis(top_scores, order, axis=-1)
-        origin, token = np.divmod(top, vocab)
+        # An example's best k continuations are among the k best tokens of each of its beams, so
+        # each row is cut to its own k first (one pass over the vocabulary) and only those
+        # width * k candidates get log-probabilities and beam scores.
+        row_k = min(k, vocab)
+        if row_k < vocab:
+            row_tokens = np.argpartition(scores, vocab - row_k, axis=-1)[:, vocab - row_k :]
+        else:
+            row_tokens = np.broadcast_to(np.arange(vocab), scores.shape)
+        row_lps = np.take_along_axis(scores, row_tokens, axis=-1) - normalizer
+        totals = (row_lps.reshape(len(alive), width, row_k) + beam_scores[:, :, None]).reshape(len(alive), width * row_k)
+        flat = (row_tokens.reshape(len(alive), width, row_k) + (np.arange(width) * vocab)[None, :, None]).reshape(
+            len(alive), width * row_k
+        )
+        # best first; equal scores in the order (beam, token), whatever order argpartition left
+        order = np.lexsort((flat, -totals), axis=-1)[:, :k]
+        top_scores = np.take_along_axis(totals, order, axis=-1)
+        origin, token = np.divmod(np.take_along_axis(flat, order, axis=-1), vocab)
         if options.forced is not None:
             for i, example in enumerate(alive.tolist()):
                 prefix = options.forced[example]
@@ -391,7 +422,7 @@ def _beam_search(stepper: Stepper, prompts, options: DecodingOptions) -> list[Hy
                         top_finished[example] = True
                     src = int(origin[i, c])
                     hyp = sequences[i][src] + ([t] if (t not in end_set or options.return_end_token) else [])
-                    lps = seq_lps[i][src] + [float(log_probs[i, src, t])]
+                    lps = seq_lps[i][src] + [_log_prob(scores, normalizer, i * width + src, t)]
                     finished[example].append((float(top_scores[i, c]), hyp, lps, _hidden_end(t in end_set, options)))
                     # refill this beam from the next candidate that is not an end token
                     c = None
@@ -424,7 +455,7 @@ def _beam_search(stepper: Stepper, prompts, options: DecodingOptions) -> list[Hy
                 next_tokens.append(t)
                 next_scores.append(NEG_INF if dead else top_scores[i, c])
                 beams_seq.append(sequences[i][src] + [t])
-                beams_lp.append(seq_lps[i][src] + [float(log_probs[i, src, t])])
+                beams_lp.append(seq_lps[i][src] + [_log_prob(scores, normalizer, i * width + src, t)])
             new_sequences.append(beams_seq)
             new_lps.append(beams_lp)
         if not keep_examples:

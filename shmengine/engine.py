@@ -5,11 +5,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
+import onnx
 
 from .errors import InvalidInputError
 from .placement import place_workers
@@ -121,6 +122,7 @@ class PooledModel:
         max_queued_batches: int = 0,
         prepack_weights: bool = False,
         graph_optimization_level: str = "all",
+        graph_edits: Mapping[str, Callable[[onnx.ModelProto], object]] | None = None,
     ):
         placement = place_workers(
             device,
@@ -135,7 +137,7 @@ class PooledModel:
         self.device_index = placement.device_indices
         self.inter_threads = inter_threads
         self.intra_threads = placement.plan.intra_threads
-        self._store = WeightStore.load(graphs)
+        self._store = WeightStore.load(graphs, graph_edits)
         try:
             slots = placement.slots
             if prepack_weights and placement.device == "cpu":

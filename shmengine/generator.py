@@ -11,6 +11,7 @@ from .batching import plan_batches, split_future
 from .decoding import StepEvent
 from .engine import PooledModel
 from .errors import InvalidInputError
+from .graph_edits import gather_logit_positions
 from .modeldir import ModelDirectory
 from .options import end_ids_for, search_options
 from .results import GenerationResult, GenerationStepResult, ScoringResult
@@ -113,6 +114,7 @@ class Generator(DecodingModel):
             max_queued_batches=max_queued_batches,
             prepack_weights=prepack_weights,
             graph_optimization_level=graph_optimization_level,
+            graph_edits={"model": gather_logit_positions},
         )
         if "logits" not in {o.name for o in self._store.catalog["model"].outputs}:
             self.close()

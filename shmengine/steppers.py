@@ -22,6 +22,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .graph_edits import LOGIT_POSITIONS
+
 __all__ = ["DecoderOnlyStepper", "Seq2SeqStepper", "run_encoder", "pad_right"]
 
 _ORT_TYPES = {
@@ -92,12 +94,17 @@ class DecoderOnlyStepper:
         if missing:
             raise ValueError(f"the decoder has cache inputs but no output {missing[0]!r} to feed them")
         self.ids_dtype = _int_dtype(self.inputs["input_ids"])
+        # a graph edited at load time to compute logits only where asked (graph_edits.py)
+        self.chooses_logit_positions = LOGIT_POSITIONS in self.inputs
         self.cache: dict[str, np.ndarray] = {}
         self.mask: np.ndarray | None = None
         self.positions: np.ndarray | None = None
 
-    def _run(self, input_ids: np.ndarray, first: bool) -> dict[str, np.ndarray]:
+    def _run(self, input_ids: np.ndarray, first: bool, all_logits: bool = False) -> dict[str, np.ndarray]:
         feeds = {"input_ids": input_ids.astype(self.ids_dtype, copy=False)}
+        if self.chooses_logit_positions:
+            length = input_ids.shape[1]
+            feeds[LOGIT_POSITIONS] = np.arange(length) if all_logits else np.array([length - 1])
         if "attention_mask" in self.inputs:
             feeds["attention_mask"] = self.mask.astype(_int_dtype(self.inputs["attention_mask"]), copy=False)
         if "position_ids" in self.inputs:
@@ -114,7 +121,7 @@ class DecoderOnlyStepper:
         positions = np.cumsum(self.mask, axis=1) - 1
         self.positions = np.where(self.mask == 1, positions, 1)
         self.cache = {p: _empty_cache(self.inputs[p], len(prompts)) for p in self.past_names}
-        logits = self._run(ids, first=True)["logits"]
+        logits = self._run(ids, first=True, all_logits=all_logits)["logits"]
         self.positions = self.positions[:, -1:] + 1
         return logits if all_logits else logits[:, -1, :]
 
@@ -125,9 +132,15 @@ class DecoderOnlyStepper:
         return logits
 
     def select(self, rows: np.ndarray) -> None:
+        if _is_identity(rows, len(self.mask)):
+            return
         self.cache = {k: v[rows] for k, v in self.cache.items()}
         self.mask = self.mask[rows]
         self.positions = self.positions[rows]
+
+
+def _is_identity(rows: np.ndarray, count: int) -> bool:
+    return len(rows) == count and bool(np.array_equal(rows, np.arange(count)))
 
 
 def run_encoder(session, sources: Sequence[Sequence[int]], pad_id: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -158,10 +171,15 @@ class Seq2SeqStepper:
         self.rest_outputs = [o.name for o in self.rest.get_outputs()]
         self.past_names = [n for n in self.rest_inputs if n.startswith("past_key_values")]
         self.state: dict[str, np.ndarray] = {}
+        # Which source sentence each state row decodes. Every row of one source holds the same
+        # encoder states and cross-attention caches, so a select() that keeps this mapping (a
+        # beam reorder) leaves those tensors as they are and moves only the self-attention caches.
+        self.row_source = np.zeros(0, dtype=np.int64)
 
     def encode(self, sources: Sequence[Sequence[int]]) -> None:
         outputs, mask = run_encoder(self.encoder, sources, self.pad_id)
         self.state = {"encoder_hidden_states": outputs["last_hidden_state"], "encoder_attention_mask": mask}
+        self.row_source = np.arange(len(sources))
 
     def _feeds(self, inputs: dict, input_ids: np.ndarray, first: bool) -> dict:
         feeds = {"input_ids": input_ids.astype(_int_dtype(inputs["input_ids"]), copy=False)}
@@ -201,4 +219,16 @@ class Seq2SeqStepper:
         return self._run(token_ids.reshape(-1, 1), first=False)
 
     def select(self, rows: np.ndarray) -> None:
-        self.state = {k: v[rows] for k, v in self.state.items()}
+        if _is_identity(rows, len(self.row_source)):
+            return
+        row_source = self.row_source[rows]
+        same_sources = np.array_equal(row_source, self.row_source)
+        self.state = {
+            name: value if same_sources and _per_source(name) else value[rows] for name, value in self.state.items()
+        }
+        self.row_source = row_source
+
+
+def _per_source(state_name: str) -> bool:
+    """Tensors that depend only on the source sentence: the encoder's outputs and cross-attention caches."""
+    return state_name.startswith("encoder_") or ".encoder." in state_name

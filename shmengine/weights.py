@@ -26,7 +26,7 @@ import os
 import pickle
 import struct
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -443,8 +443,16 @@ class WeightStore:
         self.catalog = catalog
 
     @classmethod
-    def load(cls, models: Mapping[str, str | os.PathLike]) -> "WeightStore":
-        """Read each ``key -> path`` ONNX model; every tensor larger than 4 KiB is shared."""
+    def load(
+        cls,
+        models: Mapping[str, str | os.PathLike],
+        graph_edits: Mapping[str, Callable[[onnx.ModelProto], object]] | None = None,
+    ) -> "WeightStore":
+        """Read each ``key -> path`` ONNX model; every tensor larger than 4 KiB is shared.
+
+        ``graph_edits`` (key -> function) may change a model's graph, not its weights, once here
+        so that every worker builds its session on the edited graph (see ``graph_edits.py``).
+        """
         readers = [_ModelReader(key, resolve_model_file(path)) for key, path in models.items()]
         offset = ALIGNMENT  # the header occupies the first 64 bytes
         for reader in readers:
@@ -457,6 +465,9 @@ class WeightStore:
         try:
             for reader in readers:
                 reader.copy_into(segment.buffer)
+                edit = (graph_edits or {}).get(reader.key)
+                if edit is not None:  # after the copy: the protos no longer hold the tensor bytes
+                    edit(reader.model)
             catalog = {reader.key: reader.entry(segment.name) for reader in readers}
             blob = pickle.dumps(catalog, protocol=5)
             segment.resize(data_end + len(blob))

@@ -1,0 +1,117 @@
+"""Edits made to a model's graph once, at load time, before any worker builds a session on it.
+
+``gather_logit_positions``: an Optimum decoder export computes the language-model head for every
+position it is given, so a 16-token prompt costs 16 rows of ``hidden x vocabulary`` (GPT-2:
+16 x 768 x 50257 multiply-adds) although generation reads only the last one; on GPT-2-124M that
+is about a tenth of all the arithmetic of a 16-token prompt + 32 new tokens. The edit puts a
+``Gather`` on the head's input, driven by a new graph input ``shmengine_logit_positions``: the
+generator feeds the last position when it generates and every position when it scores, so one
+session (and one set of shared or prepacked weights) serves both.
+
+The edit is made only where the head is recognised for certain: the ``logits`` output, of rank
+3, computed by a ``MatMul`` with a 2-D initializer, possibly followed by element-wise ops with
+constant operands (a bias, a scale, a cast), possibly inside the branches of an ``If`` (Optimum's
+merged decoders). Anything else is left exactly as it is and decodes as before.
+"""
+
+from __future__ import annotations
+
+from onnx import GraphProto, ModelProto, TensorProto, helper
+
+__all__ = ["LOGIT_POSITIONS", "gather_logit_positions"]
+
+LOGIT_POSITIONS = "shmengine_logit_positions"
+_POSITIONS_DIM = "shmengine_logit_positions"
+
+# Element-wise ops that keep the sequence axis where it is when their other operand is a constant
+# broadcast over it (a bias [V], a scalar scale).
+_ELEMENTWISE = {"Add", "Sub", "Mul", "Div"}
+_PASS_THROUGH = {"Cast", "Identity"}
+
+
+def _constants(graph: GraphProto) -> dict[str, list[int]]:
+    """Names of the graph's initializers and Constant outputs, with their dims."""
+    found = {t.name: list(t.dims) for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value" and attr.type == attr.TENSOR:
+                    found[node.output[0]] = list(attr.t.dims)
+                elif attr.name in ("value_float", "value_int"):
+                    found[node.output[0]] = []
+    return found
+
+
+def _head_inputs(graph: GraphProto, name: str, outer: dict[str, list[int]]):
+    """Where the head's input is, if ``name`` comes from it by a position-wise chain, or None.
+
+    Returns ``(heads, branch_outputs)``: the head MatMul of each path with the graph it is in,
+    and the ``If`` branch outputs on the way (their declared sequence dim changes too).
+    """
+    constants = {**outer, **_constants(graph)}
+    producers = {output: node for node in graph.node for output in node.output}
+    while True:
+        node = producers.get(name)
+        if node is None:
+            return None
+        if node.op_type == "MatMul":
+            weight = constants.get(node.input[1])
+            return ([(graph, node)], []) if weight is not None and len(weight) == 2 else None
+        if node.op_type in _PASS_THROUGH:
+            name = node.input[0]
+        elif node.op_type in _ELEMENTWISE and len(node.input) == 2:
+            dynamic = [i for i in node.input if i not in constants]
+            static = [i for i in node.input if i in constants]
+            if len(dynamic) != 1 or len(static) != 1 or len(constants[static[0]]) > 1:
+                return None
+            name = dynamic[0]
+        elif node.op_type == "If":
+            index = list(node.output).index(name)
+            heads, branch_outputs = [], []
+            for attr in node.attribute:
+                if attr.type != attr.GRAPH:
+                    return None
+                branch = attr.g
+                inside = _head_inputs(branch, branch.output[index].name, constants)
+                if inside is None:
+                    return None
+                heads.extend(inside[0])
+                branch_outputs.extend(inside[1] + [branch.output[index]])
+            return heads, branch_outputs
+        else:
+            return None
+
+
+def _set_sequence_dim(value) -> None:
+    shape = value.type.tensor_type.shape
+    if value.type.tensor_type.HasField("shape") and len(shape.dim) == 3:
+        shape.dim[1].Clear()
+        shape.dim[1].dim_param = _POSITIONS_DIM
+
+
+def gather_logit_positions(model: ModelProto) -> bool:
+    """Make ``logits`` cover only the positions given in ``LOGIT_POSITIONS``; True if edited."""
+    graph = model.graph
+    outputs = {o.name: o for o in graph.output}
+    logits = outputs.get("logits")
+    if logits is None or len(logits.type.tensor_type.shape.dim) != 3:
+        return False
+    if LOGIT_POSITIONS in {i.name for i in graph.input}:
+        return True  # edited already
+    found = _head_inputs(graph, "logits", {})
+    if found is None:
+        return False
+    heads, branch_outputs = found
+    for target_graph, head in heads:
+        hidden = head.input[0]
+        gathered = f"{hidden}/shmengine_logit_positions"
+        gather = helper.make_node(
+            "Gather", [hidden, LOGIT_POSITIONS], [gathered], axis=1, name=f"{head.name or 'head'}/shmengine_gather"
+        )
+        # right before the head: its input is computed by then, and the order stays topological
+        target_graph.node.insert(list(target_graph.node).index(head), gather)
+        head.input[0] = gathered
+    for value in branch_outputs + [logits]:
+        _set_sequence_dim(value)
+    graph.input.append(helper.make_tensor_value_info(LOGIT_POSITIONS, TensorProto.INT64, [_POSITIONS_DIM]))
+    return True
