@@ -10,8 +10,8 @@ session (and one set of shared or prepacked weights) serves both.
 
 The edit is made only where the head is recognised for certain: the ``logits`` output, of rank
 3, computed by a ``MatMul`` with a 2-D initializer, possibly followed by element-wise ops with
-constant operands (a bias, a scale, a cast), possibly inside the branches of an ``If`` (Optimum's
-merged decoders). Anything else is left exactly as it is and decodes as before.
+constant operands that are the same at every position (a bias, a scale) and casts, possibly
+inside the branches of an ``If`` (Optimum's merged decoders). Anything else is left exactly as it is and decodes as before.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def _head_inputs(graph: GraphProto, name: str, outer: dict[str, list[int]]):
         elif node.op_type in _ELEMENTWISE and len(node.input) == 2:
             dynamic = [i for i in node.input if i not in constants]
             static = [i for i in node.input if i in constants]
-            if len(dynamic) != 1 or len(static) != 1 or len(constants[static[0]]) > 1:
+            if len(dynamic) != 1 or len(static) != 1 or not _same_for_every_position(constants[static[0]]):
                 return None
             name = dynamic[0]
         elif node.op_type == "If":
@@ -80,6 +80,13 @@ def _head_inputs(graph: GraphProto, name: str, outer: dict[str, list[int]]):
             return heads, branch_outputs
         else:
             return None
+
+
+def _same_for_every_position(dims: list[int]) -> bool:
+    """Whether a constant broadcast against [batch, positions, vocab] is the same at every position:
+    a scalar or a vector, or a tensor whose axis facing the positions has size 1 (Marian's
+    ``final_logits_bias`` is [1, vocab])."""
+    return len(dims) < 2 or dims[-2] == 1
 
 
 def _set_sequence_dim(value) -> None:

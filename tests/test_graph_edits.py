@@ -32,7 +32,8 @@ def _head_model(*, branched: bool) -> onnx.ModelProto:
     """logits = (tanh(h) @ W + b) * 0.5, with the head inside both branches of an If when branched."""
     rng = np.random.default_rng(0)
     weight = numpy_helper.from_array(rng.standard_normal((HIDDEN, VOCAB)).astype(np.float32), "W")
-    bias = numpy_helper.from_array(rng.standard_normal(VOCAB).astype(np.float32), "b")
+    # a [1, vocab] bias, as Marian's final_logits_bias: broadcast, the same at every position
+    bias = numpy_helper.from_array(rng.standard_normal((1, VOCAB)).astype(np.float32), "b")
     scale = numpy_helper.from_array(np.array(0.5, np.float32), "scale")
     logits_info = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "sequence", VOCAB])
 
@@ -102,6 +103,10 @@ def _unrecognised_heads():
     yield "a softmax after the head (not element-wise with a constant)", helper.make_graph(
         [helper.make_node("MatMul", ["h", "W"], ["mm"]), helper.make_node("Softmax", ["mm"], ["logits"], axis=-1)],
         "g", [h], [out3], initializer=[weight])
+    per_position = numpy_helper.from_array(np.ones((5, VOCAB), np.float32), "per_position")
+    yield "a bias that differs by position", helper.make_graph(
+        [helper.make_node("MatMul", ["h", "W"], ["mm"]), helper.make_node("Add", ["mm", "per_position"], ["logits"])],
+        "g", [h], [out3], initializer=[weight, per_position])
     out2 = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", VOCAB])
     h2 = helper.make_tensor_value_info("h", TensorProto.FLOAT, ["batch", HIDDEN])
     yield "logits of rank 2", helper.make_graph([helper.make_node("MatMul", ["h", "W"], ["logits"])], "g", [h2], [out2], initializer=[weight])
@@ -113,3 +118,34 @@ def test_unrecognised_heads_are_left_exactly_as_they_are(case):
     before = model.SerializeToString()
     assert not gather_logit_positions(model)
     assert model.SerializeToString() == before
+
+
+def test_bundled_marian_merged_decoder_edited_in_both_branches():
+    """A real Optimum merged decoder (If on use_cache_branch): the edit reaches the head in both
+    branches, and the logits at the asked positions equal the unedited graph's."""
+    model = onnx.load(str(ROOT / "models" / "numbers-marian" / "decoder_model_merged.onnx"))
+    original, edited = _session(model), _session(_edited(model))
+    rng = np.random.default_rng(3)
+    batch, source, length = 2, 5, 4
+    feeds = {
+        "encoder_attention_mask": np.ones((batch, source), np.int64),
+        "encoder_hidden_states": rng.standard_normal((batch, source, 128)).astype(np.float32),
+        "input_ids": rng.integers(3, 20, (batch, length)).astype(np.int64),
+        "use_cache_branch": np.array([False]),
+    }
+    for meta in original.get_inputs():
+        if meta.name.startswith("past_key_values"):
+            feeds[meta.name] = np.zeros((batch, meta.shape[1], 0, meta.shape[3]), np.float32)
+    names = [o.name for o in original.get_outputs()]
+    full = dict(zip(names, original.run(None, feeds)))
+    for positions in ([length - 1], list(range(length))):
+        got = edited.run(["logits"], {**feeds, LOGIT_POSITIONS: np.array(positions, np.int64)})[0]
+        np.testing.assert_allclose(got, full["logits"][:, positions, :], rtol=1e-5, atol=1e-5)
+    # the cache branch: one more token over the caches the first run made
+    step = {**feeds, "use_cache_branch": np.array([True]), "input_ids": rng.integers(3, 20, (batch, 1)).astype(np.int64)}
+    for name in list(step):
+        if name.startswith("past_key_values"):
+            step[name] = full["present" + name[len("past_key_values") :]]
+    expected = original.run(["logits"], step)[0]
+    got = edited.run(["logits"], {**step, LOGIT_POSITIONS: np.array([0], np.int64)})[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
