@@ -147,16 +147,22 @@ def _maps_onnxruntime(pid: int) -> bool:
         return "onnxruntime" in f.read()
 
 
+def _threads(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
 def test_fork_server_never_loads_onnxruntime_so_forks_hold_no_ort_thread(small_mlp):
     """Importing onnxruntime starts a thread of ORT's own; a fork taken while it holds a lock can
-    deadlock the child. So the fork server must never load ORT, also across respawns, while every
-    worker does (which shows the check can see the library when it is there)."""
+    deadlock the child. So the fork server must never load ORT and must run one thread only,
+    also across respawns, while every worker does load ORT (which shows the check can see the
+    library when it is there)."""
     with shmengine.Engine(small_mlp.path, inter_threads=2, intra_threads=1) as engine:
         first = engine.worker_pids
         fork_server = _parent(first[0])
         assert fork_server != os.getpid() and all(_parent(p) == fork_server for p in first)
         assert all(_maps_onnxruntime(p) for p in first)
         assert not _maps_onnxruntime(fork_server)
+        assert _threads(fork_server) == 1
         os.kill(first[0], signal.SIGKILL)
         assert wait_until(lambda: len(set(engine.worker_pids) - set(first)) == 1, timeout=10)
         x = small_mlp.inputs(4)
@@ -167,6 +173,7 @@ def test_fork_server_never_loads_onnxruntime_so_forks_hold_no_ort_thread(small_m
         assert _parent(respawned) == fork_server
         assert wait_until(lambda: _maps_onnxruntime(respawned), timeout=10)
         assert not _maps_onnxruntime(fork_server)
+        assert _threads(fork_server) == 1
 
 
 def _pss_kib(pid: int) -> int:
