@@ -11,7 +11,7 @@ thread; every worker, including respawns, is a fork of it.
 onnxruntime is *not* preloaded: importing it (1.31) starts a background thread of ORT's own, and
 a fork taken while that thread holds one of ORT's locks would leave the child waiting on it for
 ever. Each worker imports onnxruntime after its fork instead: measured with a 448 MiB model,
-4 workers start in 1.08x the time of one (1.03x before) and each costs about 7 MiB more PSS.
+4 workers start in 1.09x the time of one (1.03x before) and each costs 6-8 MiB more PSS.
 (Loading ORT's library here with ``dlopen`` but importing it only in the workers was tried: it
 saved neither.) ``import numpy`` would start OpenBLAS's thread pool, but the supervisor starts
 this process with ``OPENBLAS_NUM_THREADS=1`` and the other thread-count variables, so it runs
