@@ -17,6 +17,7 @@ With no MODEL the bundled models are used: numbers-marian (translate, score), nu
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import signal
 import sys
@@ -208,9 +209,14 @@ def _cmd_translate(args) -> int:
         start = time.perf_counter()
         if args.input:
             progress = _Progress(_count_lines(args.input), True)
+
+            def after_line(done: int) -> None:
+                progress(done)
+                _interrupts.check()
+
             stats = translator.translate_file(
                 args.input, args.output or "/dev/stdout", max_batch_size=args.max_batch_size,
-                source_tokenize_fn=codec.tokenize, target_detokenize_fn=codec.detokenize, progress=progress, **options,
+                source_tokenize_fn=codec.tokenize, target_detokenize_fn=codec.detokenize, progress=after_line, **options,
             )
             progress.close()
             _summary("translated", stats.num_examples, stats.num_tokens, stats.total_time_in_ms / 1000, translator)
@@ -230,6 +236,7 @@ def _cmd_translate(args) -> int:
                     out.flush()
                 examples += 1
                 tokens += len(hypothesis)
+                _interrupts.check()
         finally:
             if out is not sys.stdout:
                 out.close()
@@ -266,6 +273,7 @@ def _cmd_generate(args) -> int:
                 out.write(codec.detokenize(result.sequences[0]) + "\n")
                 examples += 1
                 tokens += len(result.sequences[0])
+                _interrupts.check()
         finally:
             for f in (source, out):
                 if f not in (sys.stdin, sys.stdout):
@@ -283,7 +291,9 @@ def _cmd_score(args) -> int:
     with _engine(args, Translator, model_dir) as translator:
         stats = translator.score_file(
             args.source, args.target, args.output or "/dev/stdout", max_batch_size=args.max_batch_size,
-            source_tokenize_fn=codec.tokenize, target_tokenize_fn=codec.tokenize, target_detokenize_fn=codec.detokenize,
+            source_tokenize_fn=codec.tokenize, target_tokenize_fn=codec.tokenize,
+            # called for each line just before it is written: the one place score_file lets us stop
+            target_detokenize_fn=lambda tokens: (_interrupts.check(), codec.detokenize(tokens))[1],
         )
         _summary("scored", stats.num_examples, stats.num_tokens, stats.total_time_in_ms / 1000, translator)
     return 0
@@ -362,13 +372,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _interrupt_on_sigterm() -> None:
-    """SIGTERM ends the run like Ctrl-C: the engine closes, files keep complete lines only."""
+class _Interrupts:
+    """Ctrl-C and SIGTERM stop a run between two output lines, not wherever the main thread is.
 
-    def handler(signum, frame):
-        raise KeyboardInterrupt
+    A KeyboardInterrupt raised by the signal handler itself would land at an arbitrary point:
+    inside a Condition wait that is re-taking the engine's queue lock, half-way through a
+    submit. So the first signal only asks to stop; the loops call ``check()`` after each line
+    they write, which raises KeyboardInterrupt there, with the engine idle and the file holding
+    complete lines. A second signal raises at once, for a run stuck waiting on a long batch.
+    (``kill -USR1`` prints every thread's stack to stderr, for a run that seems stuck.)
+    """
 
-    signal.signal(signal.SIGTERM, handler)
+    def __init__(self):
+        self.requested = False
+
+    def install(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("shmengine-run: stopping after the current line (signal again to stop at once)", file=sys.stderr, flush=True)
+
+    def check(self, *_) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+
+
+_interrupts = _Interrupts()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -376,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     from .errors import ShmEngineError
 
-    _interrupt_on_sigterm()
+    _interrupts.install()
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -144,7 +144,10 @@ class WorkerPool:
         self._numexpr_threads = numexpr_threads
         self._queue_size = resolve_queue_size(max_queued_batches, len(slot_settings))
 
-        self._lock = threading.Lock()
+        # An RLock, not a Lock: a KeyboardInterrupt raised while a Condition wait re-takes it
+        # leaves the waiter's `with` releasing a lock it does not hold; a Lock would then be
+        # released from under whichever thread holds it, an RLock refuses (RuntimeError).
+        self._lock = threading.RLock()
         self._not_full = threading.Condition(self._lock)
         self._pending: collections.deque[_Batch] = collections.deque()
         self._retry: collections.deque[_Batch] = collections.deque()  # manager thread only

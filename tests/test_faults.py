@@ -69,7 +69,20 @@ def test_signal_during_a_long_translate_file(tmp_path, sig):
     assert wait_until(lambda: output.exists() and output.stat().st_size > 20_000, timeout=60), proc.stderr.read()
     children = descendants(proc.pid)
     proc.send_signal(sig)
-    _, err = proc.communicate(timeout=30)
+    try:
+        _, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:  # a hang: get every thread's stack (the CLI's SIGUSR1), then clean up
+        proc.send_signal(signal.SIGUSR1)
+        time.sleep(1)
+        for pid in [proc.pid, *children]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        _, err = proc.communicate()
+        for name in shm_segments() - before:
+            os.unlink(f"/dev/shm/{name}")
+        pytest.fail(f"shmengine-run did not exit within 30 s of {sig.name}; its stacks:\n{err[-20000:]}")
     assert proc.returncode == 130, err
     assert "interrupted" in err
     text = output.read_text()
