@@ -49,24 +49,16 @@ def test_1000_requests_while_a_chaos_thread_kills_20_workers(slow_mlp):
         assert not set(engine.worker_pids) & set(kills)
 
 
-def _translate_cli(source, output):
+def _cli(*args):
     return subprocess.Popen(
-        [sys.executable, "-m", "shmengine.cli", "translate", "--input", str(source), "--output", str(output),
-         "--beam-size", "1", "--max-batch-size", "16"],
+        [sys.executable, "-m", "shmengine.cli", *map(str, args)],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_during_a_long_translate_file(tmp_path, sig):
-    """SIGTERM / Ctrl-C while shmengine-run translates a long file: a clean exit (130), the output
-    holds complete, correct lines only, and no process or segment is left."""
-    numbers = [random.Random(i).randrange(1_000_000) for i in range(200_000)]
-    source, output = tmp_path / "numbers.txt", tmp_path / "words.txt"
-    source.write_text("".join(f"{n}\n" for n in numbers))
-    before = shm_segments()
-    proc = _translate_cli(source, output)
-    assert wait_until(lambda: output.exists() and output.stat().st_size > 20_000, timeout=60), proc.stderr.read()
+def _interrupt(proc, sig, before: set[str]) -> str:
+    """Send ``sig`` once the run is under way; its stderr, after checking it exited with 130 and
+    left no process or segment behind."""
     children = descendants(proc.pid)
     proc.send_signal(sig)
     try:
@@ -85,13 +77,48 @@ def test_signal_during_a_long_translate_file(tmp_path, sig):
         pytest.fail(f"shmengine-run did not exit within 30 s of {sig.name}; its stacks:\n{err[-20000:]}")
     assert proc.returncode == 130, err
     assert "interrupted" in err
-    text = output.read_text()
-    assert text.endswith("\n")
-    lines = text.splitlines()
-    assert 0 < len(lines) < len(numbers)
-    assert lines == [number_to_words(n) for n in numbers[: len(lines)]]
     assert wait_until(lambda: not any(os.path.exists(f"/proc/{p}") for p in children), timeout=5)
     assert wait_until(lambda: shm_segments() == before, timeout=5)
+    return err
+
+
+def _complete_lines(path) -> list[str]:
+    text = path.read_text()
+    assert text.endswith("\n"), "the output ends in the middle of a line"
+    return text.splitlines()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_during_a_long_translate_file(tmp_path, sig):
+    """SIGTERM / Ctrl-C while shmengine-run translates a long file: a clean exit (130), the output
+    holds complete, correct lines only, and no process or segment is left."""
+    numbers = [random.Random(i).randrange(1_000_000) for i in range(200_000)]
+    source, output = tmp_path / "numbers.txt", tmp_path / "words.txt"
+    source.write_text("".join(f"{n}\n" for n in numbers))
+    before = shm_segments()
+    proc = _cli("translate", "--input", source, "--output", output, "--beam-size", 1, "--max-batch-size", 16)
+    assert wait_until(lambda: output.exists() and output.stat().st_size > 20_000, timeout=60), proc.stderr.read()
+    _interrupt(proc, sig, before)
+    lines = _complete_lines(output)
+    assert 0 < len(lines) < len(numbers)
+    assert lines == [number_to_words(n) for n in numbers[: len(lines)]]
+
+
+def test_signal_during_a_long_score_file(tmp_path):
+    """The same for ``shmengine-run score``: each written line scores its own pair, in order."""
+    numbers = [random.Random(i).randrange(1_000_000) for i in range(100_000)]
+    source, target, output = tmp_path / "numbers.txt", tmp_path / "words.txt", tmp_path / "scores.txt"
+    source.write_text("".join(f"{n}\n" for n in numbers))
+    target.write_text("".join(f"{number_to_words(n)}\n" for n in numbers))
+    before = shm_segments()
+    proc = _cli("score", "--source", source, "--target", target, "--output", output, "--max-batch-size", 16)
+    assert wait_until(lambda: output.exists() and output.stat().st_size > 20_000, timeout=60), proc.stderr.read()
+    _interrupt(proc, signal.SIGINT, before)
+    lines = _complete_lines(output)
+    assert 0 < len(lines) < len(numbers)
+    for n, line in zip(numbers, lines):
+        score, words = line.split(" ||| ")
+        assert words == number_to_words(n) and float(score) <= 0
 
 
 def _rss_mb() -> float:
