@@ -397,7 +397,7 @@ class _Interrupts:
         self.requested = True
         print("shmengine-run: stopping after the current line (signal again to stop at once)", file=sys.stderr, flush=True)
 
-    def check(self, *_) -> None:
+    def check(self) -> None:
         if self.requested:
             raise KeyboardInterrupt
 

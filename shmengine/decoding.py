@@ -184,9 +184,8 @@ class _History:
 
 
 def _sample(log_probs: np.ndarray, options: DecodingOptions, rng: np.random.Generator) -> np.ndarray:
-    """One token per row: the argmax, or a draw from the top-k / top-p tempered distribution."""
-    if not options.sampling:
-        return np.argmax(log_probs, axis=-1)
+    """One token per row: a draw from the top-k / top-p tempered distribution (greedy search takes
+    the argmax itself)."""
     scaled = log_probs / np.float32(options.sampling_temperature)
     vocab = scaled.shape[-1]
     k = vocab if options.sampling_topk <= 0 else min(options.sampling_topk, vocab)

@@ -11,7 +11,8 @@ session (and one set of shared or prepacked weights) serves both.
 The edit is made only where the head is recognised for certain: the ``logits`` output, of rank
 3, computed by a ``MatMul`` with a 2-D initializer, possibly followed by element-wise ops with
 constant operands that are the same at every position (a bias, a scale) and casts, possibly
-inside the branches of an ``If`` (Optimum's merged decoders). Anything else is left exactly as it is and decodes as before.
+inside the branches of an ``If`` (Optimum's merged decoders). Anything else is left exactly as
+it is and decodes as before.
 """
 
 from __future__ import annotations

@@ -4,9 +4,9 @@ cleans up when the supervisor dies.
 Why: forking the supervisor itself is unsafe once it runs threads (the manager thread, the
 caller's threads, ORT pools): a child can inherit a lock held by a thread that does not exist in
 it and deadlock. Spawning fresh interpreters instead would re-import numpy, onnx and our code per
-worker (about 0.3 s each) and re-run the caller's ``__main__``. So the supervisor starts this small process once per engine,
-with a fresh interpreter that preloads numpy, onnx and our worker code and never starts a
-thread; every worker, including respawns, is a fork of it.
+worker (about 0.3 s each) and re-run the caller's ``__main__``. So the supervisor starts this
+small process once per engine, with a fresh interpreter that preloads numpy, onnx and our worker
+code and never starts a thread; every worker, including respawns, is a fork of it.
 
 onnxruntime is *not* preloaded: importing it (1.31) starts a background thread of ORT's own, and
 a fork taken while that thread holds one of ORT's locks would leave the child waiting on it for

@@ -134,7 +134,7 @@ def test_flood_of_100k_requests_blocks_the_submitter_and_close_is_prompt(small_m
     The producer keeps only a window of its latest futures, as a real one would; the engine must
     not hold on to anything that the producer let go."""
     engine = shmengine.Engine(small_mlp.path, inter_threads=2, intra_threads=1, max_queued_batches=8)
-    x, expected = small_mlp.inputs(1), None
+    x = small_mlp.inputs(1)
     expected = small_mlp.reference(x)
     recent: collections.deque = collections.deque(maxlen=200)
     counts = {"submitted": 0, "checked": 0}
