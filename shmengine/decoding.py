@@ -7,6 +7,9 @@ The search talks to the model through a :class:`Stepper`:
     stepper.select(rows)      -> keep (and reorder, repeat) rows of the model state
 
 so the same code drives a decoder-only model, a seq2seq decoder, or a numpy toy in the tests.
+Logits are a numpy array or any :class:`Logits` object: a device runner keeps them on the GPU
+and answers ``top(k)`` there, so when no logits processor is active only ``rows x k`` values
+and one log-normaliser per row cross to the host each step, not ``rows x vocabulary``.
 A worker runs the whole loop for its batch: one round trip per batch, not per token.
 
 Semantics follow CTranslate2 (``src/decoding.cc``), so a caller switching from it gets the same
@@ -30,16 +33,66 @@ from typing import Protocol
 
 import numpy as np
 
-__all__ = ["DecodingOptions", "Hypotheses", "Stepper", "StepEvent", "decode", "log_softmax"]
+__all__ = ["DecodingOptions", "Hypotheses", "Logits", "HostLogits", "Stepper", "StepEvent", "decode", "log_softmax"]
 
 NEG_INF = np.float32(-np.inf)
 DEAD_SCORE = np.float32(-1e10)  # CTranslate2's score for a candidate it removed
 
 
-class Stepper(Protocol):
-    def prefill(self, prompts: Sequence[Sequence[int]]) -> np.ndarray: ...
+class Logits(Protocol):
+    """Next-token logits [rows, vocabulary], wherever they live (host memory or a device)."""
 
-    def step(self, token_ids: np.ndarray) -> np.ndarray: ...
+    @property
+    def vocab_size(self) -> int: ...
+
+    def array(self) -> np.ndarray:
+        """The logits as a float32 host array [rows, vocabulary]."""
+
+    def take(self, rows: np.ndarray) -> Logits:
+        """The logits of these rows only."""
+
+    def top(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Each row's ``k`` largest logits [rows, k] (any order; ``k == 1`` is the argmax, the
+        lowest index among equals), their token ids [rows, k] and the row's log-normaliser
+        [rows, 1] (``log_softmax = logits - normaliser``), all float32 / int64 host arrays."""
+
+
+class HostLogits:
+    """:class:`Logits` over a host array (what a numpy stepper returns)."""
+
+    def __init__(self, values: np.ndarray):
+        self.values = values
+
+    @property
+    def vocab_size(self) -> int:
+        return self.values.shape[-1]
+
+    def array(self) -> np.ndarray:
+        return self.values.astype(np.float32, copy=False)
+
+    def take(self, rows: np.ndarray) -> HostLogits:
+        return HostLogits(self.values[rows])
+
+    def top(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        values = self.array()
+        vocab = values.shape[-1]
+        if k == 1:
+            ids = np.argmax(values, axis=-1)[:, None]
+        elif k < vocab:
+            ids = np.argpartition(values, vocab - k, axis=-1)[:, vocab - k :]
+        else:
+            ids = np.broadcast_to(np.arange(vocab), values.shape)
+        return np.take_along_axis(values, ids, axis=-1), ids, log_normalizer(values)
+
+
+def as_logits(logits) -> Logits:
+    return HostLogits(logits) if isinstance(logits, np.ndarray) else logits
+
+
+class Stepper(Protocol):
+    def prefill(self, prompts: Sequence[Sequence[int]]) -> np.ndarray | Logits: ...
+
+    def step(self, token_ids: np.ndarray) -> np.ndarray | Logits: ...
 
     def select(self, rows: np.ndarray) -> None: ...
 
@@ -153,6 +206,17 @@ class _History:
             self.rows[r].append(t)
         if self.presence is not None:
             self.presence[np.arange(len(tokens)), tokens] = True
+
+    def changes_logits(self, step: int) -> bool:
+        """Whether ``process`` may change the logits at this step (if not, the search can ask the
+        logits for their top-k alone, which a device runner answers without a full copy)."""
+        o = self.options
+        return (
+            self.presence is not None
+            or o.no_repeat_ngram_size > 0
+            or bool(o.suppress_ids)
+            or bool(np.any(step < self.min_new))
+        )
 
     def process(self, logits: np.ndarray, step: int) -> np.ndarray:
         """Apply penalties and bans to raw logits [rows, V] (a copy is made only when needed)."""
@@ -270,24 +334,28 @@ def _greedy(stepper: Stepper, prompts, options: DecodingOptions, on_step) -> lis
     results = [Hypotheses([[]], [0.0], [[]]) for _ in range(batch)]
     ended = [False] * batch
     alive = np.array([i for i in range(batch) if limits[i] > 0], dtype=np.int64)
-    logits = stepper.prefill(prompts)
-    history = _History(options.history or [list(p) for p in prompts], logits.shape[-1], options)
+    logits = as_logits(stepper.prefill(prompts))
+    history = _History(options.history or [list(p) for p in prompts], logits.vocab_size, options)
     if len(alive) < batch:
         if not len(alive):
             return _finish_greedy(results, offsets, options, ended)
         stepper.select(alive)
         history.select(alive)
-        logits = logits[alive]
+        logits = logits.take(alive)
     forced = options.forced
     for step in range(max(limits)):
-        scores = history.process(logits, step).astype(np.float32, copy=False)
         if options.sampling:
-            log_probs = log_softmax(scores)
+            log_probs = log_softmax(history.process(logits.array(), step))
             chosen = _sample(log_probs, options, rng)
             chosen_lp = log_probs[np.arange(len(chosen)), chosen]
-        else:
+        elif history.changes_logits(step):
+            scores = history.process(logits.array(), step)
             chosen = np.argmax(scores, axis=-1)
             chosen_lp = scores[np.arange(len(chosen)), chosen] - log_normalizer(scores)[:, 0]
+        else:
+            values, ids, normalizer = logits.top(1)
+            chosen = ids[:, 0].astype(np.int64, copy=False)
+            chosen_lp = values[:, 0] - normalizer[:, 0]
         if forced is not None:
             for row, example in enumerate(alive.tolist()):
                 if step < len(forced[example]):
@@ -321,12 +389,20 @@ def _greedy(stepper: Stepper, prompts, options: DecodingOptions, on_step) -> lis
             history.select(rows)
             chosen = chosen[rows]
         history.append(chosen)
-        logits = stepper.step(chosen)
+        logits = as_logits(stepper.step(chosen))
     return _finish_greedy(results, offsets, options, ended)
 
 
-def _log_prob(scores: np.ndarray, normalizer: np.ndarray, row: int, token: int) -> float:
-    return float(scores[row, token] - normalizer[row, 0])
+def _log_prob_reader(scores: np.ndarray | None, normalizer: np.ndarray, row_tokens: np.ndarray, row_lps: np.ndarray):
+    """``log_prob(row, token)`` of one step: from the full rows when the search has them, else
+    from the row's own top-k (every candidate token is among them)."""
+    if scores is not None:
+        return lambda row, token: float(scores[row, token] - normalizer[row, 0])
+
+    def from_top(row: int, token: int) -> float:
+        return float(row_lps[row][np.flatnonzero(row_tokens[row] == token)[0]])
+
+    return from_top
 
 
 def _hidden_end(is_end: bool, options: DecodingOptions) -> int:
@@ -351,8 +427,8 @@ def _beam_search(stepper: Stepper, prompts, options: DecodingOptions) -> list[Hy
     limits = options.per_example("max_new_tokens", batch)
     finished: list[list[tuple[float, list[int], list[float], int]]] = [[] for _ in range(batch)]
 
-    logits = stepper.prefill(prompts)  # [batch, V]: only the first beam exists before step 0
-    vocab = logits.shape[-1]
+    logits = as_logits(stepper.prefill(prompts))  # [batch, V]: only the first beam exists before step 0
+    vocab = logits.vocab_size
     history = _History(options.history or [list(p) for p in prompts], vocab, options)
     alive = np.array([i for i in range(batch) if limits[i] > 0], dtype=np.int64)  # in state order
     for example in set(range(batch)) - set(alive.tolist()):
@@ -360,7 +436,7 @@ def _beam_search(stepper: Stepper, prompts, options: DecodingOptions) -> list[Hy
     if len(alive) < batch and len(alive):
         stepper.select(alive)
         history.select(alive)
-        logits = logits[alive]
+        logits = logits.take(alive)
     beam_scores = np.zeros((len(alive), 1), dtype=np.float32)
     sequences = [[[]] for _ in alive]  # per live example, per beam: tokens so far
     seq_lps = [[[]] for _ in alive]
@@ -368,18 +444,21 @@ def _beam_search(stepper: Stepper, prompts, options: DecodingOptions) -> list[Hy
 
     for step in range(max(limits, default=0) if len(alive) else 0):
         width = beam_scores.shape[1]  # 1 on the first step, then beam
-        scores = history.process(logits, step).astype(np.float32, copy=False)  # [examples * width, V]
-        normalizer = log_normalizer(scores)
         k = min(candidates_per_example, width * vocab)
         # An example's best k continuations are among the k best tokens of each of its beams, so
         # each row is cut to its own k first (one pass over the vocabulary) and only those
         # width * k candidates get log-probabilities and beam scores.
         row_k = min(k, vocab)
-        if row_k < vocab:
-            row_tokens = np.argpartition(scores, vocab - row_k, axis=-1)[:, vocab - row_k :]
+        if history.changes_logits(step) or options.forced is not None or options.after_prefix is not None:
+            # processed logits, or tokens forced from outside the top-k: the full rows are needed
+            scores = history.process(logits.array(), step)  # [examples * width, V]
+            top = HostLogits(scores).top(row_k)
         else:
-            row_tokens = np.broadcast_to(np.arange(vocab), scores.shape)
-        row_lps = np.take_along_axis(scores, row_tokens, axis=-1) - normalizer
+            scores = None
+            top = logits.top(row_k)
+        row_values, row_tokens, normalizer = top
+        row_lps = row_values - normalizer
+        log_prob = _log_prob_reader(scores, normalizer, row_tokens, row_lps)
         totals = (row_lps.reshape(len(alive), width, row_k) + beam_scores[:, :, None]).reshape(len(alive), width * row_k)
         flat = (row_tokens.reshape(len(alive), width, row_k) + (np.arange(width) * vocab)[None, :, None]).reshape(
             len(alive), width * row_k
@@ -421,7 +500,7 @@ def _beam_search(stepper: Stepper, prompts, options: DecodingOptions) -> list[Hy
                         top_finished[example] = True
                     src = int(origin[i, c])
                     hyp = sequences[i][src] + ([t] if (t not in end_set or options.return_end_token) else [])
-                    lps = seq_lps[i][src] + [_log_prob(scores, normalizer, i * width + src, t)]
+                    lps = seq_lps[i][src] + [log_prob(i * width + src, t)]
                     finished[example].append((float(top_scores[i, c]), hyp, lps, _hidden_end(t in end_set, options)))
                     # refill this beam from the next candidate that is not an end token
                     c = None
@@ -454,7 +533,7 @@ def _beam_search(stepper: Stepper, prompts, options: DecodingOptions) -> list[Hy
                 next_tokens.append(t)
                 next_scores.append(NEG_INF if dead else top_scores[i, c])
                 beams_seq.append(sequences[i][src] + [t])
-                beams_lp.append(seq_lps[i][src] + [_log_prob(scores, normalizer, i * width + src, t)])
+                beams_lp.append(seq_lps[i][src] + [log_prob(i * width + src, t)])
             new_sequences.append(beams_seq)
             new_lps.append(beams_lp)
         if not keep_examples:
@@ -467,7 +546,7 @@ def _beam_search(stepper: Stepper, prompts, options: DecodingOptions) -> list[Hy
         history.select(rows)
         tokens = np.array(next_tokens, dtype=np.int64)
         history.append(tokens)
-        logits = stepper.step(tokens)
+        logits = as_logits(stepper.step(tokens))
 
     results = []
     for example in range(batch):
