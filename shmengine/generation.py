@@ -30,18 +30,19 @@ class GeneratorProgram:
     def __init__(self, context: WorkerContext, *, pad_id: int):
         self.context = context
         self.session = context.create_session("model")
+        self.runner = context.create_runner()
         self.pad_id = pad_id
 
     def describe(self) -> dict:
-        return {"session_providers": self.session.get_providers()}
+        return {"session_providers": self.session.get_providers(), "runner": type(self.runner).__name__}
 
     def run(self, method: str, payload):
         if method == "generate":
             prompts, options = payload
-            stepper = DecoderOnlyStepper(self.session, self.pad_id)
+            stepper = DecoderOnlyStepper(self.session, self.pad_id, self.runner)
             return decode(stepper, prompts, options, _streamer(self.context, options))
         if method == "score":
-            return _score_rows(DecoderOnlyStepper(self.session, self.pad_id), payload, left_padded=True)
+            return _score_rows(DecoderOnlyStepper(self.session, self.pad_id, self.runner), payload, left_padded=True)
         raise ValueError(f"unknown method {method!r}")
 
 
@@ -53,15 +54,21 @@ class TranslatorProgram:
         self.encoder = context.create_session("encoder")
         self.decoder = context.create_session("decoder")
         self.decoder_with_past = context.create_session("decoder_with_past") if "decoder_with_past" in context.catalog else None
+        self.runner = context.create_runner()
         self.pad_id = pad_id
         self.start_id = decoder_start_id
 
     def describe(self) -> dict:
-        return {"session_providers": self.decoder.get_providers()}
+        return {"session_providers": self.decoder.get_providers(), "runner": type(self.runner).__name__}
 
     def _stepper(self) -> Seq2SeqStepper:
         return Seq2SeqStepper(
-            self.encoder, self.decoder, self.decoder_with_past, pad_id=self.pad_id, decoder_start_id=self.start_id
+            self.encoder,
+            self.decoder,
+            self.decoder_with_past,
+            pad_id=self.pad_id,
+            decoder_start_id=self.start_id,
+            runner=self.runner,
         )
 
     def run(self, method: str, payload):

@@ -7,9 +7,11 @@ stream; CUDA is never initialised in the supervisor or the fork server, so forki
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 from .sessions import SessionSettings
+from .target import RUNNER_KINDS, WorkerTarget
 from .threads import ThreadPlan, get_cuda_device_count, plan_threads
 
 __all__ = ["Placement", "place_workers", "DEVICES"]
@@ -75,6 +77,10 @@ def place_workers(
     elif indices != [0]:
         raise ValueError(f"device_index={device_index!r} only has a meaning with device='cuda'")
 
+    # SHMENGINE_RUNNER=bound runs the device path's code on CPU OrtValues (tests, benchmarks).
+    runner = os.environ.get("SHMENGINE_RUNNER", "host").strip().lower() or "host"
+    if runner not in RUNNER_KINDS:
+        raise ValueError(f"SHMENGINE_RUNNER must be one of {', '.join(RUNNER_KINDS)}, got {runner!r}")
     workers = inter_threads * len(indices)
     plan = plan_threads(workers, intra_threads)
     slots = []
@@ -91,6 +97,7 @@ def place_workers(
                     prepack_weights=prepack_weights,
                     providers=providers,
                     graph_optimization_level=graph_optimization_level,
+                    target=WorkerTarget(device=device, device_index=index, runner=runner),
                 )
             )
     return Placement(device, indices, plan, slots)

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from .sharedmem import SHM_DIR
+from .target import WorkerTarget
 from .weights import RAW_ONNX_TYPES, ModelEntry, storage_dtype
 
 __all__ = ["SessionSettings", "create_session", "PrepackProgram"]
@@ -47,6 +48,8 @@ class SessionSettings:
     extra_config: dict[str, str] = field(default_factory=dict)
     # store key -> optimized model file with serialized prepacked weights (see PrepackProgram)
     prepacked_models: dict[str, str] = field(default_factory=dict)
+    # where the worker runs (device, compute type, rank): its programs choose their runner from it
+    target: WorkerTarget = field(default_factory=WorkerTarget)
 
 
 _OPT_LEVELS = {

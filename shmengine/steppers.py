@@ -1,6 +1,8 @@
 """Steppers: one decoding step of an Optimum ONNX export, with its KV cache, as ``decoding.py`` wants.
 
-Everything is read from the sessions' input and output metadata, never hard-coded:
+A stepper holds the *naming* logic of an export; where tensors live and how the session runs is
+its runner's (``runners.py``: host numpy arrays, or OrtValues kept on a device). Everything is
+read from the sessions' input and output metadata, never hard-coded:
 
 * ``past_key_values.<rest>`` inputs are fed from the ``present.<rest>`` outputs of the previous
   step; their head count, head size and dtype come from the input's declared shape and type;
@@ -23,17 +25,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from .graph_edits import LOGIT_POSITIONS
+from .runners import HOST, KEEP, LOGITS, ORT_TYPES, HostRunner, Runner
 
 __all__ = ["DecoderOnlyStepper", "Seq2SeqStepper", "run_encoder", "pad_right"]
-
-_ORT_TYPES = {
-    "tensor(float)": np.float32,
-    "tensor(float16)": np.float16,
-    "tensor(double)": np.float64,
-    "tensor(int64)": np.int64,
-    "tensor(int32)": np.int32,
-    "tensor(bool)": np.bool_,
-}
 
 
 def _inputs(session) -> dict:
@@ -41,22 +35,11 @@ def _inputs(session) -> dict:
 
 
 def _int_dtype(meta) -> type:
-    return _ORT_TYPES.get(meta.type, np.int64)
+    return ORT_TYPES.get(meta.type, np.int64)
 
 
-def _empty_cache(meta, batch: int) -> np.ndarray:
-    """A zero-length cache tensor [batch, heads, 0, head_dim] shaped as the input declares."""
-    shape = []
-    for axis, dim in enumerate(meta.shape):
-        if axis == 0:
-            shape.append(batch)
-        elif axis == len(meta.shape) - 2:
-            shape.append(0)
-        else:
-            if not isinstance(dim, int):
-                raise ValueError(f"cache input {meta.name!r} has a symbolic dimension {dim!r} at axis {axis}; cannot size it")
-            shape.append(dim)
-    return np.zeros(shape, dtype=_ORT_TYPES.get(meta.type, np.float32))
+def _present(past_name: str) -> str:
+    return "present" + past_name[len("past_key_values") :]
 
 
 def pad_right(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -83,24 +66,25 @@ def _pad_left(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarr
 class DecoderOnlyStepper:
     """A decoder-only Optimum export (``model.onnx`` or ``decoder_model_merged.onnx``)."""
 
-    def __init__(self, session, pad_id: int):
+    def __init__(self, session, pad_id: int, runner: Runner | None = None):
         self.session = session
         self.pad_id = pad_id
+        self.runner = runner or HostRunner()
         self.inputs = _inputs(session)
-        self.output_names = [o.name for o in session.get_outputs()]
+        output_names = {o.name for o in session.get_outputs()}
         self.past_names = [n for n in self.inputs if n.startswith("past_key_values")]
-        self.present_of = {p: "present" + p[len("past_key_values") :] for p in self.past_names}
-        missing = [v for v in self.present_of.values() if v not in self.output_names]
+        self.present_of = {p: _present(p) for p in self.past_names}
+        missing = [v for v in self.present_of.values() if v not in output_names]
         if missing:
             raise ValueError(f"the decoder has cache inputs but no output {missing[0]!r} to feed them")
         self.ids_dtype = _int_dtype(self.inputs["input_ids"])
         # a graph edited at load time to compute logits only where asked (graph_edits.py)
         self.chooses_logit_positions = LOGIT_POSITIONS in self.inputs
-        self.cache: dict[str, np.ndarray] = {}
+        self.cache: dict = {}  # past input name -> tensor, wherever the runner keeps it
         self.mask: np.ndarray | None = None
         self.positions: np.ndarray | None = None
 
-    def _run(self, input_ids: np.ndarray, first: bool, all_logits: bool = False) -> dict[str, np.ndarray]:
+    def _run(self, input_ids: np.ndarray, first: bool, all_logits: bool = False):
         feeds = {"input_ids": input_ids.astype(self.ids_dtype, copy=False)}
         if self.chooses_logit_positions:
             length = input_ids.shape[1]
@@ -112,29 +96,33 @@ class DecoderOnlyStepper:
         if "use_cache_branch" in self.inputs:
             feeds["use_cache_branch"] = np.array([not first])
         feeds.update(self.cache)
-        outputs = dict(zip(self.output_names, self.session.run(None, feeds)))
+        fetch = {"logits": HOST if all_logits else LOGITS}
+        fetch.update({present: KEEP for present in self.present_of.values()})
+        outputs = self.runner.run(self.session, feeds, fetch)
         self.cache = {p: outputs[self.present_of[p]] for p in self.past_names}
-        return outputs
+        return outputs["logits"]
 
-    def prefill(self, prompts: Sequence[Sequence[int]], *, all_logits: bool = False) -> np.ndarray:
+    def prefill(self, prompts: Sequence[Sequence[int]], *, all_logits: bool = False):
+        """Logits after each prompt's last token (a :class:`decoding.Logits`), or with
+        ``all_logits`` the host array [batch, positions, vocabulary] of every position."""
         ids, self.mask = _pad_left(prompts, self.pad_id)
         positions = np.cumsum(self.mask, axis=1) - 1
         self.positions = np.where(self.mask == 1, positions, 1)
-        self.cache = {p: _empty_cache(self.inputs[p], len(prompts)) for p in self.past_names}
-        logits = self._run(ids, first=True, all_logits=all_logits)["logits"]
+        self.cache = {p: self.runner.empty(self.inputs[p], len(prompts)) for p in self.past_names}
+        logits = self._run(ids, first=True, all_logits=all_logits)
         self.positions = self.positions[:, -1:] + 1
-        return logits if all_logits else logits[:, -1, :]
+        return logits
 
-    def step(self, token_ids: np.ndarray) -> np.ndarray:
+    def step(self, token_ids: np.ndarray):
         self.mask = np.concatenate([self.mask, np.ones((len(token_ids), 1), dtype=self.mask.dtype)], axis=1)
-        logits = self._run(token_ids.reshape(-1, 1), first=False)["logits"][:, -1, :]
+        logits = self._run(token_ids.reshape(-1, 1), first=False)
         self.positions = self.positions + 1
         return logits
 
     def select(self, rows: np.ndarray) -> None:
         if _is_identity(rows, len(self.mask)):
             return
-        self.cache = {k: v[rows] for k, v in self.cache.items()}
+        self.cache = self.runner.take(self.cache, rows)
         self.mask = self.mask[rows]
         self.positions = self.positions[rows]
 
@@ -143,15 +131,19 @@ def _is_identity(rows: np.ndarray, count: int) -> bool:
     return len(rows) == count and bool(np.array_equal(rows, np.arange(count)))
 
 
-def run_encoder(session, sources: Sequence[Sequence[int]], pad_id: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Run an encoder export on right-padded sources: (outputs by name, attention mask)."""
-    inputs = _inputs(session)
+def _encoder_feeds(inputs: dict, sources: Sequence[Sequence[int]], pad_id: int) -> tuple[dict, np.ndarray]:
     ids, mask = pad_right(sources, pad_id)
     feeds = {"input_ids": ids.astype(_int_dtype(inputs["input_ids"]), copy=False)}
     if "attention_mask" in inputs:
         feeds["attention_mask"] = mask.astype(_int_dtype(inputs["attention_mask"]), copy=False)
     if "token_type_ids" in inputs:
         feeds["token_type_ids"] = np.zeros_like(ids, dtype=_int_dtype(inputs["token_type_ids"]))
+    return feeds, mask
+
+
+def run_encoder(session, sources: Sequence[Sequence[int]], pad_id: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Run an encoder export on right-padded sources: (outputs by name as host arrays, attention mask)."""
+    feeds, mask = _encoder_feeds(_inputs(session), sources, pad_id)
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(None, feeds))), mask
 
@@ -159,25 +151,29 @@ def run_encoder(session, sources: Sequence[Sequence[int]], pad_id: int) -> tuple
 class Seq2SeqStepper:
     """An encoder-decoder Optimum export; ``encode`` first, then the decoding steps."""
 
-    def __init__(self, encoder, decoder, decoder_with_past=None, *, pad_id: int, decoder_start_id: int):
+    def __init__(
+        self, encoder, decoder, decoder_with_past=None, *, pad_id: int, decoder_start_id: int, runner: Runner | None = None
+    ):
         self.encoder = encoder
         self.first = decoder  # merged decoder, or the no-cache decoder of a pair
         self.rest = decoder_with_past or decoder
         self.pad_id = pad_id
         self.decoder_start_id = decoder_start_id
+        self.runner = runner or HostRunner()
         self.first_inputs = _inputs(self.first)
         self.rest_inputs = _inputs(self.rest)
-        self.first_outputs = [o.name for o in self.first.get_outputs()]
-        self.rest_outputs = [o.name for o in self.rest.get_outputs()]
+        self.first_outputs = {o.name for o in self.first.get_outputs()}
+        self.rest_outputs = {o.name for o in self.rest.get_outputs()}
         self.past_names = [n for n in self.rest_inputs if n.startswith("past_key_values")]
-        self.state: dict[str, np.ndarray] = {}
+        self.state: dict = {}  # name -> tensor (host array, or kept by the runner)
         # Which source sentence each state row decodes. Every row of one source holds the same
         # encoder states and cross-attention caches, so a select() that keeps this mapping (a
         # beam reorder) leaves those tensors as they are and moves only the self-attention caches.
         self.row_source = np.zeros(0, dtype=np.int64)
 
     def encode(self, sources: Sequence[Sequence[int]]) -> None:
-        outputs, mask = run_encoder(self.encoder, sources, self.pad_id)
+        feeds, mask = _encoder_feeds(_inputs(self.encoder), sources, self.pad_id)
+        outputs = self.runner.run(self.encoder, feeds, {"last_hidden_state": KEEP})
         self.state = {"encoder_hidden_states": outputs["last_hidden_state"], "encoder_attention_mask": mask}
         self.row_source = np.arange(len(sources))
 
@@ -191,31 +187,30 @@ class Seq2SeqStepper:
             feeds["use_cache_branch"] = np.array([not first])
         for name in inputs:
             if name.startswith("past_key_values"):
-                feeds[name] = self.state[name] if not first else _empty_cache(inputs[name], len(input_ids))
+                feeds[name] = self.state[name] if not first else self.runner.empty(inputs[name], len(input_ids))
         return feeds
 
-    def _run(self, input_ids: np.ndarray, first: bool) -> np.ndarray:
-        session, inputs, names = (
+    def _run(self, input_ids: np.ndarray, first: bool, all_logits: bool = False):
+        session, inputs, outputs = (
             (self.first, self.first_inputs, self.first_outputs) if first else (self.rest, self.rest_inputs, self.rest_outputs)
         )
-        outputs = dict(zip(names, session.run(None, self._feeds(inputs, input_ids, first))))
-        for past in self.past_names:
-            present = "present" + past[len("past_key_values") :]
-            # cross-attention caches are computed once, on the first step, and kept as they are
-            if present in outputs and (first or ".encoder." not in past):
-                self.state[past] = outputs[present]
-        return outputs["logits"][:, -1, :]
+        fetch = {"logits": HOST if all_logits else LOGITS}
+        # cross-attention caches are computed once, on the first step, and kept as they are
+        wanted = [p for p in self.past_names if _present(p) in outputs and (first or ".encoder." not in p)]
+        if not all_logits:
+            fetch.update({_present(p): KEEP for p in wanted})
+        results = self.runner.run(session, self._feeds(inputs, input_ids, first), fetch)
+        if not all_logits:
+            self.state.update({p: results[_present(p)] for p in wanted})
+        return results["logits"]
 
-    def prefill(self, prompts: Sequence[Sequence[int]], *, all_logits: bool = False) -> np.ndarray:
-        """``prompts`` are the decoder inputs, all of length 1 (the start token) unless scoring."""
+    def prefill(self, prompts: Sequence[Sequence[int]], *, all_logits: bool = False):
+        """``prompts`` are the decoder inputs, all of length 1 (the start token) unless scoring;
+        ``all_logits`` returns the host array of every position and keeps no cache."""
         ids = pad_right(prompts, self.pad_id)[0]  # the decoder is causal: right padding is harmless
-        if all_logits:
-            session, inputs, names = self.first, self.first_inputs, self.first_outputs
-            outputs = dict(zip(names, session.run(None, self._feeds(inputs, ids, True))))
-            return outputs["logits"]
-        return self._run(ids, first=True)
+        return self._run(ids, first=True, all_logits=all_logits)
 
-    def step(self, token_ids: np.ndarray) -> np.ndarray:
+    def step(self, token_ids: np.ndarray):
         return self._run(token_ids.reshape(-1, 1), first=False)
 
     def select(self, rows: np.ndarray) -> None:
@@ -223,9 +218,8 @@ class Seq2SeqStepper:
             return
         row_source = self.row_source[rows]
         same_sources = np.array_equal(row_source, self.row_source)
-        self.state = {
-            name: value if same_sources and _per_source(name) else value[rows] for name, value in self.state.items()
-        }
+        moving = {name: value for name, value in self.state.items() if not (same_sources and _per_source(name))}
+        self.state.update(self.runner.take(moving, rows))
         self.row_source = row_source
 
 

@@ -90,6 +90,17 @@ class WorkerContext:
     def begin(self, batch_id: int) -> None:
         self.batch_id = batch_id
 
+    @property
+    def target(self):
+        """The worker's :class:`target.WorkerTarget` (device, compute type, rank)."""
+        return self.session_settings.target
+
+    def create_runner(self):
+        """The runner (``runners.py``) this worker's target calls for: where tensors live between steps."""
+        from .runners import create_runner
+
+        return create_runner(self.target, self.session_settings.providers)
+
     def create_session(self, key: str, settings: SessionSettings | None = None):
         """An ORT session for model ``key`` of the store, over the shared weights."""
         return create_session(self.catalog[key], self._segment.buffer, settings or self.session_settings)
