@@ -17,10 +17,106 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # models/ as a plain package when not installed
 
 from models.builders import mlp_model, mlp_reference, save_model  # noqa: E402
+from shmengine.sharedmem import SEGMENT_PREFIX, SHM_DIR, SharedSegment, unlink_segment  # noqa: E402
+
+
+class _OurSegments:
+    """The ``shmengine-*`` names in /dev/shm that this test session made, and only those.
+
+    Other programs (other test sessions, a benchmark) create and remove their own segments on
+    the same machine at the same time, so "what is new in /dev/shm" is not "what this test
+    made". A name is ours when this process created it (``SharedSegment.create`` is wrapped to
+    record it: the supervisor of an in-process engine is this process), when a process of ours
+    (a subprocess running its own engine) was seen holding it open, or when it derives from one
+    of those (``<name>-*``: prepacked model files). Subprocess names are seen by looking at the
+    descendants' descriptors whenever :func:`shm_segments` is called and every 50 ms in the
+    background, so a subprocess that creates and leaks a segment within 50 ms of its own death
+    could be missed; a real engine holds its segment for its whole life (hundreds of ms at least).
+    """
+
+    def __init__(self):
+        self._known: set[str] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def record(self, name: str) -> None:
+        with self._lock:
+            self._known.add(name)
+
+    def look(self) -> None:
+        """Record every shmengine segment that this process or one of its descendants holds open."""
+        prefix = os.path.join(SHM_DIR, SEGMENT_PREFIX)
+        for pid in [os.getpid(), *descendants(os.getpid())]:
+            try:
+                fds = os.listdir(f"/proc/{pid}/fd")
+            except OSError:
+                continue
+            for fd in fds:
+                try:
+                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                except OSError:
+                    continue
+                if target.startswith(prefix):
+                    self.record(os.path.basename(target.removesuffix(" (deleted)")))
+
+    def ours(self, name: str) -> bool:
+        with self._lock:
+            return name in self._known or any(name.startswith(k + "-") for k in self._known)
+
+    def start_watching(self, interval: float = 0.05) -> None:
+        def watch():
+            while not self._stop.wait(interval):
+                self.look()
+
+        self._thread = threading.Thread(target=watch, name="test-segment-watch", daemon=True)
+        self._thread.start()
+
+    def stop_watching(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+
+OUR_SEGMENTS = _OurSegments()
+_real_create = SharedSegment.create.__func__
+
+
+def _create_and_record(cls, *args, **kwargs):
+    segment = _real_create(cls, *args, **kwargs)
+    OUR_SEGMENTS.record(segment.name)
+    return segment
+
+
+# A spy, not a mock: the real create runs; the wrapper only notes the name it chose.
+SharedSegment.create = classmethod(_create_and_record)
 
 
 def shm_segments() -> set[str]:
-    return {n for n in os.listdir("/dev/shm") if n.startswith("shmengine-")}
+    """The ``shmengine-*`` entries now in /dev/shm that this test session made (see
+    :class:`_OurSegments`); other programs' segments are never in it."""
+    OUR_SEGMENTS.look()
+    return {n for n in os.listdir(SHM_DIR) if n.startswith(SEGMENT_PREFIX) and OUR_SEGMENTS.ours(n)}
+
+
+def segment_exists(name: str) -> bool:
+    """Whether ``/dev/shm/<name>`` exists, for a test that knows the exact name it checks."""
+    return os.path.exists(os.path.join(SHM_DIR, name))
+
+
+def remove_segments(names) -> None:
+    """Unlink ``names`` (and what derives from them); only ever called with names of ours."""
+    for name in names:
+        assert OUR_SEGMENTS.ours(name), f"refusing to remove {name}: this test session did not make it"
+        unlink_segment(name)
+
+
+def kill_processes(pids) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def live_children() -> list[int]:
@@ -95,23 +191,40 @@ def wait_until(predicate, timeout: float = 5.0, interval: float = 0.02) -> bool:
 
 @pytest.fixture(autouse=True)
 def no_leaks():
-    """Every test leaves no new shmengine segment in /dev/shm and no new process behind.
+    """Every test leaves no new segment of ours in /dev/shm and no new process of ours behind.
 
-    What existed when the test started (a module-scoped engine, set up before this fixture)
-    may stay; ``nothing_left_at_the_end`` checks that it is gone after the session.
+    Only what this session made counts (:func:`shm_segments`, :func:`live_children`): another
+    program's segments and processes are neither checked nor touched. What existed when the test
+    started (a module-scoped engine, set up before this fixture) may stay;
+    ``nothing_left_at_the_end`` checks that it is gone after the session. A leak is removed after
+    it is reported, so that one failing test does not fail the next ones too.
     """
     segments, children = shm_segments(), set(live_children())
     yield
-    assert wait_until(lambda: not (shm_segments() - segments)), f"leaked segments: {shm_segments() - segments}"
-    assert wait_until(lambda: not (set(live_children()) - children)), f"leaked processes: {set(live_children()) - children}"
+    _check_nothing_new(segments, children)
+
+
+def _check_nothing_new(segments: set[str], children: set[int]) -> None:
+    problems = []
+    if not wait_until(lambda: not (shm_segments() - segments)):
+        leaked = shm_segments() - segments
+        problems.append(f"leaked segments: {leaked}")
+        remove_segments(leaked)
+    if not wait_until(lambda: not (set(live_children()) - children)):
+        leaked = set(live_children()) - children
+        problems.append(f"leaked processes: {leaked}")
+        kill_processes(leaked)
+    assert not problems, "; ".join(problems)
 
 
 @pytest.fixture(autouse=True, scope="session")
 def nothing_left_at_the_end():
-    segments = shm_segments()
+    OUR_SEGMENTS.start_watching()
     yield
-    assert wait_until(lambda: not live_children()), f"processes left after the session: {live_children()}"
-    assert wait_until(lambda: not (shm_segments() - segments)), "segments left after the session"
+    try:
+        _check_nothing_new(set(), set())
+    finally:
+        OUR_SEGMENTS.stop_watching()
 
 
 class MlpModel:

@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import ROOT, descendants, make_mlp, shm_segments, wait_until
+from conftest import ROOT, descendants, make_mlp, segment_exists, shm_segments, wait_until
 
 import shmengine
 
@@ -101,7 +101,7 @@ def test_interpreter_exit_without_close_leaves_nothing(small_mlp):
     assert out.returncode == 0, out.stderr
     pids, segment = _started(out.stdout)
     # Nothing to wait for: the engine's finalizer ran before the interpreter exited.
-    assert segment not in shm_segments()
+    assert not segment_exists(segment)
     assert wait_until(lambda: not any(_alive(p) for p in pids), timeout=5)
 
 
@@ -110,7 +110,7 @@ def test_uncaught_exception_at_top_level_leaves_nothing(small_mlp):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert out.returncode == 1 and "boom" in out.stderr
     pids, segment = _started(out.stdout)
-    assert segment not in shm_segments()
+    assert not segment_exists(segment)
     assert wait_until(lambda: not any(_alive(p) for p in pids), timeout=5)
 
 
@@ -128,13 +128,13 @@ def test_killed_supervisor_takes_workers_and_segment_down(slow_mlp, repeat):
     pids, segment = _started(proc.stdout.readline())
     assert proc.stdout.readline().strip() == "RUNNING"
     assert len(pids) == 2 and all(_alive(p) for p in pids)
-    assert segment in shm_segments()
+    assert segment_exists(segment)
     time.sleep(0.1 * repeat)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     proc.stdout.close()
     assert wait_until(lambda: not any(_alive(p) for p in pids), timeout=5), "workers outlived the supervisor"
-    assert wait_until(lambda: segment not in shm_segments(), timeout=5), "segment outlived the supervisor"
+    assert wait_until(lambda: not segment_exists(segment), timeout=5), "segment outlived the supervisor"
 
 
 def _parent(pid: int) -> int:
