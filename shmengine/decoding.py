@@ -393,6 +393,14 @@ def _greedy(stepper: Stepper, prompts, options: DecodingOptions, on_step) -> lis
     return _finish_greedy(results, offsets, options, ended)
 
 
+def _prefix_rules_apply(options: DecodingOptions, step: int) -> bool:
+    """Whether a forced prefix token or the first free step after a prefix comes at this step:
+    both look at tokens outside each row's top-k."""
+    forced = options.forced is not None and any(step < len(prefix) for prefix in options.forced)
+    after = options.after_prefix is not None and step in options.after_prefix
+    return forced or after
+
+
 def _log_prob_reader(scores: np.ndarray | None, normalizer: np.ndarray, row_tokens: np.ndarray, row_lps: np.ndarray):
     """``log_prob(row, token)`` of one step: from the full rows when the search has them, else
     from the row's own top-k (every candidate token is among them)."""
@@ -449,7 +457,7 @@ def _beam_search(stepper: Stepper, prompts, options: DecodingOptions) -> list[Hy
         # each row is cut to its own k first (one pass over the vocabulary) and only those
         # width * k candidates get log-probabilities and beam scores.
         row_k = min(k, vocab)
-        if history.changes_logits(step) or options.forced is not None or options.after_prefix is not None:
+        if history.changes_logits(step) or _prefix_rules_apply(options, step):
             # processed logits, or tokens forced from outside the top-k: the full rows are needed
             scores = history.process(logits.array(), step)  # [examples * width, V]
             top = HostLogits(scores).top(row_k)
