@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import faulthandler
 import logging
+import os
 import signal
 import sys
 import time
@@ -180,17 +181,110 @@ def _count_lines(path: str) -> int:
 
 def _summary(verb: str, examples: int, tokens: int, seconds: float, model) -> None:
     print(
-        f"{verb} {examples} examples, {tokens} tokens in {seconds:.2f} s: {tokens / max(seconds, 1e-9):.1f} tokens/s "
-        f"({model.num_workers} workers x {model.intra_threads} intra threads)",
+        f"{verb} {_plural(examples, 'example')}, {_plural(tokens, 'token')} in {seconds:.2f} s: "
+        f"{tokens / max(seconds, 1e-9):.1f} tokens/s "
+        f"({_plural(model.num_workers, 'worker')} x {_plural(model.intra_threads, 'intra thread')})",
         file=sys.stderr,
     )
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+# -- decoding defaults: the command line, else the model's generation_config.json ---------------
+
+# What the launcher uses where neither the user nor the model's generation_config.json says.
+# A generation_config.json that leaves a key out means transformers' default for it (save_pretrained
+# omits keys equal to the defaults), so num_beams=1 then, as `model.generate()` would do.
+_FALLBACKS = {
+    "translate": {"beam_size": 2, "max_decoding_length": 256},
+    "generate": {"beam_size": 1, "max_length": 64},
+}
+_DECODING_DEFAULTS = {
+    "length_penalty": 1.0, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
+    "sampling_topk": 1, "sampling_topp": 1.0, "sampling_temperature": 1.0, "early_stopping": "never",
+}
+
+
+def _model_dir(args) -> Path:
+    """The model directory of a text command: the one named, else the bundled one for it."""
+    if args.model is None:
+        return _bundled().bundled_model_path("numbers-gpt2" if args.command == "generate" else "numbers-marian")
+    path = Path(args.model)
+    if not path.exists():
+        from .errors import ModelLoadError
+
+        raise ModelLoadError(f"model path {str(path)!r} does not exist")
+    return path
+
+
+def _generation_config(model_dir: Path) -> dict | None:
+    path = model_dir / "generation_config.json"
+    if not path.is_file():
+        return None
+    import json
+
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        from .errors import ModelLoadError
+
+        raise ModelLoadError(f"{path} is not readable JSON: {exc}") from None
+
+
+def resolve_decoding_defaults(args) -> dict:
+    """Fill every decoding option the user left out (None) from the model's
+    ``generation_config.json``, as a Hugging Face user expects, then from the launcher's own
+    defaults. Returns where each filled value came from (for ``--verbose``)."""
+    if args.command not in _FALLBACKS:
+        return {}
+    config = _generation_config(_model_dir(args))
+    model: dict = {}
+    if config is not None:
+        model["beam_size"] = int(config.get("num_beams", 1))
+        for ours, theirs in (("length_penalty", "length_penalty"), ("repetition_penalty", "repetition_penalty"),
+                             ("no_repeat_ngram_size", "no_repeat_ngram_size")):
+            if theirs in config:
+                model[ours] = config[theirs]
+        if config.get("do_sample"):
+            model["sampling_topk"] = int(config.get("top_k", 50))  # transformers' default top_k
+            model["sampling_topp"] = float(config.get("top_p", 1.0))
+            model["sampling_temperature"] = float(config.get("temperature", 1.0))
+        if config.get("early_stopping") is True:
+            model["early_stopping"] = "true"  # stop once num_beams hypotheses finished: CTranslate2's rule
+        # transformers' max_length counts what the decoder holds: the decoder start token of a
+        # seq2seq model (so one token fewer is generated), the prompt of a decoder-only model
+        # (which the launcher cannot know per line: it is the cap on new tokens here)
+        new_tokens = config.get("max_new_tokens")
+        if args.command == "translate":
+            if new_tokens is None and config.get("max_length") is not None:
+                new_tokens = int(config["max_length"]) - 1
+            if new_tokens is not None:
+                model["max_decoding_length"] = int(new_tokens)
+        else:
+            new_tokens = new_tokens if new_tokens is not None else config.get("max_length")
+            if new_tokens is not None:
+                model["max_length"] = int(new_tokens)
+    sources = {}
+    for name, fallback in {**_DECODING_DEFAULTS, **_FALLBACKS[args.command]}.items():
+        if getattr(args, name, None) is not None:
+            sources[name] = "command line"
+        elif name in model:
+            setattr(args, name, model[name])
+            sources[name] = "generation_config.json"
+        else:
+            setattr(args, name, fallback)
+            sources[name] = "launcher default"
+    return sources
 
 
 def _decoding_kwargs(args) -> dict:
     kwargs = {"beam_size": args.beam_size, "num_hypotheses": 1, "length_penalty": args.length_penalty,
               "repetition_penalty": args.repetition_penalty, "no_repeat_ngram_size": args.no_repeat_ngram_size,
               "sampling_topk": args.sampling_topk, "sampling_topp": args.sampling_topp,
-              "sampling_temperature": args.sampling_temperature}
+              "sampling_temperature": args.sampling_temperature,
+              "early_stopping": True if args.early_stopping == "true" else "never"}
     if args.seed is not None:
         from .options import set_random_seed
 
@@ -198,121 +292,219 @@ def _decoding_kwargs(args) -> dict:
     return kwargs
 
 
+class _Output:
+    """Where output lines go: the named file, or the stdout this process inherited.
+
+    Never ``open("/dev/stdout", "w")``: that reopens the file behind stdout and truncates it, so
+    ``>> log`` lost the log and ``{ shmengine-run ...; echo done; } > out`` overwrote what came
+    before. With ``flush_each`` every line is flushed as it is written (a person is reading)."""
+
+    def __init__(self, path: str | None, flush_each: bool = False):
+        self.file = open(path, "w", encoding="utf-8") if path else sys.stdout
+        self.flush_each = flush_each or self.file.isatty()
+
+    def write(self, line: str) -> None:
+        self.file.write(line + "\n")
+        if self.flush_each:
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not sys.stdout:
+            self.file.close()
+        else:
+            self.file.flush()
+
+
+def _input_limit(args, model) -> int:
+    """--max-input-length, or the model's positions when it was not given (0 = no truncation)."""
+    if args.max_input_length is not None:
+        return args.max_input_length
+    return min(1024, model.max_positions or 1024)
+
+
+def _checked(tokens: list[str], where: str, limit: int, model, flag: str) -> list[str]:
+    """Say which line is longer than the model takes, before anything is queued: truncated (with a
+    warning) under ``limit``, or an error naming the line when truncation is off."""
+    if limit and len(tokens) > limit:
+        print(f"shmengine-run: warning: {where}: {len(tokens)} tokens, truncated to {limit} ({flag})", file=sys.stderr)
+    elif not limit and model.max_positions and len(tokens) > model.max_positions:
+        from .errors import InvalidInputError
+
+        raise InvalidInputError(
+            f"{where}: {len(tokens)} tokens, more than the model's {model.max_positions} positions; "
+            f"pass {flag} {model.max_positions} to truncate such lines"
+        )
+    return tokens
+
+
 def _cmd_translate(args) -> int:
-    from .text import TextCodec
+    from .text import TextCodec, read_lines
     from .translator import Translator
 
-    model_dir = args.model or _bundled().bundled_model_path("numbers-marian")
+    model_dir = _model_dir(args)
     codec = TextCodec(model_dir, args.tokenize)
     options = dict(_decoding_kwargs(args), max_decoding_length=args.max_decoding_length)
     with _engine(args, Translator, model_dir) as translator:
+        limit = _input_limit(args, translator.model)
+        options["max_input_length"] = limit
+        interactive = args.input is None and sys.stdin.isatty()
+        progress = _Progress(_count_lines(args.input) if args.input and os.path.isfile(args.input) else None, True)
+        sources = (
+            _checked(codec.tokenize(line), where, limit, translator.model, "--max-input-length")
+            for where, line in read_lines(args.input)
+        )
+        out = _Output(args.output, flush_each=interactive)
         start = time.perf_counter()
-        if args.input:
-            progress = _Progress(_count_lines(args.input), True)
-
-            def after_line(done: int) -> None:
-                progress(done)
-                _interrupts.check()
-
-            stats = translator.translate_file(
-                args.input, args.output or "/dev/stdout", max_batch_size=args.max_batch_size,
-                source_tokenize_fn=codec.tokenize, target_detokenize_fn=codec.detokenize, progress=after_line, **options,
-            )
-            progress.close()
-            _summary("translated", stats.num_examples, stats.num_tokens, stats.total_time_in_ms / 1000, translator)
-            return 0
-        interactive = sys.stdin.isatty()
-        lines = (line.rstrip("\n") for line in sys.stdin)
-        out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
         examples = tokens = 0
         try:
-            results = translator.translate_iterable(
-                (codec.tokenize(line) for line in lines), max_batch_size=1 if interactive else args.max_batch_size, **options
-            )
+            if interactive:
+                # one line at a time, each answered as soon as it is typed (translate_iterable reads
+                # ahead several lines before it submits, which would wait for Ctrl-D)
+                results = (translator.translate_batch([tokens], **options)[0] for tokens in sources)
+            else:
+                results = translator.translate_iterable(sources, max_batch_size=args.max_batch_size, **options)
             for result in results:
                 hypothesis = result.hypotheses[0]
-                out.write(codec.detokenize(hypothesis) + "\n")
-                if interactive:
-                    out.flush()
+                out.write(codec.detokenize(hypothesis))
                 examples += 1
                 tokens += len(hypothesis)
+                progress(examples)
                 _interrupts.check()
         finally:
-            if out is not sys.stdout:
-                out.close()
+            progress.close()
+            out.close()
         _summary("translated", examples, tokens, time.perf_counter() - start, translator)
     return 0
 
 
 def _cmd_generate(args) -> int:
     from .generator import Generator
-    from .text import TextCodec
+    from .text import TextCodec, read_lines
 
-    model_dir = args.model or _bundled().bundled_model_path("numbers-gpt2")
+    model_dir = _model_dir(args)
     codec = TextCodec(model_dir, args.tokenize)
     with _engine(args, Generator, model_dir) as generator:
         bos = generator.model.bos_id
         bos_token = generator.vocabulary.id_to_token[bos] if bos is not None else None
+        limit = generator.model.max_positions or 0
 
-        def prompt(line: str) -> list[str]:
+        def prompt(where: str, line: str) -> list[str]:
             tokens = codec.tokenize(line)
             # a decoder starts from its bos token; add it where the tokenizer does not
-            return tokens if bos_token is None or tokens[:1] == [bos_token] else [bos_token] + tokens
+            tokens = tokens if bos_token is None or tokens[:1] == [bos_token] else [bos_token] + tokens
+            if limit and len(tokens) >= limit:
+                from .errors import InvalidInputError
 
-        source = open(args.input, encoding="utf-8") if args.input else sys.stdin
-        out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+                raise InvalidInputError(
+                    f"{where}: the prompt has {len(tokens)} tokens; the model holds {limit} positions, "
+                    "prompt and generated tokens together"
+                )
+            return tokens
+
+        interactive = args.input is None and sys.stdin.isatty()
+        out = _Output(args.output, flush_each=interactive)
         start = time.perf_counter()
         examples = tokens = 0
+        options = dict(max_length=args.max_length, include_prompt_in_result=False, **_decoding_kwargs(args))
         try:
-            prompts = (prompt(line.rstrip("\n")) for line in source)
-            results = generator.generate_iterable(
-                prompts, max_batch_size=args.max_batch_size, max_length=args.max_length,
-                include_prompt_in_result=False, **_decoding_kwargs(args),
-            )
+            prompts = (prompt(where, line) for where, line in read_lines(args.input))
+            if interactive:
+                results = (generator.generate_batch([p], **options)[0] for p in prompts)
+            else:
+                results = generator.generate_iterable(prompts, max_batch_size=args.max_batch_size, **options)
             for result in results:
-                out.write(codec.detokenize(result.sequences[0]) + "\n")
+                out.write(codec.detokenize(result.sequences[0]))
                 examples += 1
                 tokens += len(result.sequences[0])
                 _interrupts.check()
         finally:
-            for f in (source, out):
-                if f not in (sys.stdin, sys.stdout):
-                    f.close()
+            out.close()
         _summary("generated for", examples, tokens, time.perf_counter() - start, generator)
     return 0
 
 
 def _cmd_score(args) -> int:
-    from .text import TextCodec
+    from .errors import InvalidInputError
+    from .generator import _iterate_in_chunks
+    from .text import TextCodec, read_lines
     from .translator import Translator
 
-    model_dir = args.model or _bundled().bundled_model_path("numbers-marian")
+    model_dir = _model_dir(args)
     codec = TextCodec(model_dir, args.tokenize)
-    with _engine(args, Translator, model_dir) as translator:
-        stats = translator.score_file(
-            args.source, args.target, args.output or "/dev/stdout", max_batch_size=args.max_batch_size,
-            source_tokenize_fn=codec.tokenize, target_tokenize_fn=codec.tokenize,
-            # called for each line just before it is written: the one place score_file lets us stop
-            target_detokenize_fn=lambda tokens: (_interrupts.check(), codec.detokenize(tokens))[1],
+    # CTranslate2 refuses files of different lengths; check before a worker starts or a line is written
+    counts = {flag: _count_lines(path) for flag, path in (("--source", args.source), ("--target", args.target))
+              if os.path.isfile(path)}
+    if len(set(counts.values())) > 1:
+        raise InvalidInputError(
+            f"--source has {counts['--source']} lines and --target {counts['--target']}: "
+            "each source line needs its target line"
         )
-        _summary("scored", stats.num_examples, stats.num_tokens, stats.total_time_in_ms / 1000, translator)
+    with _engine(args, Translator, model_dir) as translator:
+        limit = _input_limit(args, translator.model)
+
+        def pairs():
+            sources, targets = read_lines(args.source), read_lines(args.target)
+            while True:
+                source, target = next(sources, None), next(targets, None)
+                if source is None and target is None:
+                    return
+                if source is None or target is None:  # stdin or a pipe: not counted beforehand
+                    longer, where = ("--target", target[0]) if source is None else ("--source", source[0])
+                    raise InvalidInputError(f"{longer} has more lines than the other file: {where} has no partner")
+                yield (
+                    _checked(codec.tokenize(source[1]), source[0], limit, translator.model, "--max-input-length"),
+                    # scoring appends the end token itself (as CTranslate2 does): a target
+                    # tokenized with the model's specials would end with two of them
+                    codec.tokenize(target[1], special_tokens=False),
+                )
+
+        def submit(chunk):
+            sources, targets = zip(*chunk)
+            return translator.score_batch(list(sources), list(targets), max_batch_size=args.max_batch_size,
+                                          max_input_length=limit, asynchronous=True)
+
+        out = _Output(args.output)
+        start = time.perf_counter()
+        examples = tokens = 0
+        try:
+            for result in _iterate_in_chunks(pairs(), args.max_batch_size, submit):
+                mean = sum(result.log_probs) / max(1, len(result.log_probs))
+                out.write(f"{mean:.6f} ||| {codec.detokenize(result.tokens[:-1])}")
+                examples += 1
+                tokens += len(result.tokens)
+                _interrupts.check()
+        finally:
+            out.close()
+        _summary("scored", examples, tokens, time.perf_counter() - start, translator)
     return 0
 
 
-def _add_decoding_options(parser: argparse.ArgumentParser, beam_size: int) -> None:
-    parser.add_argument("--input", help="input text file (default: stdin)")
+_FROM_MODEL = "default: the model's generation_config.json, else %s"
+
+
+def _add_decoding_options(parser: argparse.ArgumentParser, command: str) -> None:
+    fallback = _FALLBACKS[command]
+    parser.add_argument("--input", help="input text file, UTF-8, one example per line (default: stdin)")
     parser.add_argument("--output", help="output text file (default: stdout)")
-    parser.add_argument("--max-batch-size", type=int, default=32)
-    parser.add_argument("--beam-size", type=int, default=beam_size)
-    parser.add_argument("--length-penalty", type=float, default=1.0)
-    parser.add_argument("--repetition-penalty", type=float, default=1.0)
-    parser.add_argument("--no-repeat-ngram-size", type=int, default=0)
-    parser.add_argument("--sampling-topk", type=int, default=1)
-    parser.add_argument("--sampling-topp", type=float, default=1.0)
-    parser.add_argument("--sampling-temperature", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, help="random seed for sampling")
+    parser.add_argument("--max-batch-size", type=int, default=32, help="examples per batch sent to a worker (default: 32)")
+    parser.add_argument("--beam-size", type=int, help=f"1 = greedy search ({_FROM_MODEL % fallback['beam_size']}: num_beams)")
+    parser.add_argument(
+        "--early-stopping", choices=["never", "true"],
+        help="beam search stop rule: 'never' = exact, stop only once no live beam can beat the finished hypotheses; "
+        "'true' = CTranslate2's rule, stop once beam-size hypotheses finished, even while a live beam would "
+        "score higher (default: 'true' where generation_config.json sets early_stopping: true, else 'never')",
+    )
+    parser.add_argument("--length-penalty", type=float, help=_FROM_MODEL % 1.0)
+    parser.add_argument("--repetition-penalty", type=float, help=f"1 = none ({_FROM_MODEL % 1.0})")
+    parser.add_argument("--no-repeat-ngram-size", type=int, help=f"0 = none ({_FROM_MODEL % 0})")
+    parser.add_argument("--sampling-topk", type=int,
+                        help="sample from the K most likely tokens; 1 = argmax, 0 = all "
+                        "(default: generation_config.json's top_k when it sets do_sample, else 1)")
+    parser.add_argument("--sampling-topp", type=float, help="nucleus sampling mass (default: top_p, else 1.0)")
+    parser.add_argument("--sampling-temperature", type=float, help="(default: temperature, else 1.0)")
+    parser.add_argument("--seed", type=int, help="random seed for sampling (default: a fresh one each run)")
     parser.add_argument("--tokenize", default="model", choices=["model", "space"],
-                        help="'model': the model's tokenizer.json; 'space': text is already space-separated tokens")
+                        help="'model' (default): the model's tokenizer.json; 'space': text is already space-separated tokens")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -322,23 +514,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     translate = commands.add_parser("translate", help="translate text with a seq2seq model")
     _add_engine_options(translate)
-    _add_decoding_options(translate, beam_size=2)
-    translate.add_argument("--max-decoding-length", type=int, default=256)
+    _add_decoding_options(translate, "translate")
+    translate.add_argument("--max-decoding-length", type=int,
+                           help="tokens generated at most (default: generation_config.json's max_new_tokens, "
+                           "or its max_length less the decoder start token, else 256)")
+    translate.add_argument("--max-input-length", type=int,
+                           help="truncate longer source lines to this many tokens, keeping the end token, with a "
+                           "warning naming the line; 0 = never (a longer line is then an error) "
+                           "(default: the model's positions, at most 1024)")
     translate.set_defaults(func=_cmd_translate)
 
     generate = commands.add_parser("generate", help="continue each input line with a decoder-only model")
     _add_engine_options(generate)
-    _add_decoding_options(generate, beam_size=1)
-    generate.add_argument("--max-length", type=int, default=64, help="new tokens at most")
+    _add_decoding_options(generate, "generate")
+    generate.add_argument("--max-length", type=int,
+                          help="new tokens at most (default: generation_config.json's max_new_tokens, else its "
+                          "max_length, else 64)")
     generate.set_defaults(func=_cmd_generate)
 
     score = commands.add_parser("score", help="score target lines given source lines")
     _add_engine_options(score)
-    score.add_argument("--source", required=True)
-    score.add_argument("--target", required=True)
-    score.add_argument("--output")
-    score.add_argument("--max-batch-size", type=int, default=32)
-    score.add_argument("--tokenize", default="model", choices=["model", "space"])
+    score.add_argument("--source", required=True, help="source text file, one example per line")
+    score.add_argument("--target", required=True, help="target text file, the same number of lines")
+    score.add_argument("--output", help="'mean log-prob ||| target' per line (default: stdout)")
+    score.add_argument("--max-batch-size", type=int, default=32, help="pairs per batch sent to a worker (default: 32)")
+    score.add_argument("--max-input-length", type=int,
+                       help="truncate longer source lines, keeping the end token; 0 = never "
+                       "(default: the model's positions, at most 1024)")
+    score.add_argument("--tokenize", default="model", choices=["model", "space"],
+                       help="'model' (default): the model's tokenizer.json; 'space': pre-tokenized text")
     score.set_defaults(func=_cmd_score)
 
     info = commands.add_parser("info", help="parallel settings of this machine and of an engine's workers")
@@ -412,6 +616,8 @@ def main(argv: list[str] | None = None) -> int:
 
     _interrupts.install()
     try:
+        for name, source in resolve_decoding_defaults(args).items():
+            logging.getLogger("shmengine.cli").info("%s = %r (%s)", name, getattr(args, name), source)
         return args.func(args)
     except KeyboardInterrupt:
         print("shmengine-run: interrupted; output holds the lines finished so far", file=sys.stderr)
@@ -419,7 +625,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader went away (| head)
         sys.stderr.close()
         return 0
-    except (ShmEngineError, ValueError, FileNotFoundError) as exc:
+    except (ShmEngineError, ValueError, OSError) as exc:
         print(f"shmengine-run: error: {exc}", file=sys.stderr)
         return 2
 

@@ -21,7 +21,9 @@ tokens and scores:
 * beam search takes the 2K best candidates per example; an end token among the first K ends a
   hypothesis and its beam is refilled from the next candidates; an example is done when
   ``round(K * patience)`` hypotheses are finished (or, with ``length_penalty == 0``, as soon as
-  its best beam finished and ``num_hypotheses`` are there);
+  its best beam finished and ``num_hypotheses`` are there), even while a live beam would still
+  score higher; ``early_stopping="never"`` (transformers' name) instead ends it only once no live
+  beam can still beat the ``num_hypotheses`` best finished ones (see :func:`_cannot_improve`);
 * finished examples leave the batch at once (``stepper.select``), so the rest runs smaller.
 """
 
@@ -130,6 +132,9 @@ class DecodingOptions:
     # Whether an end token that is not returned still counts in the length that normalises the
     # score (CTranslate2 decodes with it in the hypothesis and strips it afterwards).
     end_counts_in_length: bool = False
+    # Beam search stop rule: True = CTranslate2's (stop once round(beam_size * patience)
+    # hypotheses finished); "never" = exact (stop once no live beam can beat the finished ones).
+    early_stopping: bool | str = True
 
     @property
     def sampling(self) -> bool:
@@ -425,11 +430,43 @@ def _finish_greedy(results: list[Hypotheses], offsets, options: DecodingOptions,
     return results
 
 
+def _cannot_improve(finished, live, options: DecodingOptions, offset: int, limit: int) -> bool:
+    """Whether no live beam can still end above the ``num_hypotheses``-th best finished hypothesis.
+
+    A live beam's sum of log-probabilities can only fall as it grows (every log-probability is
+    <= 0), so the best it can ever score is that sum divided by the most favourable length: the
+    longest possible one (the length limit) when ``length_penalty > 0``, its current length when
+    ``length_penalty < 0``, and the sum itself when it is 0. Once every live beam's bound is at
+    or below the finished hypotheses that will be returned, decoding on cannot change the result:
+    the search stops exactly where it would have stopped at the length limit, minus the work.
+    ``live`` holds (sum of log-probabilities, tokens decoded) per live beam.
+    """
+    wanted = options.num_hypotheses
+    if len(finished) < wanted:
+        return not live  # every beam is dead: nothing more can finish
+    penalty = options.length_penalty
+    scores = sorted(
+        (_normalise(score, len(hyp) + offset + hidden, penalty) for score, hyp, _, hidden in finished), reverse=True
+    )
+    threshold = scores[wanted - 1]
+    for total, decoded in live:
+        if penalty > 0:
+            bound = _normalise(total, limit + offset, penalty)
+        elif penalty < 0:
+            bound = _normalise(total, decoded + offset, penalty)
+        else:
+            bound = total
+        if bound > threshold:
+            return False
+    return True
+
+
 def _beam_search(stepper: Stepper, prompts, options: DecodingOptions) -> list[Hypotheses]:
     batch, beam = len(prompts), options.beam_size
     candidates_per_example = 2 * beam
     max_finished = max(1, round(beam * options.patience))
     early_exit = options.length_penalty == 0
+    exact = options.early_stopping == "never"
     end_set = set(options.end_ids)
     offsets = options.length_offset or [0] * batch
     limits = options.per_example("max_new_tokens", batch)
@@ -526,6 +563,13 @@ def _beam_search(stepper: Stepper, prompts, options: DecodingOptions) -> list[Hy
             chosen.extend([None] * (beam - len(chosen)))
             if last_step:
                 done = True
+            elif exact:
+                live = [
+                    (float(top_scores[i, c]), len(sequences[i][int(origin[i, c])]) + 1)
+                    for c in chosen
+                    if c is not None and int(token[i, c]) not in end_set
+                ]
+                done = _cannot_improve(finished[example], live, options, offsets[example], limits[example])
             elif early_exit:
                 done = top_finished[example] and len(finished[example]) >= options.num_hypotheses
             else:

@@ -152,6 +152,7 @@ class Generator(DecodingModel):
         sampling_topp: float = 1,
         sampling_temperature: float = 1,
         callback=None,
+        early_stopping: bool | str = True,
     ):
         """Generate from a batch of start tokens (CTranslate2's ``generate_batch``).
 
@@ -167,6 +168,12 @@ class Generator(DecodingModel):
         decoded (greedy and sampling); returning True stops that example. Returns one
         :class:`GenerationResult` per example, or with ``asynchronous=True`` one
         ``concurrent.futures.Future`` per example.
+        ``early_stopping`` picks when beam search ends an example (transformers' keyword and
+        values): ``True``, the default, is CTranslate2's rule: stop once ``round(beam_size *
+        patience)`` hypotheses have finished, even while a live beam would still score higher
+        (the answer can then be worse than greedy search's); ``"never"`` stops only once no live
+        beam can beat the hypotheses to return, so they are the best the beam search holds
+        (exact; the beams run longer).
         """
         if isinstance(start_tokens, (str, bytes)) or not isinstance(start_tokens, Sequence):
             raise InvalidInputError("start_tokens must be a list of token lists, e.g. [['<s>', 'Hello']]")
@@ -215,6 +222,7 @@ class Generator(DecodingModel):
             sampling_topp=sampling_topp,
             sampling_temperature=sampling_temperature,
             callback=callback,
+            early_stopping=early_stopping,
         )
         options.length_offset = offset
         options.end_counts_in_length = True

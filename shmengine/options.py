@@ -64,6 +64,7 @@ def search_options(
     sampling_topp: float,
     sampling_temperature: float,
     callback=None,
+    early_stopping: bool | str = True,
 ) -> DecodingOptions:
     """Check the arguments as CTranslate2 does and build the options (raises InvalidInputError)."""
     if isinstance(beam_size, bool) or not isinstance(beam_size, int) or beam_size < 1:
@@ -86,6 +87,13 @@ def search_options(
         raise InvalidInputError(f"sampling_temperature must be >= 0, got {sampling_temperature}")
     if no_repeat_ngram_size < 0:
         raise InvalidInputError(f"no_repeat_ngram_size must be >= 0, got {no_repeat_ngram_size}")
+    if early_stopping is False:
+        raise InvalidInputError(
+            "early_stopping=False (transformers' length heuristic) is not implemented; use early_stopping='never' "
+            "for the exact rule, or True (the default) for CTranslate2's"
+        )
+    if early_stopping is not True and early_stopping != "never":
+        raise InvalidInputError(f"early_stopping must be True or 'never', got {early_stopping!r}")
     if callback is not None and beam_size != 1:
         raise InvalidInputError("callback only works with greedy search or sampling (beam_size=1)")
     suppress = []
@@ -114,4 +122,5 @@ def search_options(
         sampling_temperature=sampling_temperature,
         return_end_token=return_end_token,
         seed=next_seed() if sampling else None,
+        early_stopping=early_stopping,
     )

@@ -95,7 +95,10 @@ class Translator(DecodingModel):
                 raise InvalidInputError(f"source[{i}] is a string; pass a list of tokens (split it with the tokenizer)")
             ids = self.vocabulary.to_ids(tokens, where=f"source[{i}]")
             if max_input_length and len(ids) > max_input_length:
-                ids = ids[:max_input_length]
+                # CTranslate2 keeps the end token of a truncated source: the encoder was trained on
+                # sources that end with it, and without it the model reads a sentence that goes on
+                ends = max_input_length > 1 and ids[-1] in model.eos_ids
+                ids = ids[: max_input_length - 1] + [ids[-1]] if ends else ids[:max_input_length]
             if model.max_positions and len(ids) > model.max_positions:
                 raise InvalidInputError(
                     f"source[{i}] has {len(ids)} tokens, more than the model's {model.max_positions} positions; "
@@ -140,6 +143,7 @@ class Translator(DecodingModel):
         sampling_temperature: float = 1,
         replace_unknowns: bool = False,
         callback=None,
+        early_stopping: bool | str = True,
     ):
         """Translate a batch of token lists (CTranslate2's ``translate_batch``).
 
@@ -149,6 +153,12 @@ class Translator(DecodingModel):
         ``return_attention``, ``return_alternatives``, ``min_alternative_expansion_prob`` and
         ``replace_unknowns`` are accepted and have no effect. Returns a :class:`TranslationResult`
         per example, or with ``asynchronous=True`` one ``concurrent.futures.Future`` per example.
+        ``early_stopping`` picks when beam search ends an example (transformers' keyword and
+        values): ``True``, the default, is CTranslate2's rule: stop once ``round(beam_size *
+        patience)`` hypotheses have finished, even while a live beam would still score higher
+        (the answer can then be worse than greedy search's); ``"never"`` stops only once no live
+        beam can beat the hypotheses to return, so they are the best the beam search holds
+        (exact; the beams run longer).
         """
         if not source:
             return []
@@ -186,6 +196,7 @@ class Translator(DecodingModel):
             sampling_topp=sampling_topp,
             sampling_temperature=sampling_temperature,
             callback=callback,
+            early_stopping=early_stopping,
         )
         options.forced = forced if any(forced) else None
         options.after_prefix = [len(f) if f else None for f in forced]

@@ -156,3 +156,51 @@ def test_callback_sees_every_token_and_can_stop():
     assert len(results[0].ids[0]) == 2 and len(results[1].ids[0]) == 5
     assert [t for b, t, _ in seen if b == 1] == results[1].ids[0]
     assert [last for b, _, last in seen if b == 1][-1]
+
+
+def _exhaustive_ranking(toy, start, max_new, length_penalty):
+    """(score, hypothesis) of every sequence up to max_new tokens ending with END or cut at
+    max_new, best first: what an exact search over the toy must return."""
+    ranked = []
+    for n in range(1, max_new + 1):
+        for seq in itertools.product(range(VOCAB), repeat=n):
+            if END in seq[:-1] or (n < max_new and seq[-1] != END):
+                continue
+            last, total = start, 0.0
+            for t in seq:
+                total += toy.log_probs(last)[t]
+                last = t
+            hyp = list(seq[:-1]) if seq[-1] == END else list(seq)
+            length = max(len(hyp), 1)
+            ranked.append((total / length**length_penalty if length_penalty else total, hyp))
+    return sorted(ranked, key=lambda item: -item[0])
+
+
+@pytest.mark.parametrize("length_penalty", [0.0, 1.0, 2.0, -0.5])
+def test_exact_stop_rule_returns_the_exhaustive_optimum_where_ctranslate2s_rule_stops_early(length_penalty):
+    # A beam as wide as every candidate of every step (6**4 at the last of 4 steps) never prunes,
+    # so what it returns depends only on when it stops. This patience makes CTranslate2's rule
+    # stop after round(1296 * patience) = 6 finished hypotheses; the exact rule must still find
+    # the exhaustive top 2 on every seed.
+    missed_by_ctranslate2 = 0
+    for seed in range(12):
+        opts = dict(max_new_tokens=4, beam_size=VOCAB**4, patience=6 / VOCAB**4, num_hypotheses=2, length_penalty=length_penalty)
+        exact = decode(ToyStepper(seed=seed, scale=1.5), [[1], [4]], options(early_stopping="never", **opts))
+        default = decode(ToyStepper(seed=seed, scale=1.5), [[1], [4]], options(**opts))
+        for start, result, ct2 in zip([1, 4], exact, default):
+            ranking = _exhaustive_ranking(ToyStepper(seed=seed, scale=1.5), start, 4, length_penalty)
+            true_score = {tuple(hyp): score for score, hyp in ranking}
+            # the two best scores (the toy is a bigram model, so ties between paths happen) ...
+            assert result.scores == pytest.approx([score for score, _ in ranking[:2]], abs=1e-4), (seed, start)
+            # ... carried by hypotheses that really score that
+            assert [true_score[tuple(h)] for h in result.ids] == pytest.approx(result.scores, abs=1e-4)
+            missed_by_ctranslate2 += ct2.ids != result.ids
+    assert missed_by_ctranslate2 > 0  # the case the rule exists for is exercised
+
+
+def test_exact_stop_rule_stops_before_the_length_limit_when_nothing_can_win():
+    toy = ToyStepper(seed=0)
+    toy.table[:, END] = 8  # ending is by far the most likely: the finished hypotheses cannot be beaten
+    result = decode(toy, [[1]], options(max_new_tokens=50, beam_size=4, early_stopping="never", length_penalty=1.0))
+    assert result[0].ids[0] == []
+    assert len(toy.selects) <= 3  # it stopped within a few steps, not at step 50
