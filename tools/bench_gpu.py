@@ -1,0 +1,380 @@
+#!/usr/bin/env python3
+"""GPU generation: shmengine ``device="cuda"`` against a plain ONNX Runtime IOBinding loop and
+transformers ``generate`` on the same export, in one run, with a correctness gate.
+
+    python3 tools/bench_gpu.py --model DIR [--bundled] [--sections correct,speed,memory,share] [--out OUT]
+
+``DIR`` is an Optimum decoder export (``model.onnx`` + json files; on the device machine, one
+filled by ``shared/device/strip_weights.py``). Sections:
+
+* ``correct``: shmengine's greedy tokens on CUDA equal the plain loop's on the same weights
+  (batch 8, 32 new tokens); with ``--bundled``, the bundled number models give the same tokens
+  and scores on CUDA as on CPU (Generator and Translator; greedy, beam 4, sampling with a seed,
+  scoring). Any mismatch makes the script exit 1.
+* ``speed``: tokens/s at batch 1 / 8 / 32, greedy and beam 4, 16-token prompts, 32 new tokens:
+  the plain loop (greedy), transformers fp32 / fp16 (both searches), shmengine with 1 and 2
+  workers on one GPU; the ratios are printed last.
+* ``memory``: GPU memory of the worker processes (nvidia-smi, per pid) with 1, 2 and 3 workers
+  after a batch-32 generation, against the target one worker + (N - 1) x (one worker - weights).
+* ``share``: whether ONNX Runtime uses device memory handed to ``SessionOptions.add_initializer``
+  (an OrtValue from ``OrtValue.from_dlpack`` over a cupy array) in place, measured as the
+  device memory a session takes at creation, against the same session over host weights.
+
+Every figure comes from this run; nothing is compared across runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PROMPT_LEN, NEW_TOKENS = 16, 32
+FAILURES: list[str] = []
+
+
+def prompts_for(batch: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return rng.integers(1, vocab, size=(batch, PROMPT_LEN)).tolist()
+
+
+# -- the baseline: a plain ONNX Runtime loop with the KV cache bound on the device ----------------
+
+
+class PlainLoop:
+    """What a user writes by hand: the Optimum export, IOBinding, greedy argmax in numpy."""
+
+    def __init__(self, model_dir: Path):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(str(model_dir / "model.onnx"), options, providers=["CUDAExecutionProvider"])
+        self.inputs = {i.name: i for i in self.session.get_inputs()}
+        self.past = [n for n in self.inputs if n.startswith("past_key_values")]
+
+    def generate(self, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+        ids = np.array(prompts, dtype=np.int64)
+        batch, length = ids.shape
+        mask = np.ones((batch, length), dtype=np.int64)
+        positions = np.arange(length, dtype=np.int64)[None].repeat(batch, 0)
+        cache = {}
+        for name in self.past:
+            shape = [batch if i == 0 else (0 if i == 2 else d) for i, d in enumerate(self.inputs[name].shape)]
+            cache[name] = np.zeros(shape, dtype=np.float32)
+        out: list[list[int]] = [[] for _ in range(batch)]
+        for _ in range(new_tokens):
+            binding = self.session.io_binding()
+            binding.bind_cpu_input("input_ids", ids)
+            binding.bind_cpu_input("attention_mask", mask)
+            if "position_ids" in self.inputs:
+                binding.bind_cpu_input("position_ids", positions)
+            for name, value in cache.items():
+                if isinstance(value, np.ndarray):
+                    binding.bind_cpu_input(name, value)
+                else:
+                    binding.bind_ortvalue_input(name, value)
+            binding.bind_output("logits", "cpu")
+            presents = ["present" + n[len("past_key_values") :] for n in self.past]
+            for name in presents:
+                binding.bind_output(name, "cuda", 0)
+            self.session.run_with_iobinding(binding)
+            values = binding.get_outputs()
+            logits = values[0].numpy()[:, -1, :]
+            cache = dict(zip(self.past, values[1:]))
+            token = np.argmax(logits, axis=-1)
+            for row, t in enumerate(token.tolist()):
+                out[row].append(t)
+            ids = token[:, None].astype(np.int64)
+            mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
+            positions = positions[:, -1:] + 1
+        return out
+
+
+# -- helpers ----------------------------------------------------------------------------------------
+
+
+def gpu_memory_by_pid() -> dict[int, int]:
+    """MiB of device memory per process, as nvidia-smi reports it."""
+    text = subprocess.run(
+        ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+        capture_output=True, text=True, check=False,
+    ).stdout
+    usage = {}
+    for line in text.strip().splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) == 2 and parts[0].isdigit():
+            usage[int(parts[0])] = int(parts[1])
+    return usage
+
+
+def timed(fn, repeats: int) -> float:
+    fn()  # warm-up: arena growth, cuDNN/cuBLAS plans
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats
+
+
+def shm_generate(gen, prompts, beam: int, copies: int = 1) -> int:
+    """Submit ``copies`` batches at once (so several workers can share them); returns tokens decoded."""
+    futures = []
+    for _ in range(copies):
+        futures += gen.generate_batch(
+            prompts, max_length=NEW_TOKENS, beam_size=beam, include_prompt_in_result=False, asynchronous=True
+        )
+    return sum(len(f.result().sequences_ids[0]) for f in futures)
+
+
+# -- sections ---------------------------------------------------------------------------------------
+
+
+def check(name: str, ok: bool, detail: str = "") -> None:
+    print(f"  {'ok  ' if ok else 'FAIL'} {name}{(': ' + detail) if detail else ''}", flush=True)
+    if not ok:
+        FAILURES.append(name)
+
+
+def section_correct(model_dir: Path, bundled: bool) -> None:
+    import shmengine
+
+    print("correctness", flush=True)
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    prompts = prompts_for(8, vocab, seed=1)
+    plain = PlainLoop(model_dir).generate(prompts, NEW_TOKENS)
+    with shmengine.Generator(str(model_dir), device="cuda") as gen:
+        ours = [r.sequences_ids[0] for r in gen.generate_batch(prompts, max_length=NEW_TOKENS, include_prompt_in_result=False)]
+    same = sum(a == b for a, b in zip(ours, plain))
+    check("greedy tokens, shmengine cuda == plain IOBinding loop (batch 8)", same == len(plain), f"{same}/{len(plain)} rows")
+    if not bundled:
+        return
+    with open(ROOT / "models" / "numbers_heldout.tsv", encoding="utf-8") as f:
+        numbers = [line.split("\t")[0] for line in f if line.strip()][:96]
+    for kind in ("gpt2", "marian"):
+        results = {}
+        for device in ("cpu", "cuda"):
+            if kind == "gpt2":
+                with shmengine.Generator(str(ROOT / "models/numbers-gpt2"), device=device) as model:
+                    bos = model.vocabulary.id_to_token[model.model.bos_id]
+                    starts = [[bos, *n, "="] for n in numbers]
+
+                    def run(model=model, starts=starts, **kw):
+                        found = model.generate_batch(starts, max_length=24, include_prompt_in_result=False, **kw)
+                        return [r.sequences[0] for r in found]
+
+                    results[device] = {
+                        "greedy": run(),
+                        "beam 4": run(beam_size=4),
+                        "sampling (seed 7)": _seeded(lambda run=run: run(sampling_topk=5, sampling_temperature=0.8)),
+                        "scores": [r.log_probs for r in model.score_batch(starts)],
+                    }
+            else:
+                with shmengine.Translator(str(ROOT / "models/numbers-marian"), device=device) as model:
+                    sources = [[*n, "</s>"] for n in numbers]
+
+                    def run(model=model, sources=sources, **kw):
+                        return [r.hypotheses[0] for r in model.translate_batch(sources, **kw)]
+
+                    greedy = run(beam_size=1)
+                    results[device] = {
+                        "greedy": greedy,
+                        "beam 4": run(beam_size=4),
+                        "scores": [r.log_probs for r in model.score_batch(sources, [h + ["</s>"] for h in greedy])],
+                    }
+        for search in ("greedy", "beam 4", "sampling (seed 7)"):
+            a, b = results["cpu"].get(search), results["cuda"].get(search)
+            if a is None:
+                continue
+            check(f"{kind} {search}: cuda tokens == cpu tokens", a == b, f"{sum(x == y for x, y in zip(a, b))}/{len(a)} rows")
+        diffs = [abs(x - y) for sa, sb in zip(results["cpu"]["scores"], results["cuda"]["scores"]) for x, y in zip(sa, sb)]
+        check(f"{kind} scores: cuda within 1e-3 of cpu", max(diffs) < 1e-3, f"max |diff| {max(diffs):.2e}")
+
+
+def _seeded(fn):
+    import shmengine
+
+    shmengine.set_random_seed(7)
+    return fn()
+
+
+def section_speed(model_dir: Path, rows: list[dict]) -> None:
+    import shmengine
+
+    print("speed", flush=True)
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    plain = PlainLoop(model_dir)
+    hf = {}
+    try:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(str(model_dir))
+        for dtype_name, dtype in (("fp32", torch.float32), ("fp16", torch.float16)):
+            torch.manual_seed(0)
+            hf[dtype_name] = AutoModelForCausalLM.from_config(config).to("cuda", dtype).eval()
+    except Exception as exc:  # the baseline is optional; say why it is missing
+        print(f"  transformers baseline unavailable: {exc}", flush=True)
+
+    def hf_generate(model, prompts, beam):
+        import torch
+
+        ids = torch.tensor(prompts, device="cuda")
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                                 do_sample=False, num_beams=beam, pad_token_id=0)
+        torch.cuda.synchronize()
+        return out
+
+    gens = {n: shmengine.Generator(str(model_dir), device="cuda", inter_threads=n) for n in (1, 2)}
+    try:
+        for beam in (1, 4):
+            for batch in (1, 8, 32):
+                prompts = prompts_for(batch, vocab)
+                repeats = 6 if batch < 32 else 3
+                row = {"batch": batch, "search": "greedy" if beam == 1 else "beam 4"}
+                if beam == 1:
+                    row["plain"] = batch * NEW_TOKENS / timed(lambda p=prompts: plain.generate(p, NEW_TOKENS), repeats)
+                for name, model in hf.items():
+                    row[f"hf-{name}"] = batch * NEW_TOKENS / timed(
+                        lambda m=model, p=prompts, b=beam: hf_generate(m, p, b), repeats
+                    )
+                for n, gen in gens.items():
+                    box = {}
+
+                    def go(g=gen, n=n, box=box, p=prompts, b=beam):
+                        box["tokens"] = shm_generate(g, p, b, copies=2 * n)
+
+                    seconds = timed(go, repeats)
+                    row[f"shm{n}"] = box["tokens"] / seconds
+                    if box["tokens"] != 2 * n * batch * NEW_TOKENS:
+                        print(f"  note: shm{n} decoded {box['tokens']} tokens, not {2 * n * batch * NEW_TOKENS} (an end token)")
+                rows.append(row)
+                print("  " + json.dumps({k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+    finally:
+        for gen in gens.values():
+            gen.close()
+
+
+def section_memory(model_dir: Path, out: list[str]) -> None:
+    import shmengine
+
+    print("memory", flush=True)
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    prompts = prompts_for(32, vocab)
+    measured = {}
+    weights_mib = 0.0
+    for n in (1, 2, 3):
+        with shmengine.Generator(str(model_dir), device="cuda", inter_threads=n) as gen:
+            weights_mib = gen.weights_nbytes / 2**20
+            shm_generate(gen, prompts, 1, copies=n)
+            usage = gpu_memory_by_pid()
+            measured[n] = sum(usage.get(pid, 0) for pid in gen.worker_pids)
+    one = measured[1]
+    for n, mib in measured.items():
+        target = one + (n - 1) * (one - weights_mib)
+        line = f"{n} worker(s): {mib} MiB on the GPU (weights {weights_mib:.0f} MiB; target <= {target:.0f} MiB)"
+        out.append(line)
+        print("  " + line, flush=True)
+
+
+_SHARE_CHILD = r"""
+import json, sys, time
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+mode, model_dir = sys.argv[2], sys.argv[3]
+import onnxruntime as ort
+from shmengine.weights import WeightStore, storage_dtype
+from shmengine.sessions import SessionSettings, _base_options
+store = WeightStore.load({"model": model_dir + "/model.onnx"})
+entry = store.catalog["model"]
+import cupy as cp
+cp.cuda.Device(0).use()
+def free():
+    cp.cuda.runtime.deviceSynchronize()
+    return cp.cuda.runtime.memGetInfo()[0]
+keep = []
+options = _base_options(SessionSettings())
+arrays = []
+for t in entry.tensors:
+    dt = storage_dtype(t.elem_type)
+    a = np.frombuffer(store.segment.buffer, dtype=dt, count=t.nbytes // dt.itemsize, offset=t.offset).reshape(t.shape)
+    arrays.append((t.name, a))
+if mode == "device":
+    device_arrays = [(n, cp.asarray(a)) for n, a in arrays]
+    keep.append(device_arrays)
+before = free()
+for n, a in (device_arrays if mode == "device" else arrays):
+    v = ort.OrtValue.from_dlpack(a) if mode == "device" else ort.OrtValue.ortvalue_from_numpy(a)
+    options.add_initializer(n, v); keep.append(v)
+s = ort.InferenceSession(entry.skeleton, options, providers=[("CUDAExecutionProvider", {"device_id": "0"})])
+after = free()
+print(json.dumps({"mode": mode, "session_mib": (before - after) / 2**20, "weights_mib": store.nbytes / 2**20}))
+"""
+
+
+def section_share(model_dir: Path, out: list[str]) -> None:
+    print("share", flush=True)
+    for mode in ("host", "device"):
+        proc = subprocess.run([sys.executable, "-c", _SHARE_CHILD, str(ROOT), mode, str(model_dir)],
+                              capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0:
+            line = f"{mode}: failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}"
+        else:
+            r = json.loads(proc.stdout.strip().splitlines()[-1])
+            line = (f"add_initializer over {mode} weights: session creation took {r['session_mib']:.0f} MiB of device memory "
+                    f"(weights {r['weights_mib']:.0f} MiB)")
+        out.append(line)
+        print("  " + line, flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, type=Path)
+    parser.add_argument("--bundled", action="store_true", help="also check the bundled models on CUDA against CPU")
+    parser.add_argument("--sections", default="correct,speed,memory,share")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    sections = args.sections.split(",")
+    rows: list[dict] = []
+    notes: list[str] = []
+    if "correct" in sections:
+        section_correct(args.model, args.bundled)
+    if "share" in sections:
+        section_share(args.model, notes)
+    if "memory" in sections:
+        section_memory(args.model, notes)
+    if "speed" in sections:
+        section_speed(args.model, rows)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "bench_gpu.json").write_text(json.dumps({"rows": rows, "notes": notes, "failures": FAILURES}, indent=1))
+    if rows:
+        print("\n| batch | search | plain loop | hf fp32 | hf fp16 | shm 1w | shm 2w | shm1/plain | shm1/hf32 | 2w/1w |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        for r in rows:
+            def f(key, r=r):
+                return f"{r[key]:.0f}" if key in r else "-"
+
+            def ratio(a, b, r=r):
+                return f"{r[a] / r[b]:.2f}" if a in r and b in r else "-"
+
+            print(f"| {r['batch']} | {r['search']} | {f('plain')} | {f('hf-fp32')} | {f('hf-fp16')} | {f('shm1')} | {f('shm2')} "
+                  f"| {ratio('shm1', 'plain')} | {ratio('shm1', 'hf-fp32')} | {ratio('shm2', 'shm1')} |")
+    for line in notes:
+        print(line)
+    if FAILURES:
+        print(f"FAILED: {', '.join(FAILURES)}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
