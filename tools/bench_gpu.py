@@ -194,8 +194,10 @@ def section_correct(model_dir: Path, bundled: bool) -> None:
             if a is None:
                 continue
             check(f"{kind} {search}: cuda tokens == cpu tokens", a == b, f"{sum(x == y for x, y in zip(a, b))}/{len(a)} rows")
+        # ORT's CUDA EP runs float32 MatMuls in TF32 by default (10-bit mantissa, ~1e-3 relative),
+        # as a plain ORT user gets it: log-probabilities agree to about 1e-2, not to 1e-5.
         diffs = [abs(x - y) for sa, sb in zip(results["cpu"]["scores"], results["cuda"]["scores"]) for x, y in zip(sa, sb)]
-        check(f"{kind} scores: cuda within 1e-3 of cpu", max(diffs) < 1e-3, f"max |diff| {max(diffs):.2e}")
+        check(f"{kind} scores: cuda within 1e-2 of cpu (TF32)", max(diffs) < 1e-2, f"max |diff| {max(diffs):.2e}")
 
 
 def _seeded(fn):
