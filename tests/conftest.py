@@ -156,9 +156,21 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def start_chaos(engine, kills: int, interval: float, seed: int, stop: threading.Event | None = None) -> tuple[threading.Thread, list[int]]:
+def busy_worker_pids(engine) -> list[int]:
+    """PIDs of the workers of ``engine`` (an Engine or a WorkerPool) that are running a batch now."""
+    pool = getattr(engine, "_pool", engine)
+    return [w.pid for w in list(pool._workers.values()) if w.ready and w.pid is not None and w.batch is not None]
+
+
+def start_chaos(
+    engine, kills: int, interval: float, seed: int, stop: threading.Event | None = None, *, mid_batch: bool = False
+) -> tuple[threading.Thread, list[int]]:
     """A thread that SIGKILLs a random live worker of ``engine`` every ``interval`` seconds until
-    it has killed ``kills`` of them (or ``stop`` is set); returns it and the list of killed pids."""
+    it has killed ``kills`` of them (or ``stop`` is set); returns it and the list of killed pids.
+
+    With ``mid_batch`` it kills only a worker that is running a batch (waiting for one), so that
+    every kill costs a batch its worker: a kill of an idle worker tests the respawn, not the retry.
+    """
     killed: list[int] = []
     stop = stop or threading.Event()
 
@@ -166,7 +178,9 @@ def start_chaos(engine, kills: int, interval: float, seed: int, stop: threading.
         rng = random.Random(seed)
         while not stop.is_set() and len(killed) < kills:
             time.sleep(interval)
-            pids = engine.worker_pids
+            pids = [p for p in engine.worker_pids if p not in killed]
+            while mid_batch and not stop.is_set() and not (pids := [p for p in busy_worker_pids(engine) if p not in killed]):
+                time.sleep(0.002)
             if pids:
                 pid = rng.choice(pids)
                 try:

@@ -27,7 +27,8 @@ def test_1000_requests_while_a_chaos_thread_kills_20_workers(slow_mlp):
     pool ends at full strength; no result goes to the wrong request."""
     with shmengine.Engine(slow_mlp.path, inter_threads=2, intra_threads=1, max_queued_batches=-1) as engine:
         inputs = [slow_mlp.inputs(4, seed=i) for i in range(1000)]
-        killer, kills = start_chaos(engine, kills=20, interval=0.2, seed=1)
+        # each kill lands on a worker that is running a batch, so each one exercises the retry
+        killer, kills = start_chaos(engine, kills=20, interval=0.1, seed=1, mid_batch=True)
         futures = []
         for x in inputs:  # submitted while the killing goes on
             futures.append(engine.run_batch({"x": x}, asynchronous=True))
@@ -36,7 +37,7 @@ def test_1000_requests_while_a_chaos_thread_kills_20_workers(slow_mlp):
         done, not_done = wait_futures(futures, timeout=180)
         assert not not_done, f"{len(not_done)} futures hung"
         assert len(kills) == 20
-        ok = 0
+        ok = crashed = 0
         for x, future in zip(inputs, futures):
             exc = future.exception()
             if exc is None:
@@ -44,7 +45,9 @@ def test_1000_requests_while_a_chaos_thread_kills_20_workers(slow_mlp):
                 ok += 1
             else:
                 assert isinstance(exc, shmengine.WorkerCrashedError), repr(exc)
-        assert ok > 900  # a batch fails only if two workers die on it in a row
+                crashed += 1
+        # each kill takes one batch's worker; a batch fails only if a second worker dies on it
+        assert crashed <= len(kills) // 2, f"{crashed} of {ok + crashed} failed after {len(kills)} kills"
         assert wait_until(lambda: len(engine.worker_pids) == 2, timeout=10)
         assert not set(engine.worker_pids) & set(kills)
 

@@ -1,0 +1,155 @@
+"""Prove that tests catch what they claim: break the code on purpose, in a scratch copy, and run
+the tests that should notice.
+
+Each entry of ``BREAKS`` names one deliberate break (an exact, unique text replacement in one
+file) and the tests that must fail because of it. For each selected break this script copies the
+working tree to a temporary directory, runs the tests there unbroken (they must pass: a test that
+fails anyway proves nothing), applies the break, runs them again (each must fail), and prints one
+line per break: CAUGHT, MISSED (a test passed with the code broken), BASELINE FAILS, or STALE (the
+text to replace is no longer in the file). The shared checkout is never modified.
+
+    python tools/catches.py                 # every break
+    python tools/catches.py --list          # names only
+    python tools/catches.py score-pairs retry-once   # some of them
+
+Tests run with ``python -m pytest`` from the copy's root, so the copy's ``shmengine`` is the one
+imported (the editable install's path comes after the current directory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Break:
+    name: str
+    item: str  # where the break comes from (issue 10's numbering)
+    path: str
+    old: str
+    new: str
+    tests: list[str]
+
+
+BREAKS = [
+    Break(
+        "score-pairs", "1", "shmengine/translator.py",
+        "            src, tgt = zip(*chunk)\n",
+        "            src, tgt = zip(*chunk)\n            src = src[1:] + src[:1]  # BREAK: each target against the next source\n",
+        ["tests/test_faults.py::test_signal_during_a_long_score_file"],
+    ),
+    Break(
+        "retry-once-off", "3", "shmengine/pool.py",
+        "            if batch.attempts < 2:\n",
+        "            if batch.attempts < 1:  # BREAK: no retry\n",
+        ["tests/test_faults.py::test_1000_requests_while_a_chaos_thread_kills_20_workers",
+         "tests/test_pool.py::test_sigkill_under_concurrent_load_loses_nothing"],
+    ),
+    Break(
+        "constant-seed", "4", "shmengine/options.py",
+        "        return int(source.integers(0, 2**63 - 1))\n",
+        "        return 42  # BREAK: every batch the same seed\n",
+        ["tests/test_generation.py::test_sampling_is_reproducible_with_set_random_seed"],
+    ),
+    Break(
+        "seed-ignored", "4", "shmengine/options.py",
+        "        _seed_source = np.random.default_rng(seed)\n",
+        "        _seed_source = np.random.default_rng(0)  # BREAK: the seed is not used\n",
+        ["tests/test_generation.py::test_sampling_is_reproducible_with_set_random_seed"],
+    ),
+    Break(
+        "one-seed-per-call", "4", "shmengine/generator.py",
+        "        changes[\"seed\"] = next_seed()\n",
+        "        pass  # BREAK: every sub-batch of a call samples with the call's seed\n",
+        ["tests/test_generation.py::test_sampling_is_reproducible_with_set_random_seed"],
+    ),
+    Break(
+        "results-alias-arena", "5", "shmengine/pool.py",
+        "recv_message(worker.conn, worker.arena_out, copy=True)",
+        "recv_message(worker.conn, worker.arena_out, copy=False)",
+        ["tests/test_pool.py::test_large_tensors_cross_through_the_arena"],
+    ),
+]
+
+
+def _copy_tree(dest: Path) -> None:
+    """The working tree as it is now (tracked and untracked, not ignored) into ``dest``."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT, capture_output=True, check=True
+    ).stdout.decode().split("\0")
+    for rel in filter(None, listed):
+        source = ROOT / rel
+        if source.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, dest / rel)
+
+
+def _pytest(copy: Path, tests: list[str], timeout: float) -> tuple[int, str]:
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
+            cwd=copy, capture_output=True, text=True, timeout=timeout, env=env,
+        )
+    except subprocess.TimeoutExpired:
+        return 124, "timed out"
+    return out.returncode, out.stdout.strip().splitlines()[-1] if out.stdout.strip() else out.stderr[-300:]
+
+
+def check(brk: Break, timeout: float) -> str:
+    with tempfile.TemporaryDirectory(prefix="shmengine-catches-") as tmp:
+        copy = Path(tmp)
+        _copy_tree(copy)
+        target = copy / brk.path
+        text = target.read_text()
+        if text.count(brk.old) != 1:
+            return f"STALE ({brk.path} holds the text to replace {text.count(brk.old)} times)"
+        results = []
+        for test in brk.tests:
+            rc, summary = _pytest(copy, [test], timeout)
+            if rc != 0:
+                return f"BASELINE FAILS: {test}: {summary}"
+            target.write_text(text.replace(brk.old, brk.new))
+            rc, summary = _pytest(copy, [test], timeout)
+            target.write_text(text)
+            # 1: tests failed. 2-5 (interrupted, internal or usage error, nothing collected) prove nothing.
+            results.append(("caught" if rc == 1 else "MISSED" if rc == 0 else f"rc={rc}", test, summary))
+        verdict = "CAUGHT" if all(r[0] == "caught" for r in results) else "MISSED"
+        return verdict + "".join(f"\n    {r[0]}: {r[1]} ({r[2]})" for r in results)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("names", nargs="*", help="breaks to check (default: all)")
+    parser.add_argument("--list", action="store_true", help="list the breaks and exit")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds per pytest run")
+    args = parser.parse_args()
+    known = {b.name: b for b in BREAKS}
+    if args.list:
+        for b in BREAKS:
+            print(f"{b.name:24} item {b.item:4} {b.path}: {', '.join(b.tests)}")
+        return 0
+    unknown = [n for n in args.names if n not in known]
+    if unknown:
+        parser.error(f"unknown break(s) {unknown}; --list shows them")
+    failed = 0
+    for brk in [known[n] for n in args.names] if args.names else BREAKS:
+        start = time.monotonic()
+        verdict = check(brk, args.timeout)
+        failed += not verdict.startswith("CAUGHT")
+        print(f"{brk.name} (item {brk.item}): {verdict}  [{time.monotonic() - start:.0f} s]", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
