@@ -175,10 +175,13 @@ def serve() -> None:
             unlink_segment(name)
         os._exit(0)
 
-    # A SIGTERM or SIGHUP sent to the whole process group (kill -- -PGID, systemd, a closed
-    # terminal) must not kill us before we clean up: take the workers and the segment down first.
+    # A SIGTERM or SIGHUP sent to the whole process group (kill -- -PGID, timeout -s TERM, systemd,
+    # a closed terminal) reaches us and the workers too. It is the supervisor's to act on: it may
+    # finish the line it is writing and close the engine (shmengine-run exits 130 with complete
+    # lines), or die of it, which closes our socket and takes everything down below. Were we or
+    # the workers to die of it first, the supervisor would see a broken engine instead.
     for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, lambda *_: end(signal.SIGKILL))
+        signal.signal(sig, signal.SIG_IGN)
 
     while True:
         try:
@@ -210,8 +213,7 @@ def serve() -> None:
                     signal.set_wakeup_fd(-1)
                     os.close(wake_r)
                     os.close(wake_w)
-                    for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP):
-                        signal.signal(sig, signal.SIG_DFL)
+                    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # SIGINT/TERM/HUP stay ignored: see above
                     _set_parent_death_signal()
                     if os.getppid() != me:  # the fork server died before prctl took effect
                         os._exit(1)
