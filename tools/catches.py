@@ -43,9 +43,9 @@ class Break:
 
 BREAKS = [
     Break(
-        "score-pairs", "1", "shmengine/translator.py",
-        "            src, tgt = zip(*chunk)\n",
-        "            src, tgt = zip(*chunk)\n            src = src[1:] + src[:1]  # BREAK: each target against the next source\n",
+        "score-pairs-cli", "1", "shmengine/cli.py",
+        "            sources, targets = zip(*chunk)\n",
+        "            sources, targets = zip(*chunk)\n            sources = sources[1:] + sources[:1]  # BREAK: each target against the next source\n",
         ["tests/test_faults.py::test_signal_during_a_long_score_file"],
     ),
     Break(
@@ -72,6 +72,18 @@ BREAKS = [
         "        changes[\"seed\"] = next_seed()\n",
         "        pass  # BREAK: every sub-batch of a call samples with the call's seed\n",
         ["tests/test_generation.py::test_sampling_is_reproducible_with_set_random_seed"],
+    ),
+    Break(
+        "finished-stay-in-batch", "6", "shmengine/decoding.py",
+        "            if done:\n                continue\n            keep_examples.append(i)\n",
+        "            keep_examples.append(i)  # BREAK: a finished example keeps its rows\n",
+        ["tests/test_decoding.py::test_beam_returns_sorted_hypotheses_and_finished_examples_leave_the_batch"],
+    ),
+    Break(
+        "topk-plus-one", "weaker list", "shmengine/decoding.py",
+        "else min(options.sampling_topk, vocab)",
+        "else min(options.sampling_topk + 1, vocab)  # BREAK",
+        ["tests/test_decoding.py::test_sampling_is_reproducible_and_topk_restricts"],
     ),
     Break(
         "results-alias-arena", "5", "shmengine/pool.py",
