@@ -54,11 +54,13 @@ def contains_model(path) -> bool:
 
 
 def get_supported_compute_types(device: str, device_index: int = 0) -> set[str]:
-    """Compute types accepted on ``device``. The ONNX graph's own precision is what runs; these
-    names are accepted for CTranslate2 compatibility."""
-    if device not in ("cpu", "cuda", "auto"):
-        raise ValueError(f"device must be 'cpu', 'cuda' or 'auto', got {device!r}")
-    return {"default", "auto", "float32"} | ({"float16"} if device == "cuda" else set())
+    """The compute types this engine runs on ``device`` (``"cpu"`` or ``"cuda"``), as
+    CTranslate2's function of that name answers: concrete types (``"default"`` and ``"auto"``
+    are always accepted besides). Read from the registered model transforms (``transforms.py``);
+    ``device_index`` is accepted for CTranslate2 compatibility (every GPU is taken to be alike)."""
+    from .transforms import supported_compute_types
+
+    return supported_compute_types(device)
 
 __all__ = [
     "Engine",

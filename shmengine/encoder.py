@@ -25,7 +25,7 @@ class Encoder(PooledModel):
         model_path: an Optimum ONNX export of an encoder (``model.onnx`` with ``input_ids``,
             ``attention_mask`` and optionally ``token_type_ids``), with ``config.json`` and the
             tokenizer's ``tokenizer.json`` or ``vocab.json``.
-        Others: as :class:`shmengine.Engine`; ``compute_type`` is accepted and ignored.
+        Others: as :class:`shmengine.Engine` (``compute_type`` included).
     """
 
     def __init__(
@@ -55,6 +55,8 @@ class Encoder(PooledModel):
             max_queued_batches=max_queued_batches,
             prepack_weights=prepack_weights,
             graph_optimization_level=graph_optimization_level,
+            compute_type=compute_type,
+            roles={"model": "encoder"},
         )
 
     def forward_batch(

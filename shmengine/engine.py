@@ -16,6 +16,7 @@ from .errors import InvalidInputError
 from .placement import place_workers
 from .pool import WorkerPool, resolve_queue_size
 from .sharedmem import SHM_DIR
+from .transforms import check_compute_type, prepare_models
 from .weights import TensorSpec, WeightStore
 from .worker import ProgramSpec, WorkerContext
 
@@ -105,9 +106,12 @@ def validate_feeds(feeds: Any, inputs: Sequence[TensorSpec]) -> dict[str, np.nda
 class PooledModel:
     """What every shmengine model object is: ONNX graphs in one weight store, served by a pool.
 
-    Subclasses say which graphs (``graphs``: store key -> ONNX file) and which worker program;
-    this class owns placement, the store, the pool and their lifetime (``close``, ``with``,
-    garbage collection and interpreter exit all end in the same clean shutdown).
+    Subclasses say which graphs (``graphs``: store key -> ONNX file), what each graph is
+    (``roles``: store key -> ``"decoder"``, ``"seq2seq_encoder"``, ...; it picks the model
+    transforms of ``transforms.py``) and which worker program; this class resolves
+    ``compute_type`` for the device (``self.compute_type`` is what runs), owns placement, the
+    store, the pool and their lifetime (``close``, ``with``, garbage collection and interpreter
+    exit all end in the same clean shutdown).
     """
 
     def __init__(
@@ -123,7 +127,10 @@ class PooledModel:
         prepack_weights: bool = False,
         graph_optimization_level: str = "all",
         graph_edits: Mapping[str, Callable[[onnx.ModelProto], object]] | None = None,
+        compute_type: str = "default",
+        roles: Mapping[str, str] | None = None,
     ):
+        check_compute_type(compute_type)  # before anything else: a typo should not wait for a GPU probe
         placement = place_workers(
             device,
             device_index,
@@ -137,7 +144,12 @@ class PooledModel:
         self.device_index = placement.device_indices
         self.inter_threads = inter_threads
         self.intra_threads = placement.plan.intra_threads
-        self._store = WeightStore.load(graphs, graph_edits)
+        # The model transforms (graph edits, quantization, casts) run before the weights are
+        # packed, so every worker maps the transformed weights from the one segment.
+        prepared = prepare_models(graphs, roles or {}, placement.device, compute_type)
+        self.compute_type = prepared.compute_type
+        self.transforms = prepared.applied
+        self._store = WeightStore.load(prepared.models, graph_edits)
         try:
             slots = placement.slots
             if prepack_weights and placement.device == "cpu":
@@ -226,6 +238,12 @@ class Engine(PooledModel):
             workers through /dev/shm, but the prepacked copy is stored beside the original, so
             the weights then cost about 1.8x their size (once). CPU only; off by default.
         graph_optimization_level: ORT's ``"disable"``, ``"basic"``, ``"extended"`` or ``"all"``.
+        compute_type: CTranslate2's names and meanings: ``"default"`` (the graph's own type),
+            ``"auto"`` (the fastest the device runs), ``"float32"``, ``"int8"`` /
+            ``"int8_float32"`` (CPU: int8 weights, quantized once and cached beside the model),
+            ``"int8_float16"``, ``"float16"``, ``"bfloat16"`` (CUDA), ``"int8_bfloat16"``,
+            ``"int16"``; see :func:`shmengine.get_supported_compute_types`. ``self.compute_type``
+            says what runs.
 
     Every batch runs whole on one worker. ``close()`` (or leaving a ``with`` block) fails any
     batch still queued or running with ``EngineClosedError`` and stops every process; to finish

@@ -11,10 +11,10 @@ from .batching import plan_batches, split_future
 from .decoding import StepEvent
 from .engine import PooledModel
 from .errors import InvalidInputError
-from .graph_edits import gather_logit_positions
 from .modeldir import ModelDirectory
 from .options import end_ids_for, search_options
 from .results import GenerationResult, GenerationStepResult, ScoringResult
+from .transforms import check_compute_type
 from .worker import ProgramSpec
 
 __all__ = ["Generator", "DecodingModel", "check_constructor_extras"]
@@ -26,8 +26,7 @@ def check_constructor_extras(compute_type: str, tensor_parallel: bool) -> None:
         raise NotImplementedError(
             "tensor_parallel=True is not supported yet; run one model per process with inter_threads instead"
         )
-    if not isinstance(compute_type, str):
-        raise ValueError(f"compute_type must be a string such as 'default', got {compute_type!r}")
+    check_compute_type(compute_type)
 
 
 class DecodingModel(PooledModel):
@@ -76,8 +75,9 @@ class Generator(DecodingModel):
             ``config.json``, ``generation_config.json`` and ``tokenizer.json`` or ``vocab.json``.
         device, device_index, inter_threads, intra_threads, max_queued_batches: as
             :class:`shmengine.Engine` (CTranslate2's meanings).
-        compute_type: accepted for CTranslate2 compatibility; the ONNX graph's own precision is
-            used (export in float16 or quantize the ONNX model to change it).
+        compute_type: CTranslate2's values and meanings (see :class:`shmengine.Engine`);
+            ``"int8"`` on CPU quantizes the weights once (cached beside the model);
+            ``self.compute_type`` is the type that runs after any fallback.
         tensor_parallel: not supported yet (raises NotImplementedError).
         prepack_weights, graph_optimization_level: see :class:`shmengine.Engine`.
 
@@ -114,7 +114,8 @@ class Generator(DecodingModel):
             max_queued_batches=max_queued_batches,
             prepack_weights=prepack_weights,
             graph_optimization_level=graph_optimization_level,
-            graph_edits={"model": gather_logit_positions},
+            compute_type=compute_type,
+            roles={"model": "decoder"},
         )
         if "logits" not in {o.name for o in self._store.catalog["model"].outputs}:
             self.close()

@@ -81,6 +81,8 @@ class Translator(DecodingModel):
             max_queued_batches=max_queued_batches,
             prepack_weights=prepack_weights,
             graph_optimization_level=graph_optimization_level,
+            compute_type=compute_type,
+            roles={"encoder": "seq2seq_encoder", "decoder": "seq2seq_decoder", "decoder_with_past": "seq2seq_decoder"},
         )
 
     # -- inputs ---------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from .errors import ModelLoadError
 from .sharedmem import ALIGNMENT, SharedSegment, align_up
 
 __all__ = [
+    "ModelSource",
     "TensorEntry",
     "TensorSpec",
     "ModelEntry",
@@ -206,15 +207,24 @@ class _Planned:
     offset: int = 0
 
 
+@dataclass
+class ModelSource:
+    """One graph for the store: its file, and optionally the file already parsed (without its
+    external data) and edited in memory (``transforms.py``), so it is not read twice."""
+
+    path: Path
+    model: onnx.ModelProto | None = None
+
+
 class _ModelReader:
     """Reads one ONNX file, checks it, and plans which tensors go to the shared segment."""
 
-    def __init__(self, key: str, path: Path):
+    def __init__(self, key: str, path: Path, model: onnx.ModelProto | None = None):
         self.key = key
         self.path = path
         self.directory = path.parent.resolve()
         try:
-            self.model = onnx.load(str(path), load_external_data=False)
+            self.model = model if model is not None else onnx.load(str(path), load_external_data=False)
         except Exception as exc:  # protobuf's DecodeError, or an OSError
             raise ModelLoadError(
                 f"{str(path)!r} is not a readable ONNX model ({type(exc).__name__}: {exc}); "
@@ -445,15 +455,25 @@ class WeightStore:
     @classmethod
     def load(
         cls,
-        models: Mapping[str, str | os.PathLike],
+        models: Mapping[str, str | os.PathLike | ModelSource],
         graph_edits: Mapping[str, Callable[[onnx.ModelProto], object]] | None = None,
     ) -> "WeightStore":
-        """Read each ``key -> path`` ONNX model; every tensor larger than 4 KiB is shared.
+        """Read each ``key -> path`` ONNX model (or :class:`ModelSource`, prepared by
+        ``transforms.prepare_models``); every tensor larger than 4 KiB is shared.
 
-        ``graph_edits`` (key -> function) may change a model's graph, not its weights, once here
-        so that every worker builds its session on the edited graph (see ``graph_edits.py``).
+        ``graph_edits`` (key -> function) may change a model's graph, not its weights, before
+        its weights are packed, so that every worker builds its session on the edited graph.
+        Edits that change weights are transforms (``transforms.py``), made before this.
         """
-        readers = [_ModelReader(key, resolve_model_file(path)) for key, path in models.items()]
+        readers = []
+        for key, source in models.items():
+            if isinstance(source, ModelSource):
+                readers.append(_ModelReader(key, resolve_model_file(source.path), source.model))
+            else:
+                readers.append(_ModelReader(key, resolve_model_file(source)))
+            edit = (graph_edits or {}).get(key)
+            if edit is not None:
+                edit(readers[-1].model)
         offset = ALIGNMENT  # the header occupies the first 64 bytes
         for reader in readers:
             for item in reader.planned:
@@ -465,9 +485,6 @@ class WeightStore:
         try:
             for reader in readers:
                 reader.copy_into(segment.buffer)
-                edit = (graph_edits or {}).get(reader.key)
-                if edit is not None:  # after the copy: the protos no longer hold the tensor bytes
-                    edit(reader.model)
             catalog = {reader.key: reader.entry(segment.name) for reader in readers}
             blob = pickle.dumps(catalog, protocol=5)
             segment.resize(data_end + len(blob))

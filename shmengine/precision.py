@@ -1,0 +1,132 @@
+"""Float precision of a whole graph: float32 -> float16 / bfloat16 (for CUDA), and back to float32.
+
+What the decoding loop sees stays the same: every float input and output of the graph keeps
+float32 (logits, hidden states, masks given as floats) except the KV cache
+(``past_key_values.*`` inputs, ``present.*`` outputs), which is carried in the graph's own type
+so that no cast runs per step and the cache costs half the memory; the steppers size the empty
+cache from the input's declared type.
+
+float16 uses ONNX Runtime's own converter (``onnxruntime.transformers.float16``: it clamps
+weights to float16's range and keeps ops without float16 kernels in float32). bfloat16 reuses
+its graph (same ops kept in float32, same casts) and re-encodes every float16 tensor as
+bfloat16 from the original float32 values, so nothing is clamped to float16's range first.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from onnx import AttributeProto, ModelProto, TensorProto, numpy_helper
+
+__all__ = ["cast_to_float16", "cast_to_bfloat16", "cast_to_float32", "is_cache_name", "float32_to_bfloat16_bits"]
+
+_FLOATS = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
+
+
+def is_cache_name(name: str) -> bool:
+    """Whether a graph input/output is the KV cache (Optimum's names)."""
+    return name.startswith("past_key_values") or name.startswith("present")
+
+
+def _graphs(graph):
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == AttributeProto.GRAPH:
+                yield from _graphs(attr.g)
+            elif attr.type == AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from _graphs(g)
+
+
+def cast_to_float16(model: ModelProto) -> None:
+    """Convert ``model`` (with its weights loaded) to float16 in place; float I/O other than the
+    KV cache stays float32."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    graph = model.graph
+    keep = [
+        v.name for v in [*graph.input, *graph.output]
+        if v.type.tensor_type.elem_type == TensorProto.FLOAT and not is_cache_name(v.name)
+    ]
+    converted = convert_float_to_float16(model, keep_io_types=keep)
+    if converted is not model:
+        model.CopyFrom(converted)
+
+
+def float32_to_bfloat16_bits(array: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns (uint16) of float32 values, rounded to nearest even."""
+    bits = np.ascontiguousarray(array, dtype=np.float32).view(np.uint32)
+    rounded = bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
+    out = (rounded >> np.uint32(16)).astype(np.uint16)
+    nan = np.isnan(array)
+    if nan.any():
+        out[nan] = 0x7FC0
+    return out
+
+
+def _bfloat16_tensor(name: str, values: np.ndarray) -> TensorProto:
+    t = TensorProto(name=name, data_type=TensorProto.BFLOAT16, dims=list(values.shape))
+    t.raw_data = float32_to_bfloat16_bits(values).tobytes()
+    return t
+
+
+def _retype_values(model: ModelProto, source: int, dest: int) -> None:
+    for g in _graphs(model.graph):
+        for v in [*g.input, *g.output, *g.value_info]:
+            if v.type.tensor_type.elem_type == source:
+                v.type.tensor_type.elem_type = dest
+
+
+def cast_to_bfloat16(model: ModelProto) -> None:
+    """Convert ``model`` (with its weights loaded) to bfloat16 in place (see the module docstring)."""
+    originals = {}
+    for g in _graphs(model.graph):
+        for t in g.initializer:
+            if t.data_type == TensorProto.FLOAT:
+                originals[t.name] = numpy_helper.to_array(t)
+    cast_to_float16(model)
+
+    def to_bf16(t: TensorProto) -> TensorProto:
+        values = originals.get(t.name)
+        if values is None or values.shape != tuple(t.dims):
+            values = numpy_helper.to_array(t).astype(np.float32)
+        return _bfloat16_tensor(t.name, values)
+
+    for g in _graphs(model.graph):
+        for t in g.initializer:
+            if t.data_type == TensorProto.FLOAT16:
+                t.CopyFrom(to_bf16(t))
+        for node in g.node:
+            for attr in node.attribute:
+                if node.op_type == "Cast" and attr.name == "to" and attr.i == TensorProto.FLOAT16:
+                    attr.i = TensorProto.BFLOAT16
+                elif attr.type == AttributeProto.TENSOR and attr.t.data_type == TensorProto.FLOAT16:
+                    attr.t.CopyFrom(to_bf16(attr.t))
+    _retype_values(model, TensorProto.FLOAT16, TensorProto.BFLOAT16)
+
+
+def cast_to_float32(model: ModelProto) -> None:
+    """Convert every float16 / bfloat16 tensor, cast and declared type of ``model`` to float32 in
+    place (widening loses nothing): how a float16 export runs on a CPU."""
+    halves = (TensorProto.FLOAT16, TensorProto.BFLOAT16)
+
+    def widened(t: TensorProto) -> TensorProto:
+        if t.data_type == TensorProto.BFLOAT16:
+            bits = np.frombuffer(t.raw_data, np.uint16) if t.raw_data else np.array(t.int32_data, np.uint16)
+            values = (bits.astype(np.uint32) << np.uint32(16)).view(np.float32).reshape(tuple(t.dims))
+        else:
+            values = numpy_helper.to_array(t).astype(np.float32)
+        return numpy_helper.from_array(values, t.name)
+
+    for g in _graphs(model.graph):
+        for t in g.initializer:
+            if t.data_type in halves:
+                t.CopyFrom(widened(t))
+        for node in g.node:
+            for attr in node.attribute:
+                if node.op_type == "Cast" and attr.name == "to" and attr.i in halves:
+                    attr.i = TensorProto.FLOAT
+                elif attr.type == AttributeProto.TENSOR and attr.t.data_type in halves:
+                    attr.t.CopyFrom(widened(attr.t))
+    for half in halves:
+        _retype_values(model, half, TensorProto.FLOAT)

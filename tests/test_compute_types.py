@@ -1,0 +1,287 @@
+"""compute_type: CTranslate2's values and fallbacks, CPU int8 made once and cached, and the
+float16 / bfloat16 graph conversions for CUDA (checked here by structure, and float16 by running
+it on ORT's CPU kernels).
+
+Expected words come from models/numbers_heldout.tsv (the reference ``number_to_words``); float
+references from numpy (the MLP's ``reference``) or from the float32 graph run by ORT directly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from conftest import ROOT
+from onnx import TensorProto, helper, numpy_helper
+
+import shmengine
+from shmengine import precision, transforms
+from shmengine.steppers import DecoderOnlyStepper
+
+MARIAN = ROOT / "models" / "numbers-marian"
+GPT2 = ROOT / "models" / "numbers-gpt2"
+LOG = "shmengine"
+
+
+def heldout() -> list[tuple[str, str]]:
+    with open(ROOT / "models" / "numbers_heldout.tsv", encoding="utf-8") as f:
+        return [tuple(line.rstrip("\n").split("\t")) for line in f if line.strip()]
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    """Every test quantizes into a cache of its own, so a first start is really a first start."""
+    directory = tmp_path / "cache"
+    monkeypatch.setenv("SHMENGINE_CACHE_DIR", str(directory))
+    return directory
+
+
+# -- values, resolution, supported types -----------------------------------------------------------
+
+
+def test_supported_compute_types_per_device():
+    assert shmengine.get_supported_compute_types("cpu") == {"float32", "int8", "int8_float32"}
+    cuda = shmengine.get_supported_compute_types("cuda")
+    assert {"float32", "float16", "bfloat16", "int8_float16", "int8"} <= cuda
+    assert "int16" not in cuda | shmengine.get_supported_compute_types("cpu")
+    with pytest.raises(ValueError, match="'cpu' or 'cuda'"):
+        shmengine.get_supported_compute_types("tpu")
+
+
+@pytest.mark.parametrize(
+    "requested, model_type, device, expected",
+    [
+        ("default", "float32", "cpu", "float32"),
+        ("default", "float16", "cpu", "float32"),  # CTranslate2 converts a float16 model on CPU
+        ("default", "float16", "cuda", "float16"),
+        ("auto", "float32", "cpu", "int8_float32"),  # what CTranslate2 picks on this CPU too
+        ("auto", "float32", "cuda", "int8_float16"),
+        ("int8", "float32", "cpu", "int8_float32"),
+        ("int8", "float16", "cpu", "int8_float32"),
+        ("int8", "float16", "cuda", "int8_float16"),
+        ("float32", "float16", "cuda", "float32"),
+        ("float16", "float32", "cuda", "float16"),
+    ],
+)
+def test_resolution_follows_ctranslate2(requested, model_type, device, expected):
+    assert transforms.resolve_compute_type(requested, model_type, device) == expected
+
+
+@pytest.mark.parametrize("requested", ["float16", "bfloat16", "int8_float16", "int8_bfloat16", "int16"])
+def test_a_type_the_cpu_cannot_run_is_refused_naming_what_it_can(requested):
+    # CTranslate2 4.8.5 on this CPU raises ValueError for float16, bfloat16, int8_float16 and
+    # int8_bfloat16 too; int16 it runs with MKL, ONNX Runtime has no int16 kernels
+    with pytest.raises(ValueError, match=f"compute_type='{requested}' is not supported on cpu.*float32, int8, int8_float32"):
+        shmengine.Generator(GPT2, compute_type=requested)
+
+
+@pytest.mark.parametrize("bad", ["int4", "FLOAT16", "", None, 8])
+def test_unknown_compute_type_lists_the_valid_ones(bad):
+    with pytest.raises(ValueError) as info:
+        shmengine.Translator(MARIAN, compute_type=bad)
+    message = str(info.value)
+    assert repr(bad) in message
+    for name in transforms.COMPUTE_TYPES:
+        assert name in message
+
+
+def test_default_keeps_the_graph_and_records_the_logit_edit(cache_dir):
+    with shmengine.Generator(GPT2) as g:
+        assert g.compute_type == "float32"
+        assert g.transforms == {"model": ["logit_positions"]}
+    with shmengine.Translator(MARIAN) as t:
+        assert t.compute_type == "float32"
+        assert t.transforms == {"encoder": [], "decoder": []}
+    assert not cache_dir.exists()  # nothing to cache: the graph edit runs in memory
+
+
+# -- CPU int8 ----------------------------------------------------------------------------------------
+
+
+def _digits(number: str) -> list[str]:
+    return list(number) + ["</s>"]
+
+
+def test_int8_translator_and_generator_stay_exact_on_held_out_numbers(cache_dir):
+    pairs = heldout()
+    with shmengine.Translator(MARIAN, compute_type="int8", inter_threads=2, intra_threads=1) as t:
+        assert t.compute_type == "int8_float32"
+        assert t.transforms["decoder"] == ["int8_cpu"]
+        results = t.translate_batch([_digits(n) for n, _ in pairs], beam_size=1, max_batch_size=64)
+        correct = sum(" ".join(r.hypotheses[0]) == words for r, (_, words) in zip(results, pairs))
+        assert correct / len(pairs) >= 0.99, f"int8 translator: exact match {correct}/{len(pairs)}"
+    with shmengine.Generator(GPT2, compute_type="int8_float32", inter_threads=2, intra_threads=1) as g:
+        assert g.transforms["model"] == ["logit_positions", "int8_cpu"]
+        bos = g.vocabulary.id_to_token[g.model.bos_id]
+        results = g.generate_batch([[bos, *n, "="] for n, _ in pairs], max_batch_size=64, max_length=24,
+                                   include_prompt_in_result=False)
+        correct = sum(" ".join(r.sequences[0]) == words for r, (_, words) in zip(results, pairs))
+        assert correct / len(pairs) >= 0.99, f"int8 generator: exact match {correct}/{len(pairs)}"
+
+
+def test_int8_weights_are_a_quarter_and_the_engine_stays_close_to_numpy(small_mlp, cache_dir):
+    x = small_mlp.inputs(16)
+    reference = small_mlp.reference(x)
+    with shmengine.Engine(small_mlp.path, inter_threads=1, intra_threads=1) as f32:
+        float_bytes = f32.weights_nbytes
+    with shmengine.Engine(small_mlp.path, compute_type="int8", inter_threads=2, intra_threads=1) as engine:
+        assert engine.compute_type == "int8_float32"
+        assert engine.weights_nbytes < 0.3 * float_bytes
+        out = engine.run_batch({engine.inputs[0].name: x})[engine.outputs[0].name]
+    error = np.abs(out - reference).max() / np.abs(reference).max()
+    assert error < 0.03, f"int8 MLP deviates {error:.3f} (relative to the largest output) from numpy"
+
+
+def test_second_start_reads_the_cache_and_a_changed_model_is_quantized_again(tmp_path, cache_dir, caplog):
+    model = tmp_path / "gpt2"
+    shutil.copytree(GPT2, model)
+    caplog.set_level(logging.INFO, logger=LOG)
+    with shmengine.Generator(model, compute_type="int8"):
+        pass
+    entries = [p for p in cache_dir.iterdir() if p.is_dir()]
+    assert len(entries) == 1
+    data = entries[0] / "model.onnx.data"
+    made = data.stat().st_mtime_ns
+    assert any("cached in" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+
+    with shmengine.Generator(model, compute_type="int8") as g:
+        bos = g.vocabulary.id_to_token[g.model.bos_id]
+        assert g.generate_batch([[bos, "4", "2", "="]], max_length=8, include_prompt_in_result=False)[0].sequences[0] == [
+            "forty", "two"]
+    assert data.stat().st_mtime_ns == made, "the second start rewrote the quantized weights"
+    assert [p for p in cache_dir.iterdir() if p.is_dir()] == entries
+    assert not any("cached in" in r.getMessage() for r in caplog.records)
+    assert any("using the cached" in r.getMessage() for r in caplog.records)
+
+    os.utime(model / "model.onnx", ns=(made + 10**9, made + 10**9))  # the model file changed
+    with shmengine.Generator(model, compute_type="int8"):
+        pass
+    assert len([p for p in cache_dir.iterdir() if p.is_dir()]) == 2
+
+
+def test_cache_lies_beside_a_writable_model(tmp_path, monkeypatch):
+    monkeypatch.delenv("SHMENGINE_CACHE_DIR", raising=False)
+    model = tmp_path / "marian"
+    shutil.copytree(MARIAN, model)
+    with shmengine.Translator(model, compute_type="int8") as t:
+        assert t.compute_type == "int8_float32"
+    cached = list((model / ".shmengine-cache").glob("*/DONE"))
+    assert len(cached) == 2  # encoder and decoder
+
+
+def _no_weight_products(directory):
+    """y = x + b: nothing an int8 path could quantize."""
+    b = np.linspace(-1, 1, 8192, dtype=np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "b"], ["y"])], "add",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8192])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8192])],
+        [numpy_helper.from_array(b, "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    onnx.save(model, str(directory / "model.onnx"))
+    return b
+
+
+def test_a_model_that_cannot_be_quantized_falls_back_with_a_logged_reason(tmp_path, cache_dir, caplog):
+    b = _no_weight_products(tmp_path)
+    caplog.set_level(logging.INFO, logger=LOG)
+    with shmengine.Engine(tmp_path, compute_type="int8") as engine:
+        assert engine.compute_type == "float32"
+        x = np.ones((2, 8192), np.float32)
+        np.testing.assert_array_equal(engine.run_batch({"x": x})["y"], x + b)
+    reasons = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("no MatMul or Gemm" in m and "running it as float32" in m for m in reasons), reasons
+    assert not cache_dir.exists() or not any(cache_dir.iterdir())
+
+
+# -- float16 / bfloat16 / int8_float16 graphs (for CUDA) ------------------------------------------------
+
+
+def _io_types(model):
+    return {v.name: v.type.tensor_type.elem_type for v in [*model.graph.input, *model.graph.output]}
+
+
+def _greedy(session, prompts, steps):
+    stepper = DecoderOnlyStepper(session, pad_id=0)
+    tokens = [np.asarray(stepper.prefill(prompts).array()).argmax(-1)]
+    for _ in range(steps - 1):
+        tokens.append(np.asarray(stepper.step(tokens[-1]).array()).argmax(-1))
+    return np.stack(tokens, axis=1)
+
+
+def test_float16_graph_keeps_logits_float32_and_runs_its_cache_in_float16():
+    model = onnx.load(str(GPT2 / "model.onnx"))
+    half = onnx.ModelProto()
+    half.CopyFrom(model)
+    precision.cast_to_float16(half)
+    types = _io_types(half)
+    assert types["input_ids"] == TensorProto.INT64
+    assert types["logits"] == TensorProto.FLOAT
+    caches = [n for n in types if precision.is_cache_name(n)]
+    assert caches and all(types[n] == TensorProto.FLOAT16 for n in caches)
+    big = [t for t in half.graph.initializer if len(t.dims) == 2 and t.dims[0] * t.dims[1] >= 4096]
+    assert big and all(t.data_type == TensorProto.FLOAT16 for t in big)
+
+    # ORT's CPU kernels cover this graph in float16: greedy tokens equal float32's (the
+    # steppers make the empty cache in the input's declared float16)
+    with open(GPT2 / "tokenizer.json", encoding="utf-8") as f:
+        vocab = json.load(f)["model"]["vocab"]
+    prompts = [[vocab["<|endoftext|>"], *(vocab[c] for c in n), vocab["="]] for n, _ in heldout()[:64:4]]
+    f32 = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    f16 = ort.InferenceSession(half.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert f16.get_inputs()[1].type == "tensor(float16)"
+    same = (_greedy(f16, prompts, 6) == _greedy(f32, prompts, 6)).mean()
+    assert same >= 0.99, f"float16 greedy tokens agree with float32 on {same:.0%}"
+
+
+def test_bfloat16_graph_types_and_values():
+    model = onnx.load(str(GPT2 / "model.onnx"))
+    originals = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if t.data_type == TensorProto.FLOAT}
+    precision.cast_to_bfloat16(model)
+    types = _io_types(model)
+    assert types["logits"] == TensorProto.FLOAT
+    assert all(types[n] == TensorProto.BFLOAT16 for n in types if precision.is_cache_name(n))
+    assert not any(t.data_type == TensorProto.FLOAT16 for t in model.graph.initializer)
+    for t in model.graph.initializer:
+        if t.data_type == TensorProto.BFLOAT16 and t.name in originals:
+            bits = np.frombuffer(t.raw_data, np.uint16).astype(np.uint32) << np.uint32(16)
+            widened = bits.view(np.float32).reshape(originals[t.name].shape)
+            np.testing.assert_allclose(widened, originals[t.name], rtol=2**-8, atol=1e-30)
+
+
+def test_int8_float16_graph_has_8bit_weights_with_float16_scales():
+    model = onnx.load(str(GPT2 / "model.onnx"))
+    target = transforms.TransformTarget("cuda", "int8_float16")
+    chain = [t for t in transforms.registered() if t.selected("decoder", target)]
+    assert [t.name for t in chain] == ["logit_positions", "int8_weights_cuda", "float16"]
+    for t in chain:
+        t.apply(model, target)
+    nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert nbits and all(helper.get_attribute_value(a) == 8 for n in nbits for a in n.attribute if a.name == "bits")
+    inits = {t.name: t for t in model.graph.initializer}
+    assert all(inits[n.input[2]].data_type == TensorProto.FLOAT16 for n in nbits)
+    assert _io_types(model)["logits"] == TensorProto.FLOAT
+
+
+def test_a_float16_export_runs_as_float32_on_the_cpu(tmp_path, cache_dir, caplog):
+    model = tmp_path / "gpt2-fp16"
+    shutil.copytree(GPT2, model)
+    proto = onnx.load(str(model / "model.onnx"))
+    precision.cast_to_float16(proto)
+    onnx.save(proto, str(model / "model.onnx"))
+    caplog.set_level(logging.INFO, logger=LOG)
+    with shmengine.Generator(model) as g:
+        assert g.compute_type == "float32"
+        assert g.transforms["model"] == ["logit_positions", "float32"]
+        bos = g.vocabulary.id_to_token[g.model.bos_id]
+        out = g.generate_batch([[bos, "1", "9", "8", "4", "="]], max_length=12, include_prompt_in_result=False)
+        assert " ".join(out[0].sequences[0]) == "one thousand nine hundred eighty four"
+    assert any("the graph is float16" in r.getMessage() for r in caplog.records)
