@@ -39,6 +39,12 @@ def _bundled():
     return bundled
 
 
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
 def _default_model() -> Path:
     return _bundled().default_model_path()
 
@@ -68,13 +74,24 @@ def _engine(args, cls=None, default=None):
     )
 
 
+def _model_class(model):
+    """Translator for a seq2seq export directory (two graphs, which Engine will not guess
+    between), else Engine: what ``info`` starts to show the workers' settings."""
+    path = Path(model)
+    if path.is_dir() and (path / "encoder_model.onnx").is_file():
+        from .translator import Translator
+
+        return Translator
+    return None
+
+
 def _cmd_info(args) -> int:
     from .threads import parallel_info
 
     if args.no_engine:
         print(parallel_info())
         return 0
-    with _engine(args) as engine:
+    with _engine(args, _model_class(args.model or _default_model())) as engine:
         print(engine.parallel_info())
         print(f"Model: {args.model or _default_model()}, {engine.weights_nbytes / 2**20:.1f} MiB of shared weights")
     return 0
@@ -123,7 +140,8 @@ def _cmd_bench(args) -> int:
         feeds = synthetic_feeds(engine.inputs, args.batch_size)
         rate, latencies = measure(engine, feeds, batches=args.batches, latency_runs=args.latency_runs)
         print(
-            f"{engine.num_workers} workers x {engine.intra_threads} intra threads, batch size {args.batch_size}: "
+            f"{_plural(engine.num_workers, 'worker')} x {_plural(engine.intra_threads, 'intra thread')}, "
+            f"batch size {args.batch_size}: "
             f"{rate:.1f} batches/s ({rate * args.batch_size:.1f} examples/s); latency median "
             f"{np.median(latencies) * 1e3:.2f} ms, p95 {np.percentile(latencies, 95) * 1e3:.2f} ms"
         )
@@ -510,6 +528,7 @@ def _add_decoding_options(parser: argparse.ArgumentParser, command: str) -> None
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shmengine-run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the engine does")
+    parser.add_argument("--version", action="version", version=f"shmengine-run {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     translate = commands.add_parser("translate", help="translate text with a seq2seq model")
@@ -571,7 +590,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--batch-size", type=int, default=8)
     tune.add_argument("--batches", type=int, default=100)
     tune.add_argument("--latency-runs", type=int, default=30)
-    tune.add_argument("--plot", default="shmengine-tune.png", help="PNG to write ('' for none)")
+    tune.add_argument("--plot", default="shmengine-tune.png",
+                      help="PNG to write, '' for none (default: shmengine-tune.png; needs matplotlib: "
+                      "pip install 'shmengine[tune]')")
     tune.set_defaults(func=_cmd_tune)
     return parser
 

@@ -47,16 +47,25 @@ def synthetic_feeds(inputs: Sequence[TensorSpec], batch_size: int, *, seed: int 
     """Random inputs matching the model's specs: the first symbolic dim is the batch size."""
     rng = np.random.default_rng(seed)
     feeds = {}
+    # A symbolic dim means the same size wherever it appears, and Optimum's exports spell sums
+    # ("past_sequence_length + sequence_length" for a KV-cached attention mask): an attention
+    # mask that disagreed with the cache it masks made ORT index out of bounds.
+    sizes: dict[str, int] = {}
+
+    def size(axis: int, d) -> int:
+        if isinstance(d, int) and d > 0:
+            return d
+        if isinstance(d, str) and "+" in d:
+            return sum(size(1, part.strip()) for part in d.split("+"))
+        if not isinstance(d, str) or not d:
+            return batch_size if axis == 0 else other_dims
+        return sizes.setdefault(d, batch_size if axis == 0 else other_dims)
+
     for spec in inputs:
         if spec.optional:
             continue
         dims = spec.shape or (batch_size,)
-        shape = []
-        for axis, d in enumerate(dims):
-            if isinstance(d, int) and d > 0:
-                shape.append(d)
-            else:
-                shape.append(batch_size if axis == 0 else other_dims)
+        shape = [size(axis, d) for axis, d in enumerate(dims)]
         dtype = spec.dtype
         if dtype is None or dtype == np.dtype(object):
             raise ValueError(f"cannot make synthetic data for input {spec.name!r} of type {spec.type_name}")

@@ -332,3 +332,26 @@ def test_interactive_translate_answers_each_line_as_it_is_typed():
 def test_summary_counts_read_as_english():
     out = run("translate", stdin="1\n")
     assert "translated 1 example, 1 token in" in out.stderr and "(1 worker x" in out.stderr
+
+
+# -- 6. bench / tune on a generation model -------------------------------------------------------
+
+
+def test_bench_and_tune_run_on_a_kv_cached_generation_model():
+    # synthetic inputs must agree on each symbolic dim: the attention mask spans past + new tokens
+    gpt2 = ROOT / "models" / "numbers-gpt2"
+    bench = run("bench", gpt2, "--batches", 5, "--latency-runs", 2)
+    assert bench.returncode == 0, bench.stderr
+    assert "batches/s" in bench.stdout
+    tune = run("tune", gpt2, "--batch-size", 2, "--batches", 5, "--latency-runs", 2, "--plot", "")
+    assert tune.returncode == 0, tune.stderr
+    assert "best for throughput: inter_threads=" in tune.stdout
+
+
+def test_version_and_info_on_a_translator_directory():
+    version = run("--version")
+    assert version.returncode == 0 and version.stdout.startswith("shmengine-run ")
+    info = run("info", MARIAN, "--inter-threads", 2, "--intra-threads", 1)
+    assert info.returncode == 0, info.stderr
+    assert "worker 0: pid" in info.stdout and "worker 1: pid" in info.stdout
+    assert f"Model: {MARIAN}" in info.stdout
