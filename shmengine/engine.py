@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import logging
 import os
 import weakref
 from collections.abc import Callable, Mapping, Sequence
@@ -19,6 +21,8 @@ from .sharedmem import SHM_DIR
 from .transforms import check_compute_type, prepare_models
 from .weights import TensorSpec, WeightStore
 from .worker import ProgramSpec, WorkerContext
+
+logger = logging.getLogger("shmengine")
 
 __all__ = ["Engine", "PooledModel", "OnnxProgram", "validate_feeds"]
 
@@ -150,15 +154,54 @@ class PooledModel:
         self.compute_type = prepared.compute_type
         self.transforms = prepared.applied
         self._store = WeightStore.load(prepared.models, graph_edits)
+        self._weight_holders: list[WorkerPool] = []
         try:
             slots = placement.slots
             if prepack_weights and placement.device == "cpu":
                 slots = self._prepack_once(slots)
+            if placement.device == "cuda":
+                slots = self._share_device_weights(slots)
             self._pool = WorkerPool(self._store, program, slots, max_queued_batches=max_queued_batches)
         except BaseException:
+            _close_all(self._weight_holders)
             self._store.close()
             raise
-        self._finalizer = weakref.finalize(self, _shutdown, self._pool, self._store)
+        self._finalizer = weakref.finalize(self, _shutdown, self._pool, self._store, self._weight_holders)
+
+    def _share_device_weights(self, slots: list) -> list:
+        """Where several workers share a GPU: one holder worker per GPU uploads the segment once
+        and every slot on that GPU maps its device copy instead of uploading its own
+        (``device_weights.py``). Without cupy, or if the holder cannot start, each worker keeps
+        its own copy, and a log line says why."""
+        from .device_weights import sharing_available
+
+        per_device = collections.Counter(s.target.device_index for s in slots)
+        shared_devices = sorted(index for index, count in per_device.items() if count > 1)
+        if not shared_devices:
+            return slots  # one worker per GPU: a holder would only add a CUDA context
+        if not sharing_available():
+            logger.warning(
+                "cupy is not installed (pip install 'shmengine[cuda]'): each CUDA worker uploads its own copy of the weights"
+            )
+            return slots
+        found = {}
+        try:
+            for index in shared_devices:
+                first = next(s for s in slots if s.target.device_index == index)
+                holder = WorkerPool(
+                    self._store,
+                    ProgramSpec("shmengine.device_weights", "DeviceWeightsProgram", {"device_index": index}),
+                    [first],
+                    owns_segment=False,
+                )
+                self._weight_holders.append(holder)
+                found[index] = holder.worker_info(0)["device_weights"]
+        except Exception as exc:
+            logger.warning("sharing the weights on the GPU failed (%s): each CUDA worker uploads its own copy", exc)
+            _close_all(self._weight_holders)
+            self._weight_holders.clear()
+            return slots
+        return [dataclasses.replace(s, device_weights=found.get(s.target.device_index)) for s in slots]
 
     def _prepack_once(self, slots: list) -> list:
         """Have one worker write the optimized models with prepacked weights to /dev/shm, point
@@ -281,9 +324,18 @@ class Engine(PooledModel):
         return results[0] if single else results
 
 
-def _shutdown(pool: WorkerPool, store: WeightStore) -> None:
-    """Close a pool and its store; runs on close(), garbage collection, or interpreter exit."""
+def _close_all(pools: list[WorkerPool]) -> None:
+    for pool in pools:
+        pool.close()
+
+
+def _shutdown(pool: WorkerPool, store: WeightStore, weight_holders: list[WorkerPool]) -> None:
+    """Close a pool, then the GPU weight holders its workers map, then the store; runs on
+    close(), garbage collection, or interpreter exit."""
     try:
         pool.close()
     finally:
-        store.close()
+        try:
+            _close_all(weight_holders)
+        finally:
+            store.close()

@@ -50,6 +50,8 @@ class SessionSettings:
     prepacked_models: dict[str, str] = field(default_factory=dict)
     # where the worker runs (device, compute type, rank): its programs choose their runner from it
     target: WorkerTarget = field(default_factory=WorkerTarget)
+    # this GPU's one copy of the segment (device_weights.py), mapped instead of uploaded per worker
+    device_weights: Any = None
 
 
 _OPT_LEVELS = {
@@ -103,7 +105,17 @@ def create_session(entry: ModelEntry, weights: memoryview, settings: SessionSett
         options.add_session_config_entry("session.save_external_prepacked_constant_initializers", "1")
 
     keep_alive = []
+    on_device = set()
+    if settings.device_weights is not None:
+        from .device_weights import device_initializers
+
+        for name, value, view in device_initializers(entry, settings.device_weights):
+            options.add_initializer(name, value)
+            keep_alive.append((value, view))
+            on_device.add(name)
     for tensor in entry.tensors:
+        if tensor.name in on_device:
+            continue
         dtype = storage_dtype(tensor.elem_type)
         array = np.frombuffer(weights, dtype=dtype, count=tensor.nbytes // dtype.itemsize, offset=tensor.offset)
         array = array.reshape(tensor.shape)

@@ -1,0 +1,110 @@
+"""Weights once per GPU: one device copy of the shared segment, mapped by every worker on that GPU.
+
+Measured on an H200 with ORT 1.31 (``tools/bench_gpu.py --sections share``, GPT-2-124M shape,
+621 MiB of weights): a CUDA session whose initializers are given to
+``SessionOptions.add_initializer`` as host OrtValues takes 700 MiB of device memory at
+creation (ORT copies every weight to the device); given as OrtValues over device memory
+(``OrtValue.from_dlpack`` of a cupy array), it takes 74 MiB: ORT uses them in place.
+
+So, per GPU::
+
+    supervisor ─ spawns ─▶ holder worker (DeviceWeightsProgram): cudaMalloc(segment size),
+                           copies the segment's pages in, exports a CUDA IPC handle, stands by
+    supervisor ◀─ handle ─ holder          (the handle travels in every slot's SessionSettings)
+    CUDA worker ─ cudaIpcOpenMemHandle ─▶ the same device memory; each tensor a cupy view at its
+                           offset ─▶ OrtValue.from_dlpack ─▶ add_initializer (no copy)
+
+The holder is a process of its own, not one of the serving workers, so a serving worker that
+crashes (and is respawned) never takes the weights with it; the holder lives as long as the
+model. CUDA is initialised only there and in the workers, never in the supervisor or the fork
+server. cupy is the optional extra ``shmengine[cuda]``; without it every worker uploads its own
+copy, as before, and the model says so in a log line.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from .weights import RAW_ONNX_TYPES, ModelEntry, storage_dtype
+
+__all__ = ["DeviceWeights", "DeviceWeightsProgram", "device_initializers", "sharing_available"]
+
+logger = logging.getLogger("shmengine")
+
+
+@dataclass(frozen=True)
+class DeviceWeights:
+    """Where one GPU's copy of the segment is: an IPC handle to ``nbytes`` of device memory."""
+
+    device_index: int
+    handle: bytes
+    nbytes: int
+
+
+def sharing_available() -> bool:
+    """Whether cupy can be imported (checked without importing it: the supervisor stays CUDA-free)."""
+    return importlib.util.find_spec("cupy") is not None
+
+
+class DeviceWeightsProgram:
+    """The holder worker of one GPU: uploads the segment once and exports it; runs no batches."""
+
+    def __init__(self, context, *, device_index: int):
+        import cupy
+
+        buffer = context._segment.buffer
+        nbytes = len(buffer)
+        with cupy.cuda.Device(device_index):
+            # cupy.cuda.Memory is one cudaMalloc of its own (not a slice of cupy's memory pool),
+            # so its IPC handle names exactly this allocation, offset 0.
+            self._memory = cupy.cuda.Memory(nbytes)
+            host = np.frombuffer(buffer, dtype=np.uint8)
+            cupy.cuda.runtime.memcpy(self._memory.ptr, host.ctypes.data, nbytes, cupy.cuda.runtime.memcpyHostToDevice)
+            cupy.cuda.runtime.deviceSynchronize()
+            handle = cupy.cuda.runtime.ipcGetMemHandle(self._memory.ptr)
+        self.weights = DeviceWeights(device_index, bytes(handle), nbytes)
+
+    def describe(self) -> dict:
+        return {"device_weights": self.weights}
+
+    def run(self, method, payload):
+        raise ValueError("the device-weights holder runs no batches")
+
+
+_opened: dict[bytes, object] = {}  # handle -> the worker's mapping, opened once per process
+
+
+def _open(weights: DeviceWeights):
+    import cupy
+
+    pointer = _opened.get(weights.handle)
+    if pointer is None:
+        with cupy.cuda.Device(weights.device_index):
+            address = cupy.cuda.runtime.ipcOpenMemHandle(weights.handle, cupy.cuda.runtime.cudaIpcMemLazyEnablePeerAccess)
+        memory = cupy.cuda.UnownedMemory(address, weights.nbytes, owner=None, device_id=weights.device_index)
+        pointer = cupy.cuda.MemoryPointer(memory, 0)
+        _opened[weights.handle] = pointer
+    return pointer
+
+
+def device_initializers(entry: ModelEntry, weights: DeviceWeights) -> list[tuple[str, object, object]]:
+    """(name, OrtValue, view) for every shared tensor of ``entry`` that can live on the device:
+    views into the holder's device copy, no bytes moved. Tensors of types numpy cannot describe
+    (bfloat16 and the like) are left out: the caller gives those as host values."""
+    import cupy
+    import onnxruntime as ort
+
+    base = _open(weights)
+    values = []
+    with cupy.cuda.Device(weights.device_index):
+        for tensor in entry.tensors:
+            if tensor.elem_type in RAW_ONNX_TYPES:
+                continue
+            dtype = storage_dtype(tensor.elem_type)
+            view = cupy.ndarray(tuple(tensor.shape), dtype=dtype, memptr=base + tensor.offset)
+            values.append((tensor.name, ort.OrtValue.from_dlpack(view), view))
+    return values
