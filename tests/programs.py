@@ -15,6 +15,7 @@ import time
 class ChaosProgram:
     """``run(method, payload)``: ``echo`` returns payload; ``sleep`` sleeps then echoes;
     ``exit`` calls ``os._exit(payload)``; ``segfault`` dereferences NULL; ``pid`` returns the pid;
+    ``touch`` creates the file ``payload``;
     ``crash_once`` dies by SIGKILL unless the marker file ``payload`` exists (it creates it first)."""
 
     def __init__(self, context, fail_start: str | None = None):
@@ -38,6 +39,9 @@ class ChaosProgram:
             ctypes.string_at(0)
         if method == "pid":
             return os.getpid()
+        if method == "touch":  # leaves a trace: the file ``payload``
+            open(payload, "w").close()
+            return payload
         if method == "crash_once":
             if not os.path.exists(payload):
                 open(payload, "w").close()

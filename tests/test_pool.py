@@ -127,14 +127,19 @@ def test_worker_exception_carries_remote_traceback(chaos_pool):
     assert pool.worker_pids() == pid  # an exception is not a crash
 
 
-def test_cancelled_queued_batch_never_runs(chaos_pool):
+def test_cancelled_queued_batch_never_runs(chaos_pool, tmp_path):
+    """A batch cancelled while queued is dropped: its program method never runs (it would leave
+    a file), and the batches after it run as usual."""
     pool = chaos_pool(workers=1)
+    trace = tmp_path / "second-ran"
     first = pool.submit("sleep", (0.3, "first"))
-    second = pool.submit("echo", "second")
+    second = pool.submit("touch", str(trace))
     assert second.cancel()
     assert first.result(timeout=10) == "first"
-    assert pool.submit("echo", "third").result(timeout=10) == "third"
+    assert pool.submit("echo", "third").result(timeout=10) == "third"  # one worker: after the second
     assert second.cancelled()
+    assert not trace.exists(), "the cancelled batch ran"
+    assert pool.submit("touch", str(trace)).result(timeout=10) == str(trace) and trace.exists()  # the trace works
 
 
 # -- back-pressure ---------------------------------------------------------------------------------

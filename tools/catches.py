@@ -86,6 +86,30 @@ BREAKS = [
         ["tests/test_decoding.py::test_sampling_is_reproducible_and_topk_restricts"],
     ),
     Break(
+        "prefix-ignored", "weaker list", "shmengine/translator.py",
+        "        options.forced = forced if any(forced) else None\n",
+        "        options.forced = None  # BREAK: target_prefix not forced\n",
+        ["tests/test_generation.py::test_target_prefix_is_kept_and_continued"],
+    ),
+    Break(
+        "score-without-end", "weaker list", "shmengine/translator.py",
+        "to_ids(t, where=f\"target[{i}]\") + [eos]",
+        "to_ids(t, where=f\"target[{i}]\") + []",  # BREAK: the end token is not scored
+        ["tests/test_generation.py::test_scores_prefer_the_right_words"],
+    ),
+    Break(
+        "unknown-tokens-dropped", "weaker list", "shmengine/vocab.py",
+        "                index = self.unk_id\n",
+        "                continue  # BREAK: unknown tokens are dropped\n",
+        ["tests/test_generation.py::test_bad_inputs_get_clear_errors_and_the_engine_stays_usable"],
+    ),
+    Break(
+        "cancelled-batch-runs", "weaker list", "shmengine/pool.py",
+        "            if batch.future.set_running_or_notify_cancel():\n                return batch\n",
+        "            batch.future.set_running_or_notify_cancel()\n            return batch  # BREAK: runs even when cancelled\n",
+        ["tests/test_pool.py::test_cancelled_queued_batch_never_runs"],
+    ),
+    Break(
         "results-alias-arena", "5", "shmengine/pool.py",
         "recv_message(worker.conn, worker.arena_out, copy=True)",
         "recv_message(worker.conn, worker.arena_out, copy=False)",
