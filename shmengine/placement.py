@@ -82,6 +82,10 @@ def place_workers(
     if runner not in RUNNER_KINDS:
         raise ValueError(f"SHMENGINE_RUNNER must be one of {', '.join(RUNNER_KINDS)}, got {runner!r}")
     workers = inter_threads * len(indices)
+    if device == "cuda" and intra_threads == 0:
+        # A CUDA worker's CPU nodes are shape ops and copies: an intra-op pool only adds thread
+        # wake-ups to every step, so "automatic" means one thread there.
+        intra_threads = 1
     plan = plan_threads(workers, intra_threads)
     slots = []
     for index in indices:

@@ -150,10 +150,15 @@ def section_correct(model_dir: Path, bundled: bool) -> None:
     vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
     prompts = prompts_for(8, vocab, seed=1)
     plain = PlainLoop(model_dir).generate(prompts, NEW_TOKENS)
-    with shmengine.Generator(str(model_dir), device="cuda") as gen:
-        ours = [r.sequences_ids[0] for r in gen.generate_batch(prompts, max_length=NEW_TOKENS, include_prompt_in_result=False)]
-    same = sum(a == b for a, b in zip(ours, plain))
-    check("greedy tokens, shmengine cuda == plain IOBinding loop (batch 8)", same == len(plain), f"{same}/{len(plain)} rows")
+    for workers in (1, 2):  # 2 workers on one GPU map one device copy of the weights
+        with shmengine.Generator(str(model_dir), device="cuda", inter_threads=workers) as gen:
+            futures = gen.generate_batch(
+                prompts * workers, max_length=NEW_TOKENS, include_prompt_in_result=False, max_batch_size=8, asynchronous=True
+            )
+            ours = [f.result().sequences_ids[0] for f in futures]
+        same = sum(a == b for a, b in zip(ours, plain * workers))
+        check(f"greedy tokens, shmengine cuda ({workers} worker(s)) == plain IOBinding loop (batch 8)", same == len(ours),
+              f"{same}/{len(ours)} rows")
     if not bundled:
         return
     with open(ROOT / "models" / "numbers_heldout.tsv", encoding="utf-8") as f:
@@ -187,7 +192,7 @@ def section_correct(model_dir: Path, bundled: bool) -> None:
                     results[device] = {
                         "greedy": greedy,
                         "beam 4": run(beam_size=4),
-                        "scores": [r.log_probs for r in model.score_batch(sources, [h + ["</s>"] for h in greedy])],
+                        "scores": [r.log_probs for r in model.score_batch(sources, greedy)],
                     }
         for search in ("greedy", "beam 4", "sampling (seed 7)"):
             a, b = results["cpu"].get(search), results["cuda"].get(search)
