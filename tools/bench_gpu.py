@@ -242,6 +242,10 @@ def section_speed(model_dir: Path, rows: list[dict]) -> None:
 
     gens = {n: shmengine.Generator(str(model_dir), device="cuda", inter_threads=n) for n in (1, 2)}
     try:
+        gens["1-fp16"] = shmengine.Generator(str(model_dir), device="cuda", compute_type="float16")
+    except Exception as exc:
+        print(f"  float16 unavailable: {exc}", flush=True)
+    try:
         for beam in (1, 4):
             for batch in (1, 8, 32):
                 prompts = prompts_for(batch, vocab)
@@ -253,16 +257,17 @@ def section_speed(model_dir: Path, rows: list[dict]) -> None:
                     row[f"hf-{name}"] = batch * NEW_TOKENS / timed(
                         lambda m=model, p=prompts, b=beam: hf_generate(m, p, b), repeats
                     )
-                for n, gen in gens.items():
+                for name, gen in gens.items():
                     box = {}
+                    copies = 2 * gen.num_workers
 
-                    def go(g=gen, n=n, box=box, p=prompts, b=beam):
-                        box["tokens"] = shm_generate(g, p, b, copies=2 * n)
+                    def go(g=gen, box=box, p=prompts, b=beam, copies=copies):
+                        box["tokens"] = shm_generate(g, p, b, copies=copies)
 
                     seconds = timed(go, repeats)
-                    row[f"shm{n}"] = box["tokens"] / seconds
-                    if box["tokens"] != 2 * n * batch * NEW_TOKENS:
-                        print(f"  note: shm{n} decoded {box['tokens']} tokens, not {2 * n * batch * NEW_TOKENS} (an end token)")
+                    row[f"shm{name}"] = box["tokens"] / seconds
+                    if box["tokens"] != copies * batch * NEW_TOKENS:
+                        print(f"  note: shm{name} decoded {box['tokens']} tokens, not {copies * batch * NEW_TOKENS} (an end token)")
                 rows.append(row)
                 print("  " + json.dumps({k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
     finally:
@@ -364,8 +369,9 @@ def main() -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "bench_gpu.json").write_text(json.dumps({"rows": rows, "notes": notes, "failures": FAILURES}, indent=1))
     if rows:
-        print("\n| batch | search | plain loop | hf fp32 | hf fp16 | shm 1w | shm 2w | shm1/plain | shm1/hf32 | 2w/1w |")
-        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        print("\n| batch | search | plain loop | hf fp32 | hf fp16 | shm 1w | shm 2w | shm 1w fp16 | shm1/plain | shm1/hf32 "
+              "| 2w/1w | fp16/fp32 |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         for r in rows:
             def f(key, r=r):
                 return f"{r[key]:.0f}" if key in r else "-"
@@ -374,7 +380,8 @@ def main() -> int:
                 return f"{r[a] / r[b]:.2f}" if a in r and b in r else "-"
 
             print(f"| {r['batch']} | {r['search']} | {f('plain')} | {f('hf-fp32')} | {f('hf-fp16')} | {f('shm1')} | {f('shm2')} "
-                  f"| {ratio('shm1', 'plain')} | {ratio('shm1', 'hf-fp32')} | {ratio('shm2', 'shm1')} |")
+                  f"| {f('shm1-fp16')} | {ratio('shm1', 'plain')} | {ratio('shm1', 'hf-fp32')} | {ratio('shm2', 'shm1')} "
+                  f"| {ratio('shm1-fp16', 'shm1')} |")
     for line in notes:
         print(line)
     if FAILURES:
