@@ -60,10 +60,11 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _engine(args, cls=None, default=None):
+    from .distributed import attach
     from .engine import Engine
 
     cls = cls or Engine
-    return cls(
+    model = cls(
         args.model or default or _default_model(),
         args.device,
         device_index=args.device_index if len(args.device_index) > 1 else args.device_index[0],
@@ -72,6 +73,7 @@ def _engine(args, cls=None, default=None):
         max_queued_batches=args.max_queued_batches,
         prepack_weights=args.prepack_weights,
     )
+    return attach(model)  # under mpirun: rank 0 spreads its batches over the ranks, the others serve them
 
 
 def _model_class(model):
@@ -630,6 +632,12 @@ class _Interrupts:
 _interrupts = _Interrupts()
 
 
+def _run(args) -> int:
+    for name, source in resolve_decoding_defaults(args).items():
+        logging.getLogger("shmengine.cli").info("%s = %r (%s)", name, getattr(args, name), source)
+    return args.func(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
@@ -637,9 +645,11 @@ def main(argv: list[str] | None = None) -> int:
 
     _interrupts.install()
     try:
-        for name, source in resolve_decoding_defaults(args).items():
-            logging.getLogger("shmengine.cli").info("%s = %r (%s)", name, getattr(args, name), source)
-        return args.func(args)
+        from . import distributed
+
+        if distributed.is_distributed(args):  # one of several MPI ranks: data parallel over the lines
+            return distributed.run(args, _run, _interrupts.check)
+        return _run(args)
     except KeyboardInterrupt:
         print("shmengine-run: interrupted; output holds the lines finished so far", file=sys.stderr)
         return 130

@@ -145,6 +145,22 @@ def get_cuda_device_count() -> int:
         return 0
 
 
+def _mpi_line() -> str:
+    from .mpi import MpiInfo, launched_by_mpi
+
+    try:
+        import mpi4py
+
+        library = f"mpi4py {mpi4py.__version__}"
+    except ImportError:
+        library = "mpi4py not installed"
+    if not launched_by_mpi():
+        return f"MPI: not launched by mpirun (rank 0 of 1); {library}"
+    return (
+        f"MPI: rank {MpiInfo.getCurRank()} of {MpiInfo.getNRanks()} (local rank {MpiInfo.getLocalRank()}); {library}"
+    )
+
+
 def parallel_info(engine=None) -> str:
     """A readable report of the parallel settings, like ``torch.__config__.parallel_info()``.
 
@@ -167,6 +183,7 @@ def parallel_info(engine=None) -> str:
         + (f", cgroup quota {_cgroup_cpu_limit():g} cores" if _cgroup_cpu_limit() else ""),
         f"  usable cores: {cores}",
         f"CUDA devices: {get_cuda_device_count()}",
+        _mpi_line(),
         f"numexpr {numexpr.__version__}: {numexpr.detect_number_of_cores()} cores detected",
         "Environment:",
     ]

