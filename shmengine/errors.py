@@ -2,8 +2,12 @@
 
 The taxonomy follows joblib/loky: an error says *what happened* (a model that cannot be read, a
 worker that was killed by a signal, an engine that was closed) rather than where it was noticed.
-Every class derives from :class:`ShmEngineError`; the ones about the caller's input also derive
-from ``ValueError`` so code written against CTranslate2 or ONNX Runtime keeps catching them.
+Every class derives from :class:`ShmEngineError`, itself a ``RuntimeError``: CTranslate2 raises
+``RuntimeError`` for a missing model, an input too long, mismatched score files and a failed
+batch, so ``except RuntimeError`` in a script written against it keeps catching ours. The ones
+about the caller's input also derive from ``ValueError`` (ONNX Runtime's and numpy's habit), and
+:class:`TokenTypeError` — a string where a list of tokens belongs — from ``TypeError``, as
+CTranslate2 raises there.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ __all__ = [
     "ShmEngineError",
     "ModelLoadError",
     "InvalidInputError",
+    "TokenTypeError",
     "WorkerCrashedError",
     "WorkerStartupError",
     "EngineClosedError",
@@ -23,8 +28,8 @@ __all__ = [
 ]
 
 
-class ShmEngineError(Exception):
-    """Base class of every error raised by shmengine itself."""
+class ShmEngineError(RuntimeError):
+    """Base class of every error raised by shmengine itself (a ``RuntimeError``, as CTranslate2's)."""
 
 
 class ModelLoadError(ShmEngineError, ValueError):
@@ -33,6 +38,10 @@ class ModelLoadError(ShmEngineError, ValueError):
 
 class InvalidInputError(ShmEngineError, ValueError):
     """A batch does not match what the model accepts (names, dtypes, shapes)."""
+
+
+class TokenTypeError(InvalidInputError, TypeError):
+    """A string (or something else) where a list of tokens belongs: CTranslate2 raises TypeError."""
 
 
 class WorkerCrashedError(ShmEngineError):

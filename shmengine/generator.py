@@ -10,7 +10,7 @@ from concurrent.futures import Future
 from .batching import plan_batches, split_future
 from .decoding import StepEvent
 from .engine import PooledModel
-from .errors import InvalidInputError
+from .errors import InvalidInputError, TokenTypeError
 from .modeldir import ModelDirectory
 from .options import end_ids_for, search_options
 from .results import GenerationResult, GenerationStepResult, ScoringResult
@@ -177,7 +177,7 @@ class Generator(DecodingModel):
         (exact; the beams run longer).
         """
         if isinstance(start_tokens, (str, bytes)) or not isinstance(start_tokens, Sequence):
-            raise InvalidInputError("start_tokens must be a list of token lists, e.g. [['<s>', 'Hello']]")
+            raise TokenTypeError("start_tokens must be a list of token lists, e.g. [['<s>', 'Hello']]")
         if not start_tokens:
             return []
         if max_length < 1:
@@ -188,7 +188,7 @@ class Generator(DecodingModel):
         prompts = []
         for i, tokens in enumerate(start_tokens):
             if isinstance(tokens, (str, bytes)):
-                raise InvalidInputError(f"start_tokens[{i}] is a string; pass a list of tokens (split it with the tokenizer)")
+                raise TokenTypeError(f"start_tokens[{i}] is a string; pass a list of tokens (split it with the tokenizer)")
             ids = static + self.vocabulary.to_ids(tokens, where=f"start_tokens[{i}]")
             if not ids:
                 raise InvalidInputError(
@@ -237,12 +237,23 @@ class Generator(DecodingModel):
             # prompt begins with it)
             prompt = prompts[example][len(static) :]
             starts_with_bos = bool(prompt) and prompt[0] == self.model.bos_id
+            # CTranslate2 decodes a returned prompt as a forced prefix inside max_length: a prompt
+            # longer than max_length comes back cut to its first max_length tokens after the start
+            prompt = prompt[: 1 + max_length]
             prefix = (prompt[1:] if starts_with_bos else prompt) if include_prompt_in_result else []
             ids = [prefix + h for h in hyps.ids]
+            scores = list(hyps.scores)
+            if max_new[example] == 0 and beam_size > 1 and len(ids) < min(num_hypotheses, beam_size):
+                # a prompt that fills max_length under beam search: CTranslate2 returns it once per
+                # beam, the first beam scored 0 and the others with the dead score of a beam
+                # that was never alive while the prompt was forced
+                count = min(num_hypotheses, beam_size)
+                dead = -1e10 / (max(max_length, 1) ** length_penalty) if length_penalty else -1e10
+                ids, scores = ids * count, scores + [dead] * (count - 1)
             return GenerationResult(
                 sequences=[self.vocabulary.to_tokens(s) for s in ids],
                 sequences_ids=ids,
-                scores=list(hyps.scores) if return_scores else [],
+                scores=scores if return_scores else [],
             )
 
         futures = self._submit_decoding("generate", prompts, options, max_batch_size, batch_type, convert, callback)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 
-from .errors import InvalidInputError
+from .errors import InvalidInputError, TokenTypeError
 from .generator import DecodingModel, _iterate_in_chunks, _slice_options, _stream, check_constructor_extras
 from .modeldir import ModelDirectory
 from .options import end_ids_for, search_options
@@ -33,6 +34,21 @@ def _read_lines(path: str | os.PathLike) -> Iterator[str]:
                 yield raw.decode("utf-8").rstrip("\r\n")
             except UnicodeDecodeError as exc:
                 raise InvalidInputError(f"{os.fspath(path)}, line {number}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from exc
+
+
+def _pairs(source: Iterable, target: Iterable) -> Iterator[tuple]:
+    """zip(), but a source or target left over is an error, as CTranslate2 raises for files of
+    different lengths (zip alone would drop the rest without a word)."""
+    end = object()
+    sources, targets = iter(source), iter(target)
+    for number in itertools.count(1):
+        s, t = next(sources, end), next(targets, end)
+        if s is end and t is end:
+            return
+        if s is end or t is end:
+            longer = "target" if s is end else "source"
+            raise InvalidInputError(f"the {longer} has more examples than the other side: example {number} has no partner")
+        yield s, t
 
 
 class Translator(DecodingModel):
@@ -89,12 +105,12 @@ class Translator(DecodingModel):
 
     def _source_ids(self, source, max_input_length: int) -> list[list[int]]:
         if isinstance(source, (str, bytes)) or not isinstance(source, Sequence):
-            raise InvalidInputError("source must be a list of token lists, e.g. [['▁Hello', '▁world']]")
+            raise TokenTypeError("source must be a list of token lists, e.g. [['▁Hello', '▁world']]")
         model = self.model
         sources = []
         for i, tokens in enumerate(source):
             if isinstance(tokens, (str, bytes)):
-                raise InvalidInputError(f"source[{i}] is a string; pass a list of tokens (split it with the tokenizer)")
+                raise TokenTypeError(f"source[{i}] is a string; pass a list of tokens (split it with the tokenizer)")
             ids = self.vocabulary.to_ids(tokens, where=f"source[{i}]")
             if max_input_length and len(ids) > max_input_length:
                 # CTranslate2 keeps the end token of a truncated source: the encoder was trained on
@@ -201,6 +217,11 @@ class Translator(DecodingModel):
             early_stopping=early_stopping,
         )
         options.forced = forced if any(forced) else None
+        if self.model.model_type == "marian" and self.model.pad_id == self.model.decoder_start_id:
+            # Marian's <pad> only starts the decoder: transformers bans it (bad_words_ids) and
+            # CTranslate2's converter drops it from the vocabulary, so neither ever emits it; here
+            # min_decoding_length, which bans the end token, made beam search pick it
+            options.suppress_ids = tuple({*options.suppress_ids, self.model.pad_id})
         options.after_prefix = [len(f) if f else None for f in forced]
         options.end_counts_in_length = True
         options.history = [[] for _ in sources]
@@ -357,7 +378,7 @@ class Translator(DecodingModel):
             src, tgt = zip(*chunk)
             return self.score_batch(list(src), list(tgt), max_batch_size=max_batch_size, batch_type=batch_type, asynchronous=True, **options)
 
-        yield from _iterate_in_chunks(zip(source, target), max_batch_size, submit)
+        yield from _iterate_in_chunks(_pairs(source, target), max_batch_size, submit)
 
     def score_file(
         self,
