@@ -21,6 +21,13 @@ Data flow (after ``concurrent.futures.process``)::
   replaced, so the pool stays at full strength.
 * ``close()`` fails what is queued or running with :class:`EngineClosedError`, kills the workers
   and returns; nothing is left running.
+* The dispatch policy decides which worker takes a batch and what a death means. The default,
+  :class:`AnyIdleWorker`, is what the points above describe (data parallel). :class:`Lockstep`
+  gives the n-th batch submitted to slot ``n % workers`` and nothing else: the pools of the
+  ranks of a tensor-parallel group, fed the same calls in the same order, run each batch on the
+  same-numbered worker everywhere. A member that dies cannot be replaced (its peers are inside a
+  collective with it), so the batch fails with :class:`WorkerCrashedError` and the pool breaks:
+  every other queued or running batch fails with :class:`EngineBrokenError`, no respawn.
 """
 
 from __future__ import annotations
@@ -56,7 +63,7 @@ from .weights import WeightStore
 from .worker import ProgramSpec, WorkerConfig
 from .zygote import ForkServer
 
-__all__ = ["WorkerPool", "resolve_queue_size"]
+__all__ = ["WorkerPool", "DispatchPolicy", "AnyIdleWorker", "Lockstep", "resolve_queue_size"]
 
 logger = logging.getLogger("shmengine")
 
@@ -88,6 +95,47 @@ class _Batch:
     future: Future
     attempts: int = 0
     on_event: Callable[[Any], list[int] | None] | None = None  # runs in the manager thread
+    slot: int | None = None  # the only worker that may run it (Lockstep); None: any
+
+
+class DispatchPolicy:
+    """Which worker runs a batch, and what the death of a worker that held one means."""
+
+    #: replace a dead worker (and retry its batch once) instead of failing the pool
+    respawn = True
+
+    def slot_for(self, number: int, workers: int) -> int | None:
+        """The slot the ``number``-th submitted batch must run on, or None for any idle worker."""
+        return None
+
+    def take(self, pending: collections.deque, slot: int) -> _Batch | None:
+        """Remove and return the next batch worker ``slot`` may run, or None."""
+        return pending.popleft() if pending else None
+
+    def describe(self) -> str:
+        return type(self).__name__
+
+
+class AnyIdleWorker(DispatchPolicy):
+    """Data parallel: any idle worker takes the oldest batch; a dead worker is replaced and its
+    batch retried once on the replacement."""
+
+
+class Lockstep(DispatchPolicy):
+    """Tensor parallel: the n-th batch runs on slot ``n % workers`` only, in submission order; a
+    dead worker fails its batch and breaks the pool (no respawn, no retry)."""
+
+    respawn = False
+
+    def slot_for(self, number: int, workers: int) -> int | None:
+        return number % workers
+
+    def take(self, pending: collections.deque, slot: int) -> _Batch | None:
+        for index, batch in enumerate(pending):
+            if batch.slot == slot:
+                del pending[index]
+                return batch
+        return None
 
 
 @dataclass
@@ -134,6 +182,7 @@ class WorkerPool:
         numexpr_threads: int = 1,
         start_timeout: float = 600.0,
         owns_segment: bool = True,
+        dispatch: DispatchPolicy | None = None,
     ):
         if not slot_settings:
             raise ValueError("a pool needs at least one worker")
@@ -154,6 +203,7 @@ class WorkerPool:
         self._closed = False
         self._broken: BaseException | None = None
         self._ids = itertools.count()
+        self._dispatch_policy = dispatch or AnyIdleWorker()
 
         self._workers: dict[int, _Worker] = {}
         self._start_failures = collections.Counter()
@@ -208,7 +258,11 @@ class WorkerPool:
                 if self._queue_size is None or len(self._pending) < self._queue_size:
                     break
                 self._not_full.wait()
-            self._pending.append(_Batch(next(self._ids), "ping" if ping else "run", method, payload, future, on_event=on_event))
+            number = next(self._ids)
+            slot = self._dispatch_policy.slot_for(number, self.size)
+            self._pending.append(
+                _Batch(number, "ping" if ping else "run", method, payload, future, on_event=on_event, slot=slot)
+            )
         self._wake()
         return future
 
@@ -221,7 +275,10 @@ class WorkerPool:
 
     def describe(self) -> list[str]:
         """Lines for :func:`shmengine.parallel_info`: each worker's effective settings."""
-        lines = [f"Workers: {self.size}, queue: {self._queue_size or 'unlimited'} batches"]
+        lines = [
+            f"Workers: {self.size}, queue: {self._queue_size or 'unlimited'} batches, "
+            f"dispatch: {self._dispatch_policy.describe()}"
+        ]
         for slot, w in sorted(self._workers.items()):
             i = w.info
             if not i:
@@ -337,9 +394,9 @@ class WorkerPool:
         for worker in self._workers.values():
             if not worker.idle:
                 continue
-            batch = self._next_batch()
+            batch = self._next_batch(worker.slot)
             if batch is None:
-                return
+                continue
             batch.attempts += 1
             message = (batch.kind, batch.id, batch.method, batch.payload)
             try:
@@ -354,14 +411,14 @@ class WorkerPool:
                 continue
             worker.batch = batch
 
-    def _next_batch(self) -> _Batch | None:
+    def _next_batch(self, slot: int) -> _Batch | None:
         while True:
             if self._retry:
                 return self._retry.popleft()
             with self._not_full:
-                if not self._pending:
+                batch = self._dispatch_policy.take(self._pending, slot)
+                if batch is None:
                     return None
-                batch = self._pending.popleft()
                 self._not_full.notify()
             if batch.future.set_running_or_notify_cancel():
                 return batch
@@ -464,6 +521,19 @@ class WorkerPool:
             if self._start_failures[worker.slot] >= MAX_CONSECUTIVE_START_FAILURES:
                 self._break(failure)
                 return
+        elif not self._dispatch_policy.respawn:
+            batch, worker.batch = worker.batch, None
+            failure = WorkerCrashedError(
+                f"worker {worker.slot} (pid {worker.pid}) {how}; under {self._dispatch_policy.describe()} dispatch "
+                "(tensor parallel) a dead member fails its group: it is not replaced and nothing more runs on "
+                "this engine. Create a new one.",
+                exitcode=exitcode,
+                pid=worker.pid,
+            )
+            if batch is not None:
+                _fail(batch.future, failure)
+            self._break(failure)
+            return
         else:
             logger.warning("worker %d (pid %s) %s; starting a replacement", worker.slot, worker.pid, how)
         batch = worker.batch
