@@ -19,6 +19,7 @@ from .errors import (  # noqa: E402
     InvalidInputError,
     ModelLoadError,
     ShmEngineError,
+    TokenTypeError,
     WorkerCrashedError,
     WorkerStartupError,
 )
@@ -37,6 +38,17 @@ from .threads import get_cuda_device_count, parallel_info  # noqa: E402
 from .translator import Translator  # noqa: E402
 
 logging.getLogger("shmengine").addHandler(logging.NullHandler())
+
+
+def set_log_level(level: int) -> None:
+    """Set the level of shmengine's log messages (CTranslate2's function; its levels are
+    :mod:`logging`'s: ``logging.WARNING``, ``logging.INFO``, ...)."""
+    logging.getLogger("shmengine").setLevel(level)
+
+
+def get_log_level() -> int:
+    """The level set by :func:`set_log_level` (``logging.NOTSET`` until one is set)."""
+    return logging.getLogger("shmengine").level
 
 
 def contains_model(path) -> bool:
@@ -80,6 +92,9 @@ __all__ = [
     "ShmEngineError",
     "ModelLoadError",
     "InvalidInputError",
+    "TokenTypeError",
+    "set_log_level",
+    "get_log_level",
     "WorkerCrashedError",
     "WorkerStartupError",
     "EngineClosedError",

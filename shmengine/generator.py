@@ -12,7 +12,7 @@ from .decoding import StepEvent
 from .engine import PooledModel
 from .errors import InvalidInputError, TokenTypeError
 from .modeldir import ModelDirectory
-from .options import end_ids_for, search_options
+from .options import end_ids_for, search_options, warn_ignored
 from .results import GenerationResult, GenerationStepResult, ScoringResult
 from .transforms import check_compute_type
 from .worker import ProgramSpec
@@ -31,6 +31,23 @@ def check_constructor_extras(compute_type: str, tensor_parallel: bool) -> None:
 
 class DecodingModel(PooledModel):
     """What Generator and Translator share: splitting a call into sub-batches for the workers."""
+
+    @property
+    def num_queued_batches(self) -> int:
+        """Batches waiting for a worker (CTranslate2's name; a call split by ``max_batch_size``
+        counts each sub-batch)."""
+        return len(self._pool._pending)
+
+    @property
+    def num_active_batches(self) -> int:
+        """Batches waiting or running (CTranslate2's name)."""
+        running = sum(1 for w in list(self._pool._workers.values()) if w.batch is not None)
+        return self.num_queued_batches + running
+
+    @property
+    def tensor_parallel(self) -> bool:
+        """Whether the model is split over MPI ranks (CTranslate2's property): never, yet."""
+        return False
 
     def _submit_split(self, method, lengths, payload_for, convert, max_batch_size, batch_type, on_event_for=None):
         """Cut the examples into length-sorted batches, submit each, and hand back one future per
@@ -165,7 +182,7 @@ class Generator(DecodingModel):
         results then depend on how the batch was cut); for prompts of equal length the two agree. ``static_prompt`` is
         prepended to every prompt and left out of the results; ``cache_static_prompt``,
         ``return_logits_vocab``, ``return_alternatives`` and ``min_alternative_expansion_prob``
-        are accepted and ignored. ``callback(GenerationStepResult)`` sees each token as it is
+        are accepted and ignored (a warning, once, for each given a non-default value). ``callback(GenerationStepResult)`` sees each token as it is
         decoded (greedy and sampling); returning True stops that example. Returns one
         :class:`GenerationResult` per example, or with ``asynchronous=True`` one
         ``concurrent.futures.Future`` per example.
@@ -178,6 +195,11 @@ class Generator(DecodingModel):
         """
         if isinstance(start_tokens, (str, bytes)) or not isinstance(start_tokens, Sequence):
             raise TokenTypeError("start_tokens must be a list of token lists, e.g. [['<s>', 'Hello']]")
+        warn_ignored(
+            "generate_batch", return_logits_vocab=(return_logits_vocab, False),
+            return_alternatives=(return_alternatives, False),
+            min_alternative_expansion_prob=(min_alternative_expansion_prob, 0),
+        )
         if not start_tokens:
             return []
         if max_length < 1:

@@ -11,7 +11,31 @@ from .decoding import DecodingOptions
 from .errors import InvalidInputError
 from .vocab import Vocabulary
 
-__all__ = ["set_random_seed", "next_seed", "search_options", "end_ids_for"]
+__all__ = ["set_random_seed", "next_seed", "search_options", "end_ids_for", "warn_ignored"]
+
+_warned: set[str] = set()
+_warned_lock = threading.Lock()
+
+
+def warn_ignored(caller: str, **settings) -> None:
+    """Warn once per process for each CTranslate2 setting that was given a value other than its
+    default but has no effect here (``settings``: name -> (value, default)), so that a result
+    that differs from CTranslate2's for that reason is never silent."""
+    for name, (value, default) in settings.items():
+        if value == default or value is None and default is None:
+            continue
+        with _warned_lock:
+            if name in _warned:
+                continue
+            _warned.add(name)
+        import warnings
+
+        warnings.warn(
+            f"{caller}: {name}={value!r} is accepted for CTranslate2 compatibility but has no effect in shmengine "
+            "(this warning is shown once)",
+            UserWarning,
+            stacklevel=3,
+        )
 
 _seed_lock = threading.Lock()
 _seed_source: np.random.Generator | None = None

@@ -11,7 +11,7 @@ from concurrent.futures import Future
 from .errors import InvalidInputError, TokenTypeError
 from .generator import DecodingModel, _iterate_in_chunks, _slice_options, _stream, check_constructor_extras
 from .modeldir import ModelDirectory
-from .options import end_ids_for, search_options
+from .options import end_ids_for, search_options, warn_ignored
 from .results import ExecutionStats, GenerationStepResult, ScoringResult, TranslationResult
 from .worker import ProgramSpec
 
@@ -169,7 +169,7 @@ class Translator(DecodingModel):
         the result and count towards ``max_decoding_length``). ``coverage_penalty``,
         ``prefix_bias_beta`` (a hard prefix is used), ``use_vmap``, ``return_logits_vocab``,
         ``return_attention``, ``return_alternatives``, ``min_alternative_expansion_prob`` and
-        ``replace_unknowns`` are accepted and have no effect. Returns a :class:`TranslationResult`
+        ``replace_unknowns`` are accepted and have no effect (a warning, once). Returns a :class:`TranslationResult`
         per example, or with ``asynchronous=True`` one ``concurrent.futures.Future`` per example.
         ``early_stopping`` picks when beam search ends an example (transformers' keyword and
         values): ``True``, the default, is CTranslate2's rule: stop once ``round(beam_size *
@@ -178,6 +178,12 @@ class Translator(DecodingModel):
         beam can beat the hypotheses to return, so they are the best the beam search holds
         (exact; the beams run longer).
         """
+        warn_ignored(
+            "translate_batch", coverage_penalty=(coverage_penalty, 0), prefix_bias_beta=(prefix_bias_beta, 0),
+            use_vmap=(use_vmap, False), return_logits_vocab=(return_logits_vocab, False),
+            return_attention=(return_attention, False), return_alternatives=(return_alternatives, False),
+            min_alternative_expansion_prob=(min_alternative_expansion_prob, 0), replace_unknowns=(replace_unknowns, False),
+        )
         if not source:
             return []
         if max_decoding_length < 1:

@@ -69,3 +69,35 @@ def test_min_decoding_length_never_emits_the_decoder_start_token(translator):
                                          min_decoding_length=8, max_batch_size=128)
     assert all(len(r.hypotheses[0]) >= 8 for r in results)
     assert not [r.hypotheses[0] for r in results if "<pad>" in r.hypotheses[0]][:3]
+
+
+def test_ignored_settings_warn_once(translator):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            translator.translate_batch([digits(5)], beam_size=1, coverage_penalty=0.2, return_alternatives=True)
+    messages = [str(w.message) for w in caught]
+    assert sum("coverage_penalty=0.2" in m for m in messages) == 1
+    assert sum("return_alternatives=True" in m for m in messages) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a default value never warns
+        translator.translate_batch([digits(5)], beam_size=1)
+
+
+def test_queue_counters_and_log_level(generator):
+    prompts = [["<|endoftext|>", *str(n), "="] for n in range(40)]
+    futures = generator.generate_batch(prompts, max_batch_size=1, asynchronous=True, include_prompt_in_result=False)
+    busy = generator.num_active_batches
+    queued = generator.num_queued_batches
+    assert busy >= 1 and 0 <= queued <= busy <= 40
+    assert [f.result().sequences[0] for f in futures] == [number_to_words(n).split() for n in range(40)]
+    assert generator.num_active_batches == 0 and generator.num_queued_batches == 0
+    assert generator.tensor_parallel is False
+    before = shmengine.get_log_level()
+    try:
+        shmengine.set_log_level(10)
+        assert shmengine.get_log_level() == 10
+    finally:
+        shmengine.set_log_level(before)
