@@ -154,14 +154,15 @@ def test_gather_reorders_repeats_and_drops_rows_like_numpy(bound):
         np.testing.assert_array_equal(got, array[rows])
 
 
+@pytest.mark.parametrize("k", [1, 4])
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
-def test_top_k_and_normaliser_match_numpy(bound, dtype):
+def test_top_k_and_normaliser_match_numpy(bound, dtype, k):
     rng = np.random.default_rng(1)
     logits = (rng.standard_normal((6, 3, 50)) * 4).astype(dtype)
     logits[2, -1, 7] = logits[2, -1, 9] = logits[2, -1].max() + 1  # a tie: the lower id first
-    values, ids, normalizer = bound.top(_ortvalue(logits), 4)
+    values, ids, normalizer = bound.top(_ortvalue(logits), k)
     last = logits[:, -1, :].astype(np.float32)
-    expected_ids = np.argsort(-last, axis=-1, kind="stable")[:, :4]
+    expected_ids = np.argsort(-last, axis=-1, kind="stable")[:, :k]
     np.testing.assert_array_equal(ids, expected_ids)
     np.testing.assert_allclose(values, np.take_along_axis(last, expected_ids, axis=-1), rtol=1e-6)
     peak = last.max(axis=-1, keepdims=True)

@@ -2,7 +2,7 @@
 """GPU generation: shmengine ``device="cuda"`` against a plain ONNX Runtime IOBinding loop and
 transformers ``generate`` on the same export, in one run, with a correctness gate.
 
-    python3 tools/bench_gpu.py --model DIR [--bundled] [--sections correct,speed,memory,share] [--out OUT]
+    python3 tools/bench_gpu.py --model DIR [--bundled] [--sections correct,reduce,speed,memory,share] [--out OUT]
 
 ``DIR`` is an Optimum decoder export (``model.onnx`` + json files; on the device machine, one
 filled by ``shared/device/strip_weights.py``). Sections:
@@ -14,6 +14,8 @@ filled by ``shared/device/strip_weights.py``). Sections:
 * ``speed``: tokens/s at batch 1 / 8 / 32, greedy and beam 4, 16-token prompts, 32 new tokens:
   the plain loop (greedy), transformers fp32 / fp16 (both searches), shmengine with 1 and 2
   workers on one GPU; the ratios are printed last.
+* ``reduce``: per-call cost of the logits' trip to the host against the runner's device-side
+  ArgMax / TopK reductions, at batch 32.
 * ``memory``: GPU memory of the worker processes (nvidia-smi, per pid) with 1, 2 and 3 workers
   after a batch-32 generation, against the target one worker + (N - 1) x (one worker - weights).
 * ``share``: whether ONNX Runtime uses device memory handed to ``SessionOptions.add_initializer``
@@ -347,11 +349,35 @@ def section_share(model_dir: Path, out: list[str]) -> None:
         print("  " + line, flush=True)
 
 
+def section_reduce(model_dir: Path, notes: list[str]) -> None:
+    """Per-call cost of what crosses to the host after a step at batch 32: the full logits, or
+    the runner's device-side reductions (ArgMax for greedy, TopK for beam candidates)."""
+    import onnxruntime as ort
+
+    from shmengine.runners import BoundRunner
+    from shmengine.target import WorkerTarget
+
+    print("reduce", flush=True)
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    runner = BoundRunner(WorkerTarget(device="cuda"), (("CUDAExecutionProvider", {"device_id": "0"}),))
+    host = np.random.default_rng(0).standard_normal((32, 1, vocab)).astype(np.float32)
+    logits = ort.OrtValue.ortvalue_from_numpy(host, "cuda", 0)
+    for name, fn in (
+        ("logits to host (numpy)", lambda: logits.numpy()),
+        ("argmax + normaliser on device (k=1)", lambda: runner.top(logits, 1)),
+        ("top-8 + normaliser on device (TopK)", lambda: runner.top(logits, 8)),
+    ):
+        seconds = timed(fn, 50)
+        line = f"batch 32 x {vocab}: {name}: {seconds * 1e3:.3f} ms per call"
+        notes.append(line)
+        print("  " + line, flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, type=Path)
     parser.add_argument("--bundled", action="store_true", help="also check the bundled models on CUDA against CPU")
-    parser.add_argument("--sections", default="correct,speed,memory,share")
+    parser.add_argument("--sections", default="correct,reduce,speed,memory,share")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     sections = args.sections.split(",")
@@ -359,6 +385,8 @@ def main() -> int:
     notes: list[str] = []
     if "correct" in sections:
         section_correct(args.model, args.bundled)
+    if "reduce" in sections:
+        section_reduce(args.model, notes)
     if "share" in sections:
         section_share(args.model, notes)
     if "memory" in sections:
