@@ -57,6 +57,9 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--intra-threads", type=int, default=0, help="threads per worker (0 = cores / workers)")
     parser.add_argument("--max-queued-batches", type=int, default=0, help="0 = 4 x workers, -1 = unlimited")
     parser.add_argument("--prepack-weights", action="store_true", help="let ORT prepack weights (private copies)")
+    parser.add_argument("--compute-type", default="default",
+                        help="CTranslate2's compute_type: default, auto, float32, int8 (CPU: quantized once, cached), "
+                             "int8_float32, int8_float16, int8_bfloat16, int16, float16, bfloat16")
 
 
 def _engine(args, cls=None, default=None):
@@ -72,6 +75,7 @@ def _engine(args, cls=None, default=None):
         intra_threads=args.intra_threads,
         max_queued_batches=args.max_queued_batches,
         prepack_weights=args.prepack_weights,
+        compute_type=args.compute_type,
     )
     return attach(model)  # under mpirun: rank 0 spreads its batches over the ranks, the others serve them
 

@@ -45,6 +45,11 @@ class SessionSettings:
     providers: tuple[tuple[str, dict[str, Any]], ...] = (("CPUExecutionProvider", {}),)
     graph_optimization_level: str = "all"  # "disable" | "basic" | "extended" | "all"
     log_severity_level: int = 3  # ORT's own warnings are noise for users; errors still raise
+    # ORT's CPU arena keeps the peak of every batch's activations and KV cache for the life of
+    # the worker (~80 MiB per worker after a GPT-2-124M batch of 8); without it the memory goes
+    # back to malloc and, trimmed after a long batch (worker.py), to the system. Same speed
+    # measured on GPT-2-124M int8 (tools/bench_generate.py).
+    cpu_mem_arena: bool = False
     extra_config: dict[str, str] = field(default_factory=dict)
     # store key -> optimized model file with serialized prepacked weights (see PrepackProgram)
     prepacked_models: dict[str, str] = field(default_factory=dict)
@@ -72,6 +77,7 @@ def _base_options(settings: SessionSettings):
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _OPT_LEVELS[settings.graph_optimization_level])
     options.log_severity_level = settings.log_severity_level
+    options.enable_cpu_mem_arena = settings.cpu_mem_arena
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if settings.allow_spinning else "0")
     options.add_session_config_entry("session.disable_prepacking", "0" if settings.prepack_weights else "1")
     # The skeleton's external-data locations are relative to /dev/shm, where the segment lives.

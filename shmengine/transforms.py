@@ -283,9 +283,21 @@ def _source_files(path: Path, model: ModelProto) -> list[Path]:
     return sorted(files)
 
 
-def _cache_key(path: Path, model: ModelProto, chain: list[Transform], target: TransformTarget) -> str:
+def _ort_version() -> str:
+    """ONNX Runtime's version without importing it (an import costs the supervisor ~20 MiB)."""
+    from importlib import metadata
+
+    for name in ("onnxruntime-gpu", "onnxruntime"):
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
     import onnxruntime
 
+    return onnxruntime.__version__
+
+
+def _cache_key(path: Path, model: ModelProto, chain: list[Transform], target: TransformTarget) -> str:
     from . import __version__
 
     stats = []
@@ -294,7 +306,7 @@ def _cache_key(path: Path, model: ModelProto, chain: list[Transform], target: Tr
         stats.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
     key = {
         "files": stats,
-        "onnxruntime": onnxruntime.__version__,
+        "onnxruntime": _ort_version(),
         "onnx": onnx.__version__,
         "shmengine": __version__,
         "target": [target.device, target.compute_type, target.rank, target.world_size],

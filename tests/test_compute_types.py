@@ -12,6 +12,8 @@ import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -285,3 +287,32 @@ def test_a_float16_export_runs_as_float32_on_the_cpu(tmp_path, cache_dir, caplog
         out = g.generate_batch([[bos, "1", "9", "8", "4", "="]], max_length=12, include_prompt_in_result=False)
         assert " ".join(out[0].sequences[0]) == "one thousand nine hundred eighty four"
     assert any("the graph is float16" in r.getMessage() for r in caplog.records)
+
+
+# -- the launcher ----------------------------------------------------------------------------------
+
+
+def _shmengine_run(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "shmengine.cli", *args], capture_output=True, text=True, timeout=300,
+                          cwd=ROOT, env={**os.environ, **(env or {})})
+
+
+def test_cli_translates_held_out_numbers_in_int8(tmp_path, cache_dir):
+    pairs = heldout()
+    source = tmp_path / "numbers.txt"
+    source.write_text("".join(f"{n}\n" for n, _ in pairs))
+    out = tmp_path / "words.txt"
+    done = _shmengine_run("translate", str(MARIAN), "--compute-type", "int8", "--input", str(source),
+                          "--output", str(out), "--max-batch-size", "64", "--beam-size", "1")
+    assert done.returncode == 0, done.stderr
+    lines = out.read_text().splitlines()
+    correct = sum(line == words for line, (_, words) in zip(lines, pairs))
+    assert len(lines) == len(pairs) and correct / len(pairs) >= 0.99, f"exact match {correct}/{len(pairs)}"
+    assert any(cache_dir.glob("*/DONE"))  # the launcher quantized through the same cache
+
+
+def test_cli_refuses_an_unknown_compute_type_without_a_traceback():
+    done = _shmengine_run("translate", str(MARIAN), "--compute-type", "int4", "--input", os.devnull)
+    assert done.returncode != 0
+    assert "invalid compute_type 'int4'" in done.stderr and "int8_float16" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -7,13 +7,22 @@ model with transformers, exports them with optimum-cli (shmengine's input) and c
 ct2-transformers-converter (CTranslate2's input): same weights on both sides. Needs the parity
 environment's packages (torch==2.13.0, transformers, optimum-onnx, ctranslate2).
 
-Each engine runs in a subprocess of its own, so its peak memory is its own: private PSS of the
-process and its children plus every byte of shmengine's /dev/shm files, sampled every 50 ms.
-shmengine runs twice: by default, and with ``prepack_weights=True`` (ORT's prepacked weights,
-made once and shared by the workers). Every example decodes exactly
-``--new-tokens`` tokens (min_length = max_length), so both engines do the same work. Rows:
-model x inter_threads (1, 2; intra 1) x batch size (1, 8, 32) x search (greedy, beam 4);
-tokens/s counts generated tokens over wall time with every batch submitted at once.
+    python tools/bench_generate.py --models gpt2 --engines ct2,shm,ct2-int8,shm-int8 --inter 1,2
+
+Each engine runs in a subprocess of its own, so its memory is its own, counted whole: each
+process's PSS less its shared-memory part, plus every /dev/shm file and memfd (the weights
+segment, prepacked model files, transport arenas) that the tree holds open or maps, once, at its
+allocated size; only this run's processes are looked at, not other users' /dev/shm files. "MiB"
+columns are measured after generating (model loaded, warm); the peak over the child's life,
+sampled every 50 ms, is printed beside. Engines: CTranslate2 (``ct2``, ``ct2-int8``) and
+shmengine by default, with ``prepack_weights=True`` (``-pp``: ORT's prepacked weights, made once
+and shared by the workers), in float32 and ``compute_type="int8"`` (quantized once before the
+measured children, read from the cache by each). Both engines get the same
+``max_queued_batches`` (default -1, unlimited: every batch is submitted at once). Every example
+is asked for exactly ``--new-tokens`` tokens (min_length = max_length); tokens/s counts the
+tokens each engine actually decoded (best hypothesis of each example) and warns if that differs
+from what was asked. Rows: model x compute type x inter_threads (1, 2; intra 1) x batch size
+(1, 8, 32) x search (greedy, beam 4).
 """
 
 from __future__ import annotations
@@ -30,7 +39,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-ENGINES = ("ct2", "shm", "shm-prepacked")
+# name -> (engine, compute_type, prepack_weights)
+ENGINES = {
+    "ct2": ("ct2", "float32", False),
+    "shm": ("shm", "float32", False),
+    "shm-pp": ("shm", "float32", True),
+    "ct2-int8": ("ct2", "int8", False),
+    "shm-int8": ("shm", "int8", False),
+    "shm-int8-pp": ("shm", "int8", True),
+}
 SHAPES = {
     "gpt2": dict(vocab=50257, layers=12, hidden=768, heads=12, positions=1024),
     "marian": dict(vocab=58101, layers=6, hidden=512, heads=8, ffn=2048, positions=512),
@@ -93,26 +110,50 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
-def _memory_kib(pids: list[int]) -> int:
-    """Private PSS of the processes plus every byte of shmengine's /dev/shm files.
+def _shared_objects(pid: int, seen: dict) -> None:
+    """Every /dev/shm file and memfd that ``pid`` holds open or maps, by inode, at its allocated
+    size (tmpfs pages cost RAM whether or not anyone maps them, and PSS splits or hides them)."""
+    candidates = []
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            candidates.append(f"/proc/{pid}/fd/{fd}")
+    except OSError:
+        return
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            for line in f:
+                parts = line.split(maxsplit=5)
+                if len(parts) == 6 and (parts[5].startswith("/dev/shm/") or parts[5].startswith("/memfd:")):
+                    candidates.append(f"/proc/{pid}/map_files/{parts[0]}")
+    except OSError:
+        pass
+    for link in candidates:
+        try:
+            target = os.readlink(link)
+            if not (target.startswith("/dev/shm/") or target.startswith("/memfd:")):
+                continue
+            st = os.stat(link)
+        except OSError:
+            continue
+        seen[(st.st_dev, st.st_ino)] = st.st_blocks * 512 // 1024
 
-    Shared pages are counted once, whether or not a process has touched them: a segment page no
-    worker has read yet still costs memory, and PSS alone would not show it."""
+
+def _memory_kib(pids: list[int]) -> int:
+    """The whole tree's memory: each process's PSS less its shared-memory part, plus every
+    /dev/shm file and memfd the tree holds (open or mapped), once, at its allocated size.
+
+    Only this run's processes are looked at, so other users' /dev/shm files are not counted."""
     total = 0
+    shared: dict = {}
     for p in pids:
         try:
             with open(f"/proc/{p}/smaps_rollup") as f:
                 fields = {line.split()[0].rstrip(":"): int(line.split()[1]) for line in f if line.startswith("Pss")}
             total += fields.get("Pss", 0) - fields.get("Pss_Shmem", 0)
         except (OSError, ValueError):
-            pass
-    for name in os.listdir("/dev/shm"):
-        if name.startswith("shmengine-"):
-            try:
-                total += os.stat(os.path.join("/dev/shm", name)).st_blocks * 512 // 1024
-            except OSError:
-                pass
-    return total
+            continue
+        _shared_objects(p, shared)
+    return total + sum(shared.values())
 
 
 def peak_memory_mib(proc: subprocess.Popen, stop: threading.Event, box: dict) -> None:
@@ -126,27 +167,37 @@ def peak_memory_mib(proc: subprocess.Popen, stop: threading.Event, box: dict) ->
 # -- the measuring child ------------------------------------------------------------------------
 
 
+def _count_tokens(results, kind: str) -> int:
+    """Tokens actually decoded (best hypothesis of each example), not what was asked for."""
+    if kind == "gpt2":
+        return sum(len(r.sequences_ids[0]) for r in results)
+    return sum(len(r.hypotheses[0]) for r in results)
+
+
 def child(args) -> None:
-    """Runs inside the subprocess: one engine, one model, one inter_threads; prints JSON rows."""
+    """Runs inside the subprocess: one engine, one model, one inter_threads; prints JSON rows,
+    then waits for a line on stdin so that the parent can measure the tree after generating."""
     import numpy as np
 
     kind, engine, inter = args.kind, args.engine, args.inter
+    side, compute_type, prepack = ENGINES[engine]
     model_dir = Path(args.model_dir)
     rng = np.random.default_rng(0)
     vocab = SHAPES[kind]["vocab"]
     new = args.new_tokens
-    if engine == "ct2":
+    if side == "ct2":
         import ctranslate2
 
         cls = ctranslate2.Generator if kind == "gpt2" else ctranslate2.Translator
-        model = cls(str(model_dir / "ct2"), device="cpu", inter_threads=inter, intra_threads=1)
+        model = cls(str(model_dir / "ct2"), device="cpu", inter_threads=inter, intra_threads=1,
+                    compute_type=compute_type, max_queued_batches=args.max_queued_batches)
     else:
         sys.path.insert(0, str(ROOT))
         import shmengine
 
         cls = shmengine.Generator if kind == "gpt2" else shmengine.Translator
-        model = cls(model_dir / "onnx", device="cpu", inter_threads=inter, intra_threads=1, max_queued_batches=-1,
-                    prepack_weights=engine == "shm-prepacked")
+        model = cls(model_dir / "onnx", device="cpu", inter_threads=inter, intra_threads=1,
+                    max_queued_batches=args.max_queued_batches, prepack_weights=prepack, compute_type=compute_type)
     rows = []
     for batch in args.batches:
         for beam in (1, 4):
@@ -161,76 +212,132 @@ def child(args) -> None:
                     p, max_batch_size=bs, beam_size=b, max_decoding_length=new, min_decoding_length=new)
             run(prompts[: min(len(prompts), batch)])  # warm-up
             start = time.perf_counter()
-            run(prompts)
+            results = run(prompts)
             elapsed = time.perf_counter() - start
-            rows.append({"batch": batch, "beam": beam, "tokens_per_s": examples * new / elapsed})
+            decoded = _count_tokens(results, kind)
+            rows.append({"batch": batch, "beam": beam, "tokens": decoded, "asked": examples * new,
+                         "tokens_per_s": decoded / elapsed})
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     print(json.dumps(rows), flush=True)
+    sys.stdin.readline()  # the parent measures memory now, with the model loaded and warm
 
 
-def run_child(kind: str, engine: str, inter: int, model_dir: Path, opts) -> tuple[list[dict], float]:
+def run_child(kind: str, engine: str, inter: int, model_dir: Path, opts) -> tuple[list[dict], float, float]:
+    """(rows, peak MiB over the child's life, MiB after generating) of one engine."""
     cmd = [sys.executable, __file__, "--child", "--kind", kind, "--engine", engine, "--inter", str(inter),
            "--model-dir", str(model_dir), "--new-tokens", str(opts.new_tokens), "--prompt-length", str(opts.prompt_length),
-           "--batches-per-row", str(opts.batches_per_row), "--batch-sizes", ",".join(map(str, opts.batches))]
+           "--batches-per-row", str(opts.batches_per_row), "--batch-sizes", ",".join(map(str, opts.batches)),
+           "--max-queued-batches", str(opts.max_queued_batches)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     stop, box = threading.Event(), {}
     sampler = threading.Thread(target=peak_memory_mib, args=(proc, stop, box))
     sampler.start()
-    out, _ = proc.communicate()
+    line = proc.stdout.readline()
+    after = 0.0
+    if line:
+        samples = []
+        for _ in range(5):
+            samples.append(_memory_kib([proc.pid, *_descendants(proc.pid)]) / 1024)
+            time.sleep(0.1)
+        after = max(samples)
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+    proc.wait()
     stop.set()
     sampler.join()
-    if proc.returncode != 0:
+    if proc.returncode != 0 or not line:
         raise SystemExit(f"{engine} {kind} inter={inter} failed (exit {proc.returncode})")
-    return json.loads(out.strip().splitlines()[-1]), box.get("peak_mib", 0.0)
+    rows = json.loads(line)
+    for r in rows:
+        if r["tokens"] != r["asked"]:
+            print(f"warning: {engine} {kind} inter={inter} batch={r['batch']} beam={r['beam']} decoded {r['tokens']} "
+                  f"tokens, not the {r['asked']} asked for; tokens/s counts what was decoded", file=sys.stderr)
+    return rows, box.get("peak_mib", 0.0), after
+
+
+def _prepare_int8(model_dir: Path, kind: str) -> None:
+    """Quantize once before any measured child, so no child's peak holds the quantization (the
+    cache beside the model makes every later start read the int8 file)."""
+    sys.path.insert(0, str(ROOT))
+    import shmengine
+
+    cls = shmengine.Generator if kind == "gpt2" else shmengine.Translator
+    with cls(model_dir / "onnx", compute_type="int8", inter_threads=1, intra_threads=1) as model:
+        assert model.compute_type == "int8_float32", model.compute_type
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="batch 1 and 8, fewer tokens (a smoke run)")
     parser.add_argument("--models", default="gpt2,marian")
+    parser.add_argument("--engines", default=",".join(ENGINES), help=f"any of {', '.join(ENGINES)}")
+    parser.add_argument("--inter", default="1,2", help="inter_threads values")
     parser.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "shmengine-bench-models"))
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--prompt-length", type=int, default=16)
     parser.add_argument("--batches-per-row", type=int, default=4)
     parser.add_argument("--batch-sizes", default="1,8,32")
+    parser.add_argument("--max-queued-batches", type=int, default=-1,
+                        help="passed to both engines (same meaning in both: -1 unlimited, 0 automatic, N)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--kind", help=argparse.SUPPRESS)
     parser.add_argument("--engine", help=argparse.SUPPRESS)
-    parser.add_argument("--inter", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     opts = parser.parse_args()
     opts.batches = [int(b) for b in opts.batch_sizes.split(",")]
     if opts.child:
+        opts.inter = int(opts.inter)
         child(opts)
         return 0
     if opts.quick:
         opts.batches, opts.new_tokens, opts.batches_per_row = [1, 8], 16, 2
+    engines = opts.engines.split(",")
+    unknown = [e for e in engines if e not in ENGINES]
+    if unknown:
+        parser.error(f"unknown engine {unknown[0]!r}; choose from {', '.join(ENGINES)}")
+    inters = [int(i) for i in opts.inter.split(",")]
     table = []
     for kind in opts.models.split(","):
         print(f"building/reusing {kind} in {opts.cache} ...", file=sys.stderr, flush=True)
         model_dir = build(kind, Path(opts.cache))
+        if any(ENGINES[e][0] == "shm" and ENGINES[e][1] == "int8" for e in engines):
+            _prepare_int8(model_dir, kind)
         results = {}
-        for inter in (1, 2):
-            for engine in ENGINES:
+        for inter in inters:
+            for engine in engines:
                 print(f"{kind}: {engine} inter_threads={inter}", file=sys.stderr, flush=True)
                 results[engine, inter] = run_child(kind, engine, inter, model_dir, opts)
-        for inter in (1, 2):
-            rows = {engine: results[engine, inter][0] for engine in ENGINES}
-            memory = {engine: results[engine, inter][1] for engine in ENGINES}
-            for i, c in enumerate(rows["ct2"]):
-                s, p = rows["shm"][i], rows["shm-prepacked"][i]
-                one = results["shm-prepacked", 1][0][i]["tokens_per_s"]
-                table.append((kind, inter, c["batch"], "greedy" if c["beam"] == 1 else f"beam {c['beam']}",
-                              c["tokens_per_s"], s["tokens_per_s"], p["tokens_per_s"], p["tokens_per_s"] / one,
-                              memory["ct2"], memory["shm"], memory["shm-prepacked"]))
-    header = (f"{'model':<7}{'inter':>6}{'batch':>6}  {'search':<8}{'ct2 tok/s':>10}{'shm':>9}{'shm/ct2':>9}"
-              f"{'shm-pp':>9}{'pp/ct2':>8}{'pp 2/1':>8}{'ct2 MiB':>9}{'shm MiB':>9}{'pp MiB':>8}")
+        for compute in ("float32", "int8"):
+            ct2 = f"ct2{'-int8' if compute == 'int8' else ''}"
+            shm, pp = ("shm-int8", "shm-int8-pp") if compute == "int8" else ("shm", "shm-pp")
+            if not any((e, inters[0]) in results for e in (ct2, shm, pp)):
+                continue
+            for inter in inters:
+                rows = {e: results[e, inter][0] for e in (ct2, shm, pp) if (e, inter) in results}
+                some = next(iter(rows.values()))
+                for i, r in enumerate(some):
+                    rate = {e: rows[e][i]["tokens_per_s"] for e in rows}
+                    mem = {e: results[e, inter][2] for e in rows}
+                    peak = {e: results[e, inter][1] for e in rows}
+                    table.append((kind, compute, inter, r["batch"], "greedy" if r["beam"] == 1 else f"beam {r['beam']}",
+                                  rate, mem, peak, ct2, shm, pp))
+    header = (f"{'model':<7}{'type':<8}{'inter':>6}{'batch':>6}  {'search':<8}{'ct2 tok/s':>10}{'shm':>8}{'shm/ct2':>8}"
+              f"{'shm-pp':>8}{'pp/ct2':>8}{'ct2 MiB':>9}{'shm MiB':>9}{'pp MiB':>8}{'peak ct2/shm/pp':>17}")
     print(header)
     print("-" * len(header))
-    for kind, inter, batch, search, c, s, p, scale, cm, sm, pm in table:
-        print(f"{kind:<7}{inter:>6}{batch:>6}  {search:<8}{c:>10.1f}{s:>9.1f}{s / c:>8.2f}x{p:>9.1f}{p / c:>7.2f}x"
-              f"{(f'{scale:.2f}x' if inter == 2 else ''):>8}{cm:>9.0f}{sm:>9.0f}{pm:>8.0f}")
+
+    def cell(d, key, fmt):
+        return format(d[key], fmt) if key in d else "-"
+
+    def ratio(rate, e, base):
+        return f"{rate[e] / rate[base]:.2f}x" if base in rate and e in rate else "-"
+
+    for kind, compute, inter, batch, search, rate, mem, peak, ct2, shm, pp in table:
+        peaks = "/".join(cell(peak, e, ".0f") for e in (ct2, shm, pp))
+        print(f"{kind:<7}{compute:<8}{inter:>6}{batch:>6}  {search:<8}{cell(rate, ct2, '.1f'):>10}{cell(rate, shm, '.1f'):>8}"
+              f"{ratio(rate, shm, ct2):>8}{cell(rate, pp, '.1f'):>8}{ratio(rate, pp, ct2):>8}{cell(mem, ct2, '.0f'):>9}{cell(mem, shm, '.0f'):>9}"
+              f"{cell(mem, pp, '.0f'):>8}{peaks:>17}")
     return 0
 
 
