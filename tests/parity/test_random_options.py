@@ -101,3 +101,34 @@ def test_random_options_equal_ctranslate2(engines, kind, case):
         assert [s <= DEAD for _, s in mine] == dead, f"example {example}: {context}"
         np.testing.assert_allclose([s for (_, s), d in zip(mine, dead) if not d], [s for (_, s), d in zip(ct2, dead) if not d],
                                    atol=SCORE_TOLERANCE, err_msg=f"example {example}: {context}")
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "marian"])
+def test_exact_stop_rule_equals_transformers_early_stopping_never(engines, kind):
+    """``early_stopping="never"`` is transformers' exact beam search: the same best hypothesis and
+    score on every prompt, at beam 2 and 3, where CTranslate2's rule (the default) differs from it
+    on some of these prompts."""
+    from .test_references import MAX_NEW_TOKENS, hf_generate
+
+    reference, _, ours = engines[kind]
+    rng = random.Random(f"never-{kind}")
+    texts = [" ".join(f"w{rng.randrange(50)}" for _ in range(rng.randint(1, 8))) for _ in range(24)]
+    tokens = [prompt_tokens(reference, text) for text in texts]
+
+    def best(beam, **options):
+        options.update(beam_size=beam, return_scores=True, return_end_token=True)
+        if reference.seq2seq:
+            results = ours.translate_batch(tokens, max_decoding_length=MAX_NEW_TOKENS, min_decoding_length=0, **options)
+            return [(reference.tokenizer.convert_tokens_to_ids(r.hypotheses[0]), r.scores[0]) for r in results]
+        results = ours.generate_batch(tokens, max_length=MAX_NEW_TOKENS, include_prompt_in_result=False, **options)
+        return [(r.sequences_ids[0], r.scores[0]) for r in results]
+
+    differs = 0
+    for beam in (2, 3):
+        exact, default = best(beam, early_stopping="never"), best(beam)
+        for text, (ids, score), (default_ids, _) in zip(texts, exact, default):
+            out = hf_generate(reference, text, do_sample=False, num_beams=beam, early_stopping="never")
+            assert ids == out.generated[0], (beam, text)
+            assert score == pytest.approx(float(out.sequences_scores[0]), abs=SCORE_TOLERANCE), (beam, text)
+            differs += default_ids != ids
+    assert differs > 0  # the prompts exercise the case the rule is for
