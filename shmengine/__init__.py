@@ -27,6 +27,9 @@ from .generator import Generator  # noqa: E402
 from .mpi import MpiInfo  # noqa: E402
 from .options import set_random_seed  # noqa: E402
 from .results import (  # noqa: E402
+    AsyncGenerationResult,
+    AsyncScoringResult,
+    AsyncTranslationResult,
     EncoderForwardOutput,
     ExecutionStats,
     GenerationResult,
@@ -93,6 +96,9 @@ __all__ = [
     "ModelLoadError",
     "InvalidInputError",
     "TokenTypeError",
+    "AsyncTranslationResult",
+    "AsyncGenerationResult",
+    "AsyncScoringResult",
     "set_log_level",
     "get_log_level",
     "WorkerCrashedError",

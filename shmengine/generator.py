@@ -32,6 +32,31 @@ def check_constructor_extras(compute_type: str, tensor_parallel: bool) -> None:
 class DecodingModel(PooledModel):
     """What Generator and Translator share: splitting a call into sub-batches for the workers."""
 
+    def __new__(cls, *args, **kwargs):
+        # the constructor's arguments, kept so that load_model() can build the engine again
+        self = super().__new__(cls)
+        self._constructor_call = (args, kwargs)
+        return self
+
+    def unload_model(self, to_cpu: bool = False) -> None:
+        """Stop the workers and free the shared weights, keeping this object (CTranslate2's
+        ``unload_model``); :meth:`load_model` brings them back. Calls in between raise
+        :class:`~shmengine.EngineClosedError` (a ``RuntimeError``, as CTranslate2 raises).
+        ``to_cpu`` is accepted: the weights are read again from the model directory."""
+        self.close()
+
+    def load_model(self, keep_cache: bool = False) -> None:
+        """Start the workers again after :meth:`unload_model` (a no-op while loaded); the model
+        directory is read again, as at construction. ``keep_cache`` is accepted."""
+        if not self.model_is_loaded:
+            args, kwargs = self._constructor_call
+            type(self).__init__(self, *args, **kwargs)
+
+    @property
+    def model_is_loaded(self) -> bool:
+        """Whether the workers are running (False after :meth:`unload_model` or ``close``)."""
+        return not self.closed
+
     @property
     def num_queued_batches(self) -> int:
         """Batches waiting for a worker (CTranslate2's name; a call split by ``max_batch_size``
@@ -289,6 +314,39 @@ class Generator(DecodingModel):
         """
         options.setdefault("include_prompt_in_result", False)
         return _stream(self, lambda cb: self.generate_batch([prompt], callback=cb, asynchronous=True, **options))
+
+    @property
+    def num_generators(self) -> int:
+        """Batches that run side by side: the worker processes (CTranslate2's name)."""
+        return self.num_workers
+
+    async def async_generate_tokens(self, prompt: Sequence[str | int], **options):
+        """:meth:`generate_tokens` as an asynchronous iterator (CTranslate2's name), for asyncio:
+        each token is awaited without blocking the event loop; leaving the loop early stops the
+        decoding in the worker."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        steps = self.generate_tokens(prompt, **options)
+        end = object()
+        try:
+            while True:
+                step = await loop.run_in_executor(None, next, steps, end)
+                if step is end:
+                    return
+                yield step
+        finally:
+            steps.close()
+
+    def score_iterable(
+        self, tokens: Iterable[Sequence[str | int]], max_batch_size: int = 64, batch_type: str = "examples", **options
+    ) -> Iterator[ScoringResult]:
+        """Score an iterable of token sequences, in chunks, results in order (CTranslate2's name)."""
+        yield from _iterate_in_chunks(
+            tokens, max_batch_size, lambda chunk: self.score_batch(
+                list(chunk), max_batch_size=max_batch_size, batch_type=batch_type, asynchronous=True, **options
+            )
+        )
 
     def generate_iterable(
         self, start_tokens: Iterable[Sequence[str]], max_batch_size: int = 32, batch_type: str = "examples", **options

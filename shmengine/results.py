@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -13,7 +14,14 @@ __all__ = [
     "GenerationStepResult",
     "ExecutionStats",
     "EncoderForwardOutput",
+    "AsyncTranslationResult",
+    "AsyncGenerationResult",
+    "AsyncScoringResult",
 ]
+
+# CTranslate2's asynchronous results (``asynchronous=True``) are ``concurrent.futures.Future``s
+# here: the same ``result()`` and ``done()``, and ``asyncio.wrap_future`` works on them.
+AsyncTranslationResult = AsyncGenerationResult = AsyncScoringResult = Future
 
 
 @dataclass

@@ -258,6 +258,11 @@ class Translator(DecodingModel):
                 futures[i] = future
         return futures if asynchronous else [f.result() for f in futures]
 
+    @property
+    def num_translators(self) -> int:
+        """Batches that run side by side: the worker processes (CTranslate2's name)."""
+        return self.num_workers
+
     def translate_iterable(
         self,
         source: Iterable[Sequence[str]],

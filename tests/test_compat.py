@@ -8,6 +8,8 @@ raises them. The option-by-option comparison with CTranslate2 itself is in
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from conftest import ROOT
 
@@ -101,3 +103,51 @@ def test_queue_counters_and_log_level(generator):
         assert shmengine.get_log_level() == 10
     finally:
         shmengine.set_log_level(before)
+
+
+def test_unload_and_load_model_stop_and_restart_the_workers(tmp_path):
+    from conftest import shm_segments
+
+    before = shm_segments()
+    translator = shmengine.Translator(MARIAN, inter_threads=2, intra_threads=1)
+    try:
+        pids = translator.worker_pids
+        assert translator.model_is_loaded and translator.num_translators == 2
+        translator.unload_model()
+        assert not translator.model_is_loaded
+        assert not (shm_segments() - before), "the weights segment outlived unload_model()"
+        assert all(not os.path.exists(f"/proc/{pid}") or _is_zombie(pid) for pid in pids)
+        with pytest.raises(RuntimeError):
+            translator.translate_batch([digits(3)])
+        translator.load_model()
+        assert translator.model_is_loaded and len(translator.worker_pids) == 2
+        assert translator.translate_batch([digits(3)], beam_size=1)[0].hypotheses[0] == ["three"]
+    finally:
+        translator.close()
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1].startswith("Z")
+    except FileNotFoundError:
+        return True
+
+
+def test_async_generate_tokens_and_score_iterable(generator):
+    import asyncio
+
+    prompt = ["<|endoftext|>", "4", "2", "="]
+
+    async def collect():
+        return [step.token async for step in generator.async_generate_tokens(prompt, max_length=8)]
+
+    assert asyncio.run(collect()) == [*number_to_words(42).split(), "<|endoftext|>"]
+    sequences = [[*prompt, *number_to_words(42).split()], ["<|endoftext|>", "7", "=", "seven"]]
+    streamed = list(generator.score_iterable(sequences, max_batch_size=1))
+    batch = generator.score_batch(sequences)
+    assert [r.log_probs for r in streamed] == [r.log_probs for r in batch]
+    assert generator.num_generators == generator.num_workers
+    futures = generator.generate_batch([prompt], asynchronous=True)
+    assert isinstance(futures[0], shmengine.AsyncGenerationResult)
+    futures[0].result()
