@@ -150,7 +150,8 @@ def worker_main(data_fd: int, weights_fd: int, arena_in_fd: int, arena_out_fd: i
     try:
         import numexpr
 
-        numexpr.set_num_threads(config.numexpr_threads)
+        # numexpr prints an error (into the launcher's summary line) above its compiled limit
+        numexpr.set_num_threads(min(config.numexpr_threads, getattr(numexpr, "MAX_THREADS", 64)))
         segment = SharedSegment.attach(weights_fd, name=config.segment_name)
         context = WorkerContext(config, segment, read_catalog(segment), conn)
         program = config.program.instantiate(context)
