@@ -147,11 +147,15 @@ def worker_main(data_fd: int, weights_fd: int, arena_in_fd: int, arena_out_fd: i
     except EOFError:
         return 0
     os.environ.update(config.environment)
+    # numexpr prints an error (into the launcher's summary line) for a thread count above its
+    # limit, on import (from the environment) and on set_num_threads
+    numexpr_limit = int(os.environ.get("NUMEXPR_MAX_THREADS") or 64)
+    if os.environ.get("NUMEXPR_NUM_THREADS", "").isdigit():
+        os.environ["NUMEXPR_NUM_THREADS"] = str(min(int(os.environ["NUMEXPR_NUM_THREADS"]), numexpr_limit))
     try:
         import numexpr
 
-        # numexpr prints an error (into the launcher's summary line) above its compiled limit
-        numexpr.set_num_threads(min(config.numexpr_threads, getattr(numexpr, "MAX_THREADS", 64)))
+        numexpr.set_num_threads(min(config.numexpr_threads, numexpr_limit))
         segment = SharedSegment.attach(weights_fd, name=config.segment_name)
         context = WorkerContext(config, segment, read_catalog(segment), conn)
         program = config.program.instantiate(context)

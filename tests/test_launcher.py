@@ -334,6 +334,13 @@ def test_summary_counts_read_as_english():
     assert "translated 1 example, 1 token in" in out.stderr and "(1 worker x" in out.stderr
 
 
+def test_many_intra_threads_print_no_library_error_into_the_summary():
+    out = run("translate", "--intra-threads", 80, stdin="1\n")
+    assert out.returncode == 0 and out.stdout == "one\n", out.stderr
+    assert "nthreads cannot be larger" not in out.stderr
+    assert any(line.startswith("translated 1 example") for line in out.stderr.splitlines())
+
+
 # -- 6. bench / tune on a generation model -------------------------------------------------------
 
 
