@@ -176,7 +176,9 @@ def parallel_info(engine=None) -> str:
     cores = usable_cores()
     lines = [
         f"shmengine {__version__}, Python {sys.version.split()[0]}, numpy {numpy.__version__}",
-        f"ONNX Runtime {onnxruntime.__version__} (device {onnxruntime.get_device()})",
+        # get_device() names the wheel's build, not a device that is present ("GPU" from
+        # onnxruntime-gpu on a machine with no GPU): say so, the CUDA line below counts devices
+        f"ONNX Runtime {onnxruntime.__version__} ({onnxruntime.get_device()} build)",
         f"  available providers: {', '.join(onnxruntime.get_available_providers())}",
         f"CPU: {os.cpu_count()} logical, {physical_cores() or '?'} physical; "
         f"{len(os.sched_getaffinity(0))} in this process's affinity mask"

@@ -362,3 +362,5 @@ def test_version_and_info_on_a_translator_directory():
     assert info.returncode == 0, info.stderr
     assert "worker 0: pid" in info.stdout and "worker 1: pid" in info.stdout
     assert f"Model: {MARIAN}" in info.stdout
+    # the wheel's build is not a device: "device GPU" was printed on machines without one
+    assert "(device " not in info.stdout and " build)" in info.stdout
