@@ -12,6 +12,9 @@ With no MODEL the bundled models are used: numbers-marian (translate, score), nu
 (generate) and the default MLP (run, bench, tune). They write numbers in words:
 
     echo 1984 | shmengine-run translate        ->  one thousand nine hundred eighty four
+    echo 1984= | shmengine-run generate        ->  one thousand nine hundred eighty four
+
+Decoding options left out come from the model's generation_config.json; see each command's --help.
 """
 
 from __future__ import annotations
@@ -67,7 +70,32 @@ def _engine(args, cls=None, default=None):
     from .engine import Engine
 
     cls = cls or Engine
-    model = cls(
+    notice = _slow_start_notice(args)
+    try:
+        model = _construct(cls, args, default)
+    finally:
+        notice.cancel()
+    return attach(model)  # under mpirun: rank 0 spreads its batches over the ranks, the others serve them
+
+
+def _slow_start_notice(args):
+    """Many workers take a while to start (18 s for 200 here): once the start has taken long
+    enough to be noticed, say what is going on rather than sit silent."""
+    import threading
+
+    workers = args.inter_threads * (len(args.device_index) if args.device != "cpu" else 1)
+    delay = float(os.environ.get("SHMENGINE_RUN_NOTICE_AFTER", "2"))
+    notice = threading.Timer(delay, lambda: print(
+        f"shmengine-run: starting {workers} worker process{'' if workers == 1 else 'es'} and loading the model...",
+        file=sys.stderr, flush=True,
+    ))
+    notice.daemon = True
+    notice.start()
+    return notice
+
+
+def _construct(cls, args, default):
+    return cls(
         args.model or default or _default_model(),
         args.device,
         device_index=args.device_index if len(args.device_index) > 1 else args.device_index[0],
@@ -77,7 +105,6 @@ def _engine(args, cls=None, default=None):
         prepack_weights=args.prepack_weights,
         compute_type=args.compute_type,
     )
-    return attach(model)  # under mpirun: rank 0 spreads its batches over the ranks, the others serve them
 
 
 def _model_class(model):
@@ -549,7 +576,11 @@ def build_parser() -> argparse.ArgumentParser:
                            "(default: the model's positions, at most 1024)")
     translate.set_defaults(func=_cmd_translate)
 
-    generate = commands.add_parser("generate", help="continue each input line with a decoder-only model")
+    generate = commands.add_parser(
+        "generate", help="continue each input line with a decoder-only model",
+        description="Continue each input line with a decoder-only model. The bundled numbers-gpt2 continues a "
+        "prompt of digits and '=': echo '1984=' | shmengine-run generate  ->  one thousand nine hundred eighty four",
+    )
     _add_engine_options(generate)
     _add_decoding_options(generate, "generate")
     generate.add_argument("--max-length", type=int,

@@ -334,6 +334,14 @@ def test_summary_counts_read_as_english():
     assert "translated 1 example, 1 token in" in out.stderr and "(1 worker x" in out.stderr
 
 
+def test_a_slow_start_says_what_is_happening():
+    # the notice comes after 2 s of start-up (200 workers took 18 s of silence); 0 s here
+    out = run("translate", "--inter-threads", 2, "--intra-threads", 1, stdin="1\n",
+              env={**os.environ, "SHMENGINE_RUN_NOTICE_AFTER": "0"})
+    assert out.returncode == 0 and out.stdout == "one\n", out.stderr
+    assert "starting 2 worker processes and loading the model" in out.stderr
+
+
 def test_many_intra_threads_print_no_library_error_into_the_summary():
     out = run("translate", "--intra-threads", 80, stdin="1\n")
     assert out.returncode == 0 and out.stdout == "one\n", out.stderr
