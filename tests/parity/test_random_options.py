@@ -21,7 +21,7 @@ import shmengine
 from .conftest import PROMPTS, Reference, prompt_tokens
 from .test_references import SCORE_TOLERANCE
 
-CASES = 40  # per model kind (at 200, 5 of 400 still differ: see docs/reliability.md)
+CASES = 40  # per model kind (at 200, 1 of 400 still differs: see docs/reliability.md)
 DEAD = -1e8
 
 
