@@ -371,6 +371,36 @@ def section_reduce(model_dir: Path, notes: list[str]) -> None:
         line = f"batch 32 x {vocab}: {name}: {seconds * 1e3:.3f} ms per call"
         notes.append(line)
         print("  " + line, flush=True)
+    # Where the helper graph's time goes: ORT's own profiler, node by node, with the provider
+    # each node ran on.
+    from shmengine.runners import _top_graph
+
+    for argmax in (True, False):
+        options = ort.SessionOptions()
+        options.enable_profiling = True
+        options.log_severity_level = 3
+        session = ort.InferenceSession(_top_graph("tensor(float)", argmax).SerializeToString(), options,
+                                       providers=[("CUDAExecutionProvider", {"device_id": "0"})])
+        for _ in range(30):
+            binding = session.io_binding()
+            binding.bind_ortvalue_input("logits", logits)
+            if not argmax:
+                binding.bind_cpu_input("k", np.array([8], dtype=np.int64))
+            for out_name in ("values", "ids", "normalizer"):
+                binding.bind_output(out_name, "cpu")
+            session.run_with_iobinding(binding)
+        events = json.loads(Path(session.end_profiling()).read_text())
+        per_node: dict[str, list] = {}
+        for event in events:
+            if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+                key = f"{event['args'].get('op_name')}@{event['args'].get('provider', '?').replace('ExecutionProvider', '')}"
+                per_node.setdefault(key, []).append(event["dur"])
+            elif event.get("cat") == "Session" and event["name"] == "model_run":
+                per_node.setdefault("model_run (whole)", []).append(event["dur"])
+        summary = ", ".join(f"{k} {np.median(v):.0f}us" for k, v in per_node.items())
+        line = f"profile of the {'argmax' if argmax else 'top-8'} graph (median per run): {summary}"
+        notes.append(line)
+        print("  " + line, flush=True)
 
 
 def main() -> int:
