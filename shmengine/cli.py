@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
+import functools
 import logging
 import os
 import signal
@@ -55,7 +56,7 @@ def _default_model() -> Path:
 def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", nargs="?", help="ONNX file or model directory (default: the bundled model)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
-    parser.add_argument("--device-index", type=int, nargs="+", default=[0], help="GPU ids (cuda only)")
+    parser.add_argument("--device-index", type=int, nargs="+", default=[0], help="GPU ids (cuda only) (default: 0)")
     parser.add_argument("--inter-threads", type=int, default=1, help="worker processes (per GPU)")
     parser.add_argument("--intra-threads", type=int, default=0, help="threads per worker (0 = cores / workers)")
     parser.add_argument("--max-queued-batches", type=int, default=0, help="0 = 4 x workers, -1 = unlimited")
@@ -558,11 +559,25 @@ def _add_decoding_options(parser: argparse.ArgumentParser, command: str) -> None
                         help="'model' (default): the model's tokenizer.json; 'space': text is already space-separated tokens")
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's help ends with its default, unless the help already says it (the decoding
+    options, whose default comes from the model, say where from)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        unset = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if action.option_strings and "default" not in text and not unset:
+            text += " (default: %(default)s)"
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shmengine-run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the engine does")
     parser.add_argument("--version", action="version", version=f"shmengine-run {_version()}")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(
+        dest="command", required=True, parser_class=functools.partial(argparse.ArgumentParser, formatter_class=_HelpFormatter)
+    )
 
     translate = commands.add_parser("translate", help="translate text with a seq2seq model")
     _add_engine_options(translate)
@@ -611,22 +626,22 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--input", help=".npz file of input arrays (rows are examples); default: synthetic")
     run.add_argument("--output", help=".npz file to write the outputs to")
     run.add_argument("--examples", type=int, default=4096, help="synthetic examples when no --input")
-    run.add_argument("--batch-size", type=int, default=64)
-    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--batch-size", type=int, default=64, help="rows per batch sent to a worker")
+    run.add_argument("--seed", type=int, default=0, help="seed of the synthetic inputs")
     run.set_defaults(func=_cmd_run)
 
     bench = commands.add_parser("bench", help="throughput and latency of one split")
     _add_engine_options(bench)
-    bench.add_argument("--batch-size", type=int, default=8)
-    bench.add_argument("--batches", type=int, default=200)
-    bench.add_argument("--latency-runs", type=int, default=50)
+    bench.add_argument("--batch-size", type=int, default=8, help="rows per synthetic batch")
+    bench.add_argument("--batches", type=int, default=200, help="batches submitted at once for the throughput")
+    bench.add_argument("--latency-runs", type=int, default=50, help="batches run one at a time for the latency")
     bench.set_defaults(func=_cmd_bench)
 
     tune = commands.add_parser("tune", help="sweep inter x intra splits and name the best")
     tune.add_argument("model", nargs="?", help="ONNX file or model directory (default: the bundled model)")
-    tune.add_argument("--batch-size", type=int, default=8)
-    tune.add_argument("--batches", type=int, default=100)
-    tune.add_argument("--latency-runs", type=int, default=30)
+    tune.add_argument("--batch-size", type=int, default=8, help="rows per synthetic batch")
+    tune.add_argument("--batches", type=int, default=100, help="batches per split for the throughput")
+    tune.add_argument("--latency-runs", type=int, default=30, help="batches per split run one at a time for the latency")
     tune.add_argument("--plot", default="shmengine-tune.png",
                       help="PNG to write, '' for none (default: shmengine-tune.png; needs matplotlib: "
                       "pip install 'shmengine[tune]')")

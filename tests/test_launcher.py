@@ -372,3 +372,23 @@ def test_version_and_info_on_a_translator_directory():
     assert f"Model: {MARIAN}" in info.stdout
     # the wheel's build is not a device: "device GPU" was printed on machines without one
     assert "(device " not in info.stdout and " build)" in info.stdout
+
+
+def test_every_option_has_help_and_says_its_default():
+    commands = ["translate", "bench"]  # the rest in-process below: each --help is an interpreter start
+    for command in commands:
+        out = run(command, "--help")
+        assert out.returncode == 0, out.stderr
+        text = " ".join(out.stdout.split())
+        for option in ("--inter-threads", "--intra-threads", "--batch-size", "--max-batch-size", "--beam-size"):
+            if f"{option} " in text.split("options:")[1]:
+                after = text.split("options:")[1].split(f"{option} ", 1)[1].split(" --", 1)[0]
+                assert "default" in after, (command, option, after)
+    import argparse
+
+    from shmengine.cli import build_parser
+
+    subcommands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    missing = [(name, a.option_strings or a.dest) for name, sub in subcommands.choices.items()
+               for a in sub._actions if not a.help]
+    assert not missing
