@@ -15,7 +15,7 @@ bfloat16 from the original float32 values, so nothing is clamped to float16's ra
 from __future__ import annotations
 
 import numpy as np
-from onnx import AttributeProto, ModelProto, TensorProto, numpy_helper
+from onnx import AttributeProto, ModelProto, TensorProto, helper, numpy_helper
 
 __all__ = ["cast_to_float16", "cast_to_bfloat16", "cast_to_float32", "is_cache_name", "float32_to_bfloat16_bits"]
 
@@ -41,16 +41,59 @@ def _graphs(graph):
 def cast_to_float16(model: ModelProto) -> None:
     """Convert ``model`` (with its weights loaded) to float16 in place; float I/O other than the
     KV cache stays float32."""
-    from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
-    graph = model.graph
-    keep = [
-        v.name for v in [*graph.input, *graph.output]
-        if v.type.tensor_type.elem_type == TensorProto.FLOAT and not is_cache_name(v.name)
-    ]
-    converted = convert_float_to_float16(model, keep_io_types=keep)
+    # Blocking Range (the converter's default) breaks Optimum's merged decoders: its casts around
+    # a Range inside an If branch name a value of the other scope (ORT: "not a graph input,
+    # initializer, or output"). Their Range runs on integers, so nothing needs blocking there.
+    blocked = [op for op in DEFAULT_OP_BLOCK_LIST if op != "Range"]
+    # The converter's own keep_io_types also renames same-named outputs inside If branches
+    # (Optimum's merged decoders name them like the graph's outputs), which ORT then refuses as
+    # outer-scope values returned by a subgraph: the float32 boundary is drawn here instead.
+    converted = convert_float_to_float16(model, keep_io_types=False, op_block_list=blocked)
     if converted is not model:
         model.CopyFrom(converted)
+    _float32_boundary(model, TensorProto.FLOAT16)
+
+
+def _float32_boundary(model: ModelProto, half: int) -> None:
+    """Give every half-precision graph input and output that is not the KV cache a float32 face:
+    a Cast after each such input, a Cast before each such output."""
+    graph = model.graph
+    first, last = [], []
+    for value in graph.input:
+        t = value.type.tensor_type
+        if t.elem_type != half or is_cache_name(value.name):
+            continue
+        inner = value.name + "/shmengine_half"
+        for g in _graphs(graph):
+            for node in g.node:
+                for i, name in enumerate(node.input):
+                    if name == value.name:
+                        node.input[i] = inner
+        first.append(helper.make_node("Cast", [value.name], [inner], to=half, name=inner + "/cast"))
+        t.elem_type = TensorProto.FLOAT
+    for value in graph.output:
+        t = value.type.tensor_type
+        if t.elem_type != half or is_cache_name(value.name):
+            continue
+        inner = value.name + "/shmengine_half"
+        for node in graph.node:  # the main graph only: If branches keep their own output names
+            for i, name in enumerate(node.output):
+                if name == value.name:
+                    node.output[i] = inner
+            for i, name in enumerate(node.input):
+                if name == value.name:
+                    node.input[i] = inner
+        last.append(helper.make_node("Cast", [inner], [value.name], to=TensorProto.FLOAT, name=inner + "/cast"))
+        t.elem_type = TensorProto.FLOAT
+    renamed = {n.input[0] for n in first} | {n.output[0] for n in last}
+    keep = [v for v in graph.value_info if v.name not in renamed]
+    del graph.value_info[:]
+    graph.value_info.extend(keep)
+    nodes = first + list(graph.node) + last
+    del graph.node[:]
+    graph.node.extend(nodes)
 
 
 def float32_to_bfloat16_bits(array: np.ndarray) -> np.ndarray:

@@ -113,6 +113,16 @@ class BoundRunner(Runner):
         self.provider_options = [dict(options) for _, options in providers]
         self._helpers: dict[tuple, Any] = {}
 
+    def empty(self, meta, batch: int):
+        if meta.type == "tensor(bfloat16)":
+            # numpy has no bfloat16: an empty cache needs no bytes, only the ONNX type
+            import onnxruntime as ort
+            from onnx import TensorProto
+
+            zeros = np.zeros(empty_cache_shape(meta, batch), np.uint16)
+            return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(zeros, TensorProto.BFLOAT16)
+        return super().empty(meta, batch)
+
     # -- running the model ---------------------------------------------------------------------
 
     def run(self, session, feeds, fetch):

@@ -244,6 +244,40 @@ def test_float16_graph_keeps_logits_float32_and_runs_its_cache_in_float16():
     assert same >= 0.99, f"float16 greedy tokens agree with float32 on {same:.0%}"
 
 
+def test_float16_merged_seq2seq_decoder_translates_on_the_cpu():
+    """Optimum's merged decoder (an If with both branches) converts to a valid float16 graph; ORT's
+    CPU float16 kernels then translate held-out numbers into the reference words."""
+    from shmengine.steppers import Seq2SeqStepper
+
+    sessions = {}
+    for key in ("encoder_model", "decoder_model_merged"):
+        proto = onnx.load(str(MARIAN / f"{key}.onnx"))
+        precision.cast_to_float16(proto)
+        assert _io_types(proto).get("logits", TensorProto.FLOAT) == TensorProto.FLOAT
+        sessions[key] = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    with open(MARIAN / "tokenizer.json", encoding="utf-8") as f:
+        vocab = json.load(f)["model"]["vocab"]
+    words = {i: w for w, i in vocab.items()}
+    with open(MARIAN / "config.json", encoding="utf-8") as f:
+        config = json.load(f)
+    pairs = heldout()[:200:5]
+    stepper = Seq2SeqStepper(sessions["encoder_model"], sessions["decoder_model_merged"],
+                             pad_id=config["pad_token_id"], decoder_start_id=config["decoder_start_token_id"])
+    stepper.encode([[vocab[c] for c in n] + [vocab["</s>"]] for n, _ in pairs])
+    tokens = [np.asarray(stepper.prefill([[config["decoder_start_token_id"]]] * len(pairs)).array()).argmax(-1)]
+    for _ in range(12):
+        tokens.append(np.asarray(stepper.step(tokens[-1]).array()).argmax(-1))
+    correct = 0
+    for row, (_, expected) in zip(np.stack(tokens, axis=1), pairs):
+        out = []
+        for t in row:
+            if words[int(t)] == "</s>":
+                break
+            out.append(words[int(t)])
+        correct += " ".join(out) == expected
+    assert correct / len(pairs) >= 0.95, f"float16 Marian on ORT's CPU kernels: {correct}/{len(pairs)}"
+
+
 def test_bfloat16_graph_types_and_values():
     model = onnx.load(str(GPT2 / "model.onnx"))
     originals = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if t.data_type == TensorProto.FLOAT}
