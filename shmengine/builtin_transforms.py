@@ -65,6 +65,7 @@ register(
         compute_types=frozenset({"float32", "int8_float32"}),
         needs_weights=True,
         wanted=_has_half_floats,
+        provides=frozenset({"float32"}),
     )
 )
 _CPU_INT8 = quantize.QuantizeOptions(quantize.INT8_CPU_METHOD)
@@ -98,6 +99,7 @@ register(
         devices=frozenset({"cuda"}),
         compute_types=frozenset({"float16", "int8_float16"}),
         needs_weights=True,
+        provides=frozenset({"float16"}),
     )
 )
 register(

@@ -129,6 +129,9 @@ class Transform:
     check: Callable[[ModelProto, TransformTarget], object] | None = None
     # whether a graph needs it at all (a widening to float32 of a graph that is float32 does not)
     wanted: Callable[[ModelProto], bool] | None = None
+    # the compute types it makes a device able to run (get_supported_compute_types); default:
+    # compute_types. A step of another type's chain (the widening before int8) provides less.
+    provides: frozenset[str] | None = None
 
     def selected(self, role: str, target: TransformTarget) -> bool:
         if target.device not in self.devices or (self.roles is not None and role not in self.roles):
@@ -159,7 +162,7 @@ def supported_compute_types(device: str) -> set[str]:
     types = {"float32"}
     for t in registered():
         if device in t.devices:
-            types |= t.compute_types
+            types |= t.compute_types if t.provides is None else t.provides
     if "int8_float32" in types or "int8_float16" in types:
         types.add("int8")  # CTranslate2 lists the plain name beside the variants
     return types
@@ -234,7 +237,11 @@ def resolve_compute_type(requested: str, model_type: str, device: str, *, fallba
         wanted = "int8_" + _FLOAT_PART.get(model_type, "float32")
         resolved = resolve_compute_type(wanted, model_type, device, fallback=True)
         if not resolved.startswith("int8"):
-            unsupported("int8")
+            # CTranslate2 runs int8_float32 on CUDA too; here the int8 weights a device has
+            # come with another float type (int8_float16 on CUDA): the nearest int8 it runs
+            resolved = next((c for c in ("int8_float32", "int8_float16", "int8_bfloat16") if c in have), None)
+            if resolved is None:
+                unsupported("int8")
         return resolved
     if requested == "int8_float32":
         return first("int8_float32", ["int16"] if device == "cpu" else ["float16"])

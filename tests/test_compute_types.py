@@ -52,6 +52,7 @@ def test_supported_compute_types_per_device():
     cuda = shmengine.get_supported_compute_types("cuda")
     assert {"float32", "float16", "bfloat16", "int8_float16", "int8"} <= cuda
     assert "int16" not in cuda | shmengine.get_supported_compute_types("cpu")
+    assert "int8_float32" not in cuda  # nothing registered makes int8 weights with float32 compute on CUDA
     with pytest.raises(ValueError, match="'cpu' or 'cuda'"):
         shmengine.get_supported_compute_types("tpu")
 
@@ -69,6 +70,7 @@ def test_supported_compute_types_per_device():
         ("int8", "float16", "cuda", "int8_float16"),
         ("float32", "float16", "cuda", "float32"),
         ("float16", "float32", "cuda", "float16"),
+        ("int8", "float32", "cuda", "int8_float16"),  # int8_float32 falls back (CTranslate2's order)
     ],
 )
 def test_resolution_follows_ctranslate2(requested, model_type, device, expected):
