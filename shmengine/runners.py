@@ -28,6 +28,7 @@ model, so no device-array library is needed (ORT's own OrtValue/IOBinding API do
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -107,6 +108,9 @@ class BoundRunner(Runner):
     """Tensors as ``OrtValue``\\ s on the target's device, sessions run through IOBinding."""
 
     def __init__(self, target: WorkerTarget, providers: Sequence[tuple[str, dict]]):
+        # SHMENGINE_DEVICE_REDUCE=host copies each step's logits to the host and reduces them
+        # there instead of in the helper graph (tools/bench_gpu.py measures both).
+        self.reduce_on_host = os.environ.get("SHMENGINE_DEVICE_REDUCE", "graph") == "host"
         self.device = target.ort_device
         self.device_id = target.device_index if target.device == "cuda" else 0
         self.providers = [name for name, _ in providers]
@@ -225,6 +229,8 @@ class BoundLogits:
 
     def top(self, k: int):
         vocab = self.vocab_size
+        if self.runner.reduce_on_host:
+            return HostLogits(self.array()).top(k)
         if k >= vocab:  # every token: the full rows are as small as the answer
             values = self.array()
             return values, np.broadcast_to(np.arange(vocab), values.shape), log_normalizer(values)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -277,6 +278,41 @@ def section_speed(model_dir: Path, rows: list[dict]) -> None:
             gen.close()
 
 
+def section_strategies(model_dir: Path, rows: list[dict]) -> None:
+    """shmengine, 1 worker, with the step's logits reduced in the helper graph or on the host,
+    against the plain loop: the comparison that picks the bound runner's default."""
+    import shmengine
+
+    print("strategies", flush=True)
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    plain = PlainLoop(model_dir)
+    gens = {}
+    for strategy in ("graph", "host"):
+        os.environ["SHMENGINE_DEVICE_REDUCE"] = strategy  # read by the workers this Generator forks
+        gens[strategy] = shmengine.Generator(str(model_dir), device="cuda")
+    os.environ.pop("SHMENGINE_DEVICE_REDUCE")
+    try:
+        for beam in (1, 4):
+            for batch in (1, 8, 32):
+                prompts = prompts_for(batch, vocab)
+                row = {"batch": batch, "search": "greedy" if beam == 1 else "beam 4"}
+                if beam == 1:
+                    row["plain"] = batch * NEW_TOKENS / timed(lambda p=prompts: plain.generate(p, NEW_TOKENS), 4)
+                for strategy, gen in gens.items():
+                    box = {}
+
+                    def go(g=gen, box=box, p=prompts, b=beam):
+                        box["tokens"] = shm_generate(g, p, b, copies=2)
+
+                    seconds = timed(go, 4)
+                    row[f"shm-{strategy}"] = box["tokens"] / seconds
+                rows.append(row)
+                print("  " + json.dumps({k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+    finally:
+        for gen in gens.values():
+            gen.close()
+
+
 def section_memory(model_dir: Path, out: list[str]) -> None:
     import shmengine
 
@@ -371,6 +407,49 @@ def section_reduce(model_dir: Path, notes: list[str]) -> None:
         line = f"batch 32 x {vocab}: {name}: {seconds * 1e3:.3f} ms per call"
         notes.append(line)
         print("  " + line, flush=True)
+    # One op at a time, each its own graph run to the end (outputs to the host, so the run's
+    # time includes the GPU's): which reduction costs the milliseconds.
+    from onnx import TensorProto, helper
+
+    from shmengine.runners import _model
+
+    def single(op_nodes, out_type, out_shape, extra_inits=()):
+        head = [
+            helper.make_node("Constant", [], ["axis1"], value=helper.make_tensor("a", TensorProto.INT64, [1], [1])),
+            helper.make_node("Squeeze", ["logits", "axis1"], ["x"]),
+        ]
+        graph_in = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["rows", 1, "vocab"])]
+        model = _model(head + list(extra_inits) + op_nodes, graph_in, [helper.make_tensor_value_info("y", out_type, out_shape)])
+        return ort.InferenceSession(model.SerializeToString(), providers=[("CUDAExecutionProvider", {"device_id": "0"})])
+
+    ones = helper.make_node("Constant", [], ["ones"], value=helper.make_tensor("o", TensorProto.FLOAT, [vocab, 1], [1.0] * vocab))
+    m1 = helper.make_node("Constant", [], ["m1"], value=helper.make_tensor("m1v", TensorProto.INT64, [1], [-1]))
+    k8 = helper.make_node("Constant", [], ["k"], value=helper.make_tensor("k8", TensorProto.INT64, [1], [8]))
+    variants = {
+        "ReduceMax": ([helper.make_node("ReduceMax", ["x"], ["y"], axes=[-1], keepdims=1)], TensorProto.FLOAT, None, ()),
+        "ReduceSum": ([helper.make_node("ReduceSum", ["x", "m1"], ["y"], keepdims=1)], TensorProto.FLOAT, None, (m1,)),
+        "ArgMax": ([helper.make_node("ArgMax", ["x"], ["y"], axis=-1, keepdims=1)], TensorProto.INT64, None, ()),
+        "TopK 8 (ids)": ([helper.make_node("TopK", ["x", "k"], ["v", "y"], axis=-1)], TensorProto.INT64, None, (k8,)),
+        "ReduceLogSumExp": ([helper.make_node("ReduceLogSumExp", ["x"], ["y"], axes=[-1], keepdims=1)], TensorProto.FLOAT, None, ()),
+        "Exp + MatMul(ones)": ([helper.make_node("Exp", ["x"], ["e"]), helper.make_node("MatMul", ["e", "ones"], ["y"])],
+                               TensorProto.FLOAT, None, (ones,)),
+    }
+    for name, (op_nodes, out_type, shape, inits) in variants.items():
+        try:
+            session = single(op_nodes, out_type, shape, inits)
+
+            def go(session=session):
+                binding = session.io_binding()
+                binding.bind_ortvalue_input("logits", logits)
+                binding.bind_output("y", "cpu")
+                session.run_with_iobinding(binding)
+                return binding.get_outputs()[0].numpy()
+
+            line = f"batch 32 x {vocab}: {name} alone: {timed(go, 30) * 1e3:.3f} ms per run"
+        except Exception as exc:
+            line = f"{name}: failed: {str(exc).splitlines()[0][:160]}"
+        notes.append(line)
+        print("  " + line, flush=True)
     # Where the helper graph's time goes: ORT's own profiler, node by node, with the provider
     # each node ran on.
     from shmengine.runners import _top_graph
@@ -421,11 +500,16 @@ def main() -> int:
         section_share(args.model, notes)
     if "memory" in sections:
         section_memory(args.model, notes)
+    strategy_rows: list[dict] = []
+    if "strategies" in sections:
+        section_strategies(args.model, strategy_rows)
     if "speed" in sections:
         section_speed(args.model, rows)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "bench_gpu.json").write_text(json.dumps({"rows": rows, "notes": notes, "failures": FAILURES}, indent=1))
+        (args.out / "bench_gpu.json").write_text(
+            json.dumps({"rows": rows, "strategy_rows": strategy_rows, "notes": notes, "failures": FAILURES}, indent=1)
+        )
     if rows:
         print("\n| batch | search | plain loop | hf fp32 | hf fp16 | shm 1w | shm 2w | shm 1w fp16 | shm1/plain | shm1/hf32 "
               "| 2w/1w | fp16/fp32 |")
@@ -440,6 +524,13 @@ def main() -> int:
             print(f"| {r['batch']} | {r['search']} | {f('plain')} | {f('hf-fp32')} | {f('hf-fp16')} | {f('shm1')} | {f('shm2')} "
                   f"| {f('shm1-fp16')} | {ratio('shm1', 'plain')} | {ratio('shm1', 'hf-fp32')} | {ratio('shm2', 'shm1')} "
                   f"| {ratio('shm1-fp16', 'shm1')} |")
+    if strategy_rows:
+        print("\n| batch | search | plain loop | shm reduce in graph | shm reduce on host | graph/plain | host/plain |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        for r in strategy_rows:
+            plain_rate = r.get("plain")
+            print(f"| {r['batch']} | {r['search']} | {plain_rate or 0:.0f} | {r['shm-graph']:.0f} | {r['shm-host']:.0f} | "
+                  + (f"{r['shm-graph'] / plain_rate:.2f} | {r['shm-host'] / plain_rate:.2f} |" if plain_rate else "- | - |"))
     for line in notes:
         print(line)
     if FAILURES:
