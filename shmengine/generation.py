@@ -43,6 +43,10 @@ class GeneratorProgram:
             return decode(stepper, prompts, options, _streamer(self.context, options))
         if method == "score":
             return _score_rows(DecoderOnlyStepper(self.session, self.pad_id, self.runner), payload, left_padded=True)
+        if method == "forward":  # Generator.forward_batch: every position's logits, per sequence
+            logits = DecoderOnlyStepper(self.session, self.pad_id, self.runner).prefill(payload, all_logits=True)
+            width = logits.shape[1]  # left padded: sequence i holds the last len(i) positions
+            return [np.ascontiguousarray(logits[i, width - len(s) :]) for i, s in enumerate(payload)]
         raise ValueError(f"unknown method {method!r}")
 
 

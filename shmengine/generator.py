@@ -7,8 +7,10 @@ import queue
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future
 
+import numpy as np
+
 from .batching import plan_batches, split_future
-from .decoding import StepEvent
+from .decoding import StepEvent, log_softmax
 from .engine import PooledModel
 from .errors import InvalidInputError, TokenTypeError
 from .modeldir import ModelDirectory
@@ -314,6 +316,30 @@ class Generator(DecodingModel):
         """
         options.setdefault("include_prompt_in_result", False)
         return _stream(self, lambda cb: self.generate_batch([prompt], callback=cb, asynchronous=True, **options))
+
+    def forward_batch(self, tokens: Sequence[Sequence[str | int]], return_log_probs: bool = False) -> np.ndarray:
+        """The model's output at every position of each sequence (CTranslate2's
+        ``forward_batch``): logits, or log-probabilities with ``return_log_probs``, as a float32
+        array [batch, longest sequence, vocabulary]; positions past a shorter sequence's end are 0."""
+        if isinstance(tokens, (str, bytes)) or not isinstance(tokens, Sequence):
+            raise TokenTypeError("tokens must be a list of token lists, e.g. [['<s>', 'Hello']]")
+        sequences = []
+        for i, seq in enumerate(tokens):
+            if isinstance(seq, (str, bytes)):
+                raise TokenTypeError(f"tokens[{i}] is a string; pass a list of tokens")
+            ids = self.vocabulary.to_ids(seq, where=f"tokens[{i}]")
+            if not ids:
+                raise InvalidInputError(f"tokens[{i}] is empty")
+            if self.model.max_positions and len(ids) > self.model.max_positions:
+                raise InvalidInputError(f"tokens[{i}] has {len(ids)} tokens, more than the model's {self.model.max_positions} positions")
+            sequences.append(ids)
+        if not sequences:
+            return np.zeros((0, 0, len(self.vocabulary.id_to_token)), np.float32)
+        rows = self._pool.submit("forward", sequences).result()
+        out = np.zeros((len(rows), max(len(r) for r in rows), rows[0].shape[-1]), np.float32)
+        for i, row in enumerate(rows):
+            out[i, : len(row)] = log_softmax(row) if return_log_probs else row
+        return out
 
     @property
     def num_generators(self) -> int:
