@@ -38,15 +38,21 @@ def _graphs(graph):
                     yield from _graphs(g)
 
 
-def cast_to_float16(model: ModelProto) -> None:
+# Comparisons have no bfloat16 kernel on ORT 1.31's CUDA or CPU providers (seen on the H200:
+# "Provider type for Equal node ... is not set" on Optimum's Marian merged decoder): they stay
+# float32 behind casts in a bfloat16 graph.
+_NO_BFLOAT16 = ("Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual")
+
+
+def cast_to_float16(model: ModelProto, extra_blocked: tuple[str, ...] = ()) -> None:
     """Convert ``model`` (with its weights loaded) to float16 in place; float I/O other than the
-    KV cache stays float32."""
+    KV cache stays float32; ops in ``extra_blocked`` stay float32 too."""
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
     # Blocking Range (the converter's default) breaks Optimum's merged decoders: its casts around
     # a Range inside an If branch name a value of the other scope (ORT: "not a graph input,
     # initializer, or output"). Their Range runs on integers, so nothing needs blocking there.
-    blocked = [op for op in DEFAULT_OP_BLOCK_LIST if op != "Range"]
+    blocked = [op for op in DEFAULT_OP_BLOCK_LIST if op != "Range"] + list(extra_blocked)
     # The converter's own keep_io_types also renames same-named outputs inside If branches
     # (Optimum's merged decoders name them like the graph's outputs), which ORT then refuses as
     # outer-scope values returned by a subgraph: the float32 boundary is drawn here instead.
@@ -127,7 +133,7 @@ def cast_to_bfloat16(model: ModelProto) -> None:
         for t in g.initializer:
             if t.data_type == TensorProto.FLOAT:
                 originals[t.name] = numpy_helper.to_array(t)
-    cast_to_float16(model)
+    cast_to_float16(model, _NO_BFLOAT16)
 
     def to_bf16(t: TensorProto) -> TensorProto:
         values = originals.get(t.name)
