@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 
-__all__ = ["plan_batches", "split_future"]
+__all__ = ["plan_batches", "split_future", "BatchFuture"]
 
 
 def plan_batches(lengths: Sequence[int], max_batch_size: int, batch_type: str) -> list[list[int]]:
@@ -38,20 +38,49 @@ def plan_batches(lengths: Sequence[int], max_batch_size: int, batch_type: str) -
     return batches
 
 
+class BatchFuture(Future):
+    """A batch's future that starts its examples' futures when the pool starts the batch, so an
+    example future is cancellable exactly while its batch waits in the queue."""
+
+    def __init__(self):
+        super().__init__()
+        self.examples: list[Future] = []
+
+    def set_running_or_notify_cancel(self) -> bool:
+        started = super().set_running_or_notify_cancel()
+        if started:
+            for example in self.examples:
+                example.set_running_or_notify_cancel()  # a cancelled example stays cancelled
+        return started
+
+
 def split_future(batch_future: Future, count: int, convert: Callable[[object, int], object]) -> list[Future]:
     """``count`` per-example futures fed by one batch future; ``convert(batch_result, i)`` makes
-    example i's result. Cancelling every example future cancels the batch if it has not started."""
+    example i's result.
+
+    Given a :class:`BatchFuture` that is not yet submitted, the example futures stay pending
+    while the batch is queued: ``cancel()`` on one returns True, and once every example of a
+    batch is cancelled the batch is cancelled and never runs. Any other future is taken as
+    already running (its examples cannot be cancelled)."""
     futures = [Future() for _ in range(count)]
-    for f in futures:
-        f.set_running_or_notify_cancel()
+    if isinstance(batch_future, BatchFuture):
+        batch_future.examples = futures
+    else:
+        for f in futures:
+            f.set_running_or_notify_cancel()
+
+    def cancel_batch_when_all_cancelled(_example: Future) -> None:
+        if all(f.cancelled() for f in futures):
+            batch_future.cancel()
 
     def done(parent: Future) -> None:
+        live = [(i, f) for i, f in enumerate(futures) if not f.cancelled()]
         if parent.cancelled():
-            for f in futures:
+            for _, f in live:
                 f.set_exception(RuntimeError("the batch was cancelled"))
             return
         error = parent.exception()
-        for i, f in enumerate(futures):
+        for i, f in live:
             if error is not None:
                 f.set_exception(error)
                 continue
@@ -60,5 +89,7 @@ def split_future(batch_future: Future, count: int, convert: Callable[[object, in
             except Exception as exc:  # a conversion bug must not leave the caller waiting
                 f.set_exception(exc)
 
+    for f in futures:
+        f.add_done_callback(cancel_batch_when_all_cancelled)
     batch_future.add_done_callback(done)
     return futures

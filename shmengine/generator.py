@@ -9,7 +9,7 @@ from concurrent.futures import Future
 
 import numpy as np
 
-from .batching import plan_batches, split_future
+from .batching import BatchFuture, plan_batches, split_future
 from .decoding import StepEvent, log_softmax
 from .engine import PooledModel
 from .errors import InvalidInputError, TokenTypeError
@@ -83,7 +83,7 @@ class DecodingModel(PooledModel):
         futures: list[Future | None] = [None] * len(lengths)
         for indices in plan_batches(lengths, max_batch_size, batch_type):
             on_event = on_event_for(indices) if on_event_for else None
-            batch_future = self._pool.submit(method, payload_for(indices), on_event=on_event)
+            batch_future = BatchFuture()
             per_example = split_future(batch_future, len(indices), lambda result, j, idx=indices: convert(result[j], idx[j]))
             for i, f in zip(indices, per_example):
                 futures[i] = f

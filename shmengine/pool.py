@@ -244,14 +244,18 @@ class WorkerPool:
     def closed(self) -> bool:
         return self._closed
 
-    def submit(self, method: str, payload: Any, *, ping: bool = False, on_event=None) -> Future:
+    def submit(
+        self, method: str, payload: Any, *, ping: bool = False, on_event=None, future: Future | None = None
+    ) -> Future:
         """Queue one batch; blocks while ``max_queued_batches`` batches already wait.
 
         ``on_event(payload)`` is called, in the manager thread, for each event the worker emits
         while running the batch (the tokens of a decoding step); the worker waits for it, so it
-        must be quick. It returns the keys of the examples to stop (or None).
+        must be quick. It returns the keys of the examples to stop (or None). ``future`` is the
+        pending Future to complete (a new one by default); a batch whose future is cancelled
+        before a worker takes it never runs.
         """
-        future: Future = Future()
+        future = Future() if future is None else future
         with self._not_full:
             while True:
                 self._raise_if_unusable()

@@ -1,0 +1,56 @@
+"""Cancelling the per-example futures of a queued batch (concurrent.futures semantics): cancel()
+returns True while the batch waits, the batch never runs, and a running batch cannot be cancelled."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import shmengine
+
+GPT2 = Path(__file__).resolve().parents[1] / "models" / "numbers-gpt2"
+
+
+def test_cancelling_every_example_of_a_queued_batch_cancels_it_and_it_never_runs():
+    with shmengine.Generator(GPT2, inter_threads=1, intra_threads=1) as generator:
+        bos = generator.vocabulary.id_to_token[generator.model.bos_id]
+        # one worker, busy with a long batch, so the next call's batch waits in the queue
+        busy = generator.generate_batch([[bos, "7", "="]] * 64, max_length=24, asynchronous=True, sampling_topk=0)
+        ran = []
+        queued = generator.generate_batch(
+            [[bos, "1", "="], [bos, "2", "="]], max_length=24, asynchronous=True, callback=lambda step: ran.append(step)
+        )
+        assert not busy[0].done()
+        assert [f.cancel() for f in queued] == [True, True]
+        assert all(f.cancelled() for f in queued)
+        for f in busy:
+            f.result(timeout=120)
+        # the cancelled batch was skipped: the pool is idle and its callback never saw a token
+        after = generator.generate_batch([[bos, "3", "="]], max_length=24, include_prompt_in_result=False)
+        assert " ".join(after[0].sequences[0]) == "three"
+        assert ran == []
+
+
+def test_a_running_batch_cannot_be_cancelled_and_delivers_its_results():
+    with shmengine.Generator(GPT2, inter_threads=1, intra_threads=1) as generator:
+        bos = generator.vocabulary.id_to_token[generator.model.bos_id]
+        futures = generator.generate_batch([[bos, "4", "2", "="]] * 32, max_length=24, asynchronous=True,
+                                           include_prompt_in_result=False)
+        # wait until the worker took it: a running future refuses cancel()
+        while not (futures[0].running() or futures[0].done()):
+            pass
+        assert futures[0].cancel() is False
+        assert " ".join(futures[0].result(timeout=120).sequences[0]) == "forty two"
+
+
+def test_cancelling_some_examples_of_a_queued_batch_still_runs_the_others():
+    with shmengine.Generator(GPT2, inter_threads=1, intra_threads=1) as generator:
+        bos = generator.vocabulary.id_to_token[generator.model.bos_id]
+        busy = generator.generate_batch([[bos, "7", "="]] * 64, max_length=24, asynchronous=True, sampling_topk=0)
+        queued = generator.generate_batch(
+            [[bos, "5", "="], [bos, "6", "="]], max_length=24, asynchronous=True, include_prompt_in_result=False
+        )
+        assert queued[0].cancel() is True
+        assert " ".join(queued[1].result(timeout=120).sequences[0]) == "six"
+        assert queued[0].cancelled()
+        for f in busy:
+            f.result(timeout=120)
