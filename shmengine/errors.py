@@ -13,6 +13,7 @@ CTranslate2 raises there.
 from __future__ import annotations
 
 import signal
+from concurrent.futures import BrokenExecutor
 
 __all__ = [
     "ShmEngineError",
@@ -64,8 +65,11 @@ class EngineClosedError(ShmEngineError):
     """The engine was closed: new batches are refused, queued and running ones fail with this."""
 
 
-class EngineBrokenError(ShmEngineError):
-    """The engine can no longer run batches (its fork server died, or workers keep dying on start)."""
+class EngineBrokenError(ShmEngineError, BrokenExecutor):
+    """The engine can no longer run batches (its fork server died, or workers keep dying on start).
+
+    Also a ``concurrent.futures.BrokenExecutor``, as CPython's ``BrokenProcessPool`` and loky's
+    ``TerminatedWorkerError`` are: code that handles a broken executor handles this one."""
 
 
 class RemoteTraceback(Exception):
