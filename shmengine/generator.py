@@ -73,8 +73,8 @@ class DecodingModel(PooledModel):
 
     @property
     def tensor_parallel(self) -> bool:
-        """Whether the model is split over MPI ranks (CTranslate2's property): never, yet."""
-        return False
+        """Whether the model is split over MPI ranks (CTranslate2's property)."""
+        return getattr(self, "_tensor_parallel", False)
 
     def _submit_split(self, method, lengths, payload_for, convert, max_batch_size, batch_type, on_event_for=None):
         """Cut the examples into length-sorted batches, submit each, and hand back one future per
@@ -122,7 +122,9 @@ class Generator(DecodingModel):
         compute_type: CTranslate2's values and meanings (see :class:`shmengine.Engine`);
             ``"int8"`` on CPU quantizes the weights once (cached beside the model);
             ``self.compute_type`` is the type that runs after any fallback.
-        tensor_parallel: not supported yet (raises NotImplementedError).
+        tensor_parallel: split the model over the ranks of ``mpirun`` (CTranslate2's meaning:
+            every rank runs the same script and makes the same calls; each holds a shard of
+            the weights). GPT-2 exports so far, ``inter_threads=1``; see ``shmengine.tp``.
         prepack_weights, graph_optimization_level: see :class:`shmengine.Engine`.
 
     Every batch (or sub-batch, with ``max_batch_size``) runs its whole decoding loop inside one
@@ -145,9 +147,14 @@ class Generator(DecodingModel):
         prepack_weights: bool = False,
         graph_optimization_level: str = "all",
     ):
-        check_constructor_extras(compute_type, tensor_parallel)
+        check_constructor_extras(compute_type, False)
         self.model = ModelDirectory.open(model_path, "decoder")
         self.vocabulary = self.model.vocab
+        if tensor_parallel:
+            from .tp.local import attach_generator
+
+            attach_generator(self, inter_threads=inter_threads, intra_threads=intra_threads)
+            return
         super().__init__(
             self.model.graphs,
             ProgramSpec("shmengine.generation", "GeneratorProgram", {"pad_id": self.model.pad_id}),

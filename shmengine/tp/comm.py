@@ -1,0 +1,58 @@
+"""The sum over ranks between two segments, with mpi4py, and what a failed rank looks like."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import ShmEngineError
+
+__all__ = ["Communicator", "TensorParallelError", "world"]
+
+
+class TensorParallelError(ShmEngineError):
+    """The ranks of a tensor-parallel model disagree or one of them failed."""
+
+
+def world():
+    """``MPI.COMM_WORLD``; a clear error when mpi4py is missing."""
+    try:
+        from mpi4py import MPI
+    except ImportError as exc:
+        raise TensorParallelError(
+            "tensor_parallel=True needs mpi4py (pip install 'shmengine[mpi]') and a launch by mpirun"
+        ) from exc
+    return MPI.COMM_WORLD
+
+
+class Communicator:
+    """All-reduces of float32 activations over the ranks of one tensor-parallel group."""
+
+    def __init__(self, comm=None):
+        self.comm = comm if comm is not None else world()
+        self.rank = self.comm.Get_rank()
+        self.size = self.comm.Get_size()
+        self.calls = 0
+
+    def sum(self, partial: np.ndarray) -> np.ndarray:
+        """The elementwise sum of every rank's ``partial`` (same shape everywhere), in place."""
+        self.calls += 1
+        if self.size == 1:
+            return partial
+        from mpi4py import MPI
+
+        buffer = np.ascontiguousarray(partial)
+        self.comm.Allreduce(MPI.IN_PLACE, buffer, op=MPI.SUM)
+        return buffer
+
+    def agree(self, value, what: str) -> None:
+        """Raise on every rank when the ranks were not given the same ``value`` (a collective
+        call must get the same input everywhere)."""
+        if self.size == 1:
+            return
+        values = self.comm.allgather(value)
+        different = [r for r, v in enumerate(values) if v != values[0]]
+        if different:
+            raise TensorParallelError(
+                f"rank(s) {', '.join(map(str, different))} were given a different {what} than rank 0: every rank must "
+                "make the same call with the same input under tensor parallelism"
+            )

@@ -1,0 +1,132 @@
+""":class:`TensorParallelRunner`: a decoding runner over one rank's shard of the model.
+
+It plugs in where :class:`runners.HostRunner` does: a stepper hands it the feeds of the whole
+export (``input_ids``, ``attention_mask``, ``position_ids``, ``past_key_values.*``) and asks for
+``logits`` and ``present.*``; it runs the rank's segments instead, all-reducing the partial
+sums between them, and returns the same names. The cache tensors it returns hold this rank's
+heads only (so ``empty()`` sizes them so), and the stepper never looks inside them.
+
+:class:`GraphSignature` stands in for the export's session where a stepper reads names, types
+and shapes (``get_inputs`` / ``get_outputs``): no session of the full model is ever made.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from ..decoding import HostLogits
+from ..runners import HOST, LOGITS, HostRunner
+from .comm import Communicator
+from .gpt2 import Gpt2Shard, Segment
+
+__all__ = ["GraphSignature", "TensorParallelRunner", "create_session"]
+
+_CACHE = re.compile(r"past_key_values\.(\d+)\.(key|value)$")
+_ELEMENT_TYPES = {1: "tensor(float)", 10: "tensor(float16)", 7: "tensor(int64)", 6: "tensor(int32)", 9: "tensor(bool)"}
+
+
+@dataclass
+class _Meta:
+    name: str
+    type: str
+    shape: list
+
+
+class GraphSignature:
+    """The inputs and outputs an ONNX file declares, as ``InferenceSession`` reports them."""
+
+    def __init__(self, path: str | Path):
+        graph = onnx.load(str(path), load_external_data=False).graph
+        initializers = {i.name for i in graph.initializer}
+        self._inputs = [self._meta(v) for v in graph.input if v.name not in initializers]
+        self._outputs = [self._meta(v) for v in graph.output]
+
+    @staticmethod
+    def _meta(value) -> _Meta:
+        tensor = value.type.tensor_type
+        shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim]
+        return _Meta(value.name, _ELEMENT_TYPES.get(tensor.elem_type, "tensor(float)"), shape)
+
+    def get_inputs(self) -> list[_Meta]:
+        return list(self._inputs)
+
+    def get_outputs(self) -> list[_Meta]:
+        return list(self._outputs)
+
+    def get_providers(self) -> list[str]:
+        return ["CPUExecutionProvider"]
+
+
+def create_session(segment: Segment, intra_threads: int):
+    """An ORT session over ``segment`` whose weights are the segment's arrays, used in place."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = intra_threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    # prepacking would give the session a private copy of every MatMul weight
+    options.add_session_config_entry("session.disable_prepacking", "1")
+    values = []
+    for name, array in segment.weights.items():
+        value = ort.OrtValue.ortvalue_from_numpy(array)
+        options.add_initializer(name, value)
+        values.append(value)
+    session = ort.InferenceSession(segment.placeholder_graph().SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session._shmengine_weights = values  # ORT does not keep them alive: the session must
+    return session
+
+
+class TensorParallelRunner(HostRunner):
+    """Runs one rank's GPT-2 shard for a :class:`steppers.DecoderOnlyStepper`."""
+
+    def __init__(self, shard: Gpt2Shard, comm: Communicator, intra_threads: int = 1):
+        self.shard = shard
+        self.comm = comm
+        self.attention = [create_session(s, intra_threads) for s in shard.attention]
+        self.mlp = [create_session(s, intra_threads) for s in shard.mlp]
+        self.head = create_session(shard.head, intra_threads)
+        self.min = np.finfo(np.float32).min
+
+    def empty(self, meta, batch: int):
+        heads = len(self.shard.shard.heads)
+        return np.zeros((batch, heads, 0, self.shard.head_dim), dtype=np.float32)
+
+    def run(self, session, feeds, fetch):
+        ids = np.asarray(feeds["input_ids"])
+        batch, length = ids.shape
+        layers = self.shard.layout.layers
+        past = [(feeds[f"past_key_values.{i}.key"], feeds[f"past_key_values.{i}.value"]) for i in range(layers)]
+        before = past[0][0].shape[2]
+        total = before + length
+        mask = np.asarray(feeds["attention_mask"]) if "attention_mask" in feeds else np.ones((batch, total), np.int64)
+        if "position_ids" in feeds:
+            positions = np.asarray(feeds["position_ids"])
+        else:
+            positions = np.broadcast_to(np.arange(before, total), (batch, length))
+        h = self.shard.wte[ids] + self.shard.wpe[positions]
+        causal = np.arange(total)[None, :] <= (before + np.arange(length))[:, None]  # [s, t]
+        allowed = causal[None, :, :] & (mask[:, None, :] != 0)
+        bias = np.where(allowed, np.float32(0), self.min).astype(np.float32)[:, None, :, :]
+        outputs = {}
+        for i in range(layers):
+            out, present_k, present_v = self.attention[i].run(
+                None, {"h": h, "bias": bias, "past_k": past[i][0], "past_v": past[i][1]}
+            )
+            h = h + self.comm.sum(out)
+            (out,) = self.mlp[i].run(None, {"h": h})
+            h = h + self.comm.sum(out)
+            outputs[f"present.{i}.key"], outputs[f"present.{i}.value"] = present_k, present_v
+        where = fetch.get("logits", LOGITS)
+        rows = h[:, -1, :] if where == LOGITS else h.reshape(batch * length, -1)
+        (logits,) = self.head.run(None, {"h": np.ascontiguousarray(rows)})
+        if where == HOST:
+            outputs["logits"] = logits.reshape(batch, length, -1)
+        else:
+            outputs["logits"] = HostLogits(logits)
+        return {name: outputs[name] for name in fetch}

@@ -1,0 +1,51 @@
+"""A user's tensor-parallel script, as tests/test_tensor_parallel.py runs it under mpirun (and
+without tensor parallelism in one plain process, for the reference)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import shmengine
+
+
+def prompts(rank: int, case: str):
+    batch = [["<|endoftext|>", "1", "2"], ["<|endoftext|>", "7"], ["<|endoftext|>", "3", "4", "5"], ["<|endoftext|>"]]
+    if case == "mismatch" and rank == 1:
+        batch[1] = ["<|endoftext|>", "8"]
+    return batch
+
+
+def main() -> int:
+    model, mode, case, out = sys.argv[1:5]
+    rank = shmengine.MpiInfo.getCurRank()
+    with shmengine.Generator(model, tensor_parallel=mode == "tp", intra_threads=1) as generator:
+        batch = prompts(rank, case)
+        if case == "loop":  # generate until killed; rank 1 says who it is first
+            open(f"{out}.pid.{rank}", "w").write(str(os.getpid()))
+            while True:
+                generator.generate_batch(batch * 8, max_length=40)
+                open(f"{out}.progress.{rank}", "w").write(str(time.time()))
+        if case == "bad-option" and rank == 1:  # fails on this rank only, before anything runs
+            generator.generate_batch(batch, max_length=16, beam_size=-1)
+        result = {
+            "greedy": [r.sequences_ids[0] for r in generator.generate_batch(batch, max_length=16)],
+            "greedy_scores": [r.scores[0] for r in generator.generate_batch(batch, max_length=16, return_scores=True)],
+            "beam": [r.sequences_ids for r in generator.generate_batch(batch, max_length=16, beam_size=3, num_hypotheses=2)],
+            "score": [r.log_probs for r in generator.score_batch([p + ["3", "4"] for p in batch])],
+        }
+        shmengine.set_random_seed(11)
+        result["sample"] = [r.sequences_ids[0] for r in generator.generate_batch(batch, max_length=16, sampling_topk=8)]
+        result["weights_nbytes"] = generator.weights_nbytes
+        result["tensor_parallel"] = generator.tensor_parallel
+        result["info"] = generator.parallel_info()
+        if rank == 0 or mode == "tp":
+            with open(f"{out}.{rank}", "w") as f:
+                json.dump(result, f)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
