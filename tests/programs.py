@@ -15,7 +15,7 @@ import time
 class ChaosProgram:
     """``run(method, payload)``: ``echo`` returns payload; ``sleep`` sleeps then echoes;
     ``exit`` calls ``os._exit(payload)``; ``segfault`` dereferences NULL; ``pid`` returns the pid;
-    ``touch`` creates the file ``payload``;
+    ``touch`` creates the file ``payload``; ``wait_for`` waits until the file ``payload`` exists;
     ``crash_once`` dies by SIGKILL unless the marker file ``payload`` exists (it creates it first)."""
 
     def __init__(self, context, fail_start: str | None = None):
@@ -39,6 +39,11 @@ class ChaosProgram:
             ctypes.string_at(0)
         if method == "pid":
             return os.getpid()
+        if method == "wait_for":  # returns once the file ``payload`` exists (30 s at most)
+            deadline = time.monotonic() + 30
+            while not os.path.exists(payload) and time.monotonic() < deadline:
+                time.sleep(0.005)
+            return os.path.exists(payload)
         if method == "touch":  # leaves a trace: the file ``payload``
             open(payload, "w").close()
             return payload

@@ -10,12 +10,15 @@ import numpy as np
 from conftest import ROOT
 
 from models.builders import mlp_model, mlp_reference
+from shmengine.threads import usable_cores
 from shmengine.tuning import candidate_splits
 
 
-def shmengine_run(*args, timeout=240):
+def shmengine_run(*args, timeout=240, cpus=None):
+    """Run the launcher; ``cpus`` (a set of CPU numbers) is the affinity it runs with."""
     return subprocess.run(
-        [sys.executable, "-m", "shmengine.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT
+        [sys.executable, "-m", "shmengine.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+        preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
     )
 
 
@@ -40,14 +43,19 @@ def test_info_reports_each_worker():
 
 
 def test_tune_sweeps_splits_writes_a_plot_and_names_the_best(tmp_path):
+    """The sweep covers every split that fits the cores the launcher may use. It runs on two CPUs
+    of this machine (three splits), so that it takes the same time on 2 cores as on 128 (645)."""
     plot = tmp_path / "tune.png"
-    out = shmengine_run("tune", "--batch-size", "4", "--batches", "20", "--latency-runs", "5", "--plot", str(plot))
+    cpus = set(sorted(os.sched_getaffinity(0))[:2])
+    # what usable_cores() reports in the child: its affinity, capped by this cgroup's CPU quota
+    cores = min(len(cpus), usable_cores())
+    out = shmengine_run("tune", "--batch-size", "4", "--batches", "20", "--latency-runs", "5", "--plot", str(plot), cpus=cpus)
     assert out.returncode == 0, out.stderr
     assert "best for throughput: inter_threads=" in out.stdout
     assert "best for latency:    inter_threads=" in out.stdout
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = [line for line in out.stdout.splitlines() if line.split()[:1] and line.split()[0].isdigit()]
-    assert len(rows) == len(candidate_splits(len(os.sched_getaffinity(0))))  # every split that fits
+    assert sorted((int(r.split()[0]), int(r.split()[1])) for r in rows) == sorted(candidate_splits(cores))
 
 
 def test_bad_model_path_is_a_clear_error_with_exit_code_2(tmp_path):
