@@ -77,7 +77,8 @@ def split_future(batch_future: Future, count: int, convert: Callable[[object, in
         live = [(i, f) for i, f in enumerate(futures) if not f.cancelled()]
         if parent.cancelled():
             for _, f in live:
-                f.set_exception(RuntimeError("the batch was cancelled"))
+                if not f.cancel():  # a pending example is cancelled with its batch
+                    f.set_exception(RuntimeError("the batch was cancelled"))
             return
         error = parent.exception()
         for i, f in live:

@@ -246,8 +246,15 @@ class PooledModel:
         """Send an empty batch through the pool and back (measures the pool's own overhead)."""
         return self._pool.submit("ping", payload, ping=True)
 
-    def close(self) -> None:
-        """Stop the workers and free the shared memory. Idempotent."""
+    def close(self, wait: bool = False, *, cancel_futures: bool = False) -> None:
+        """Stop the workers and free the shared memory. Idempotent.
+
+        By default whatever is queued or running fails with ``EngineClosedError``. With
+        ``wait=True`` (``Executor.shutdown``'s meaning) no new batch is taken and every
+        submitted one finishes first; ``cancel_futures=True`` with it cancels the batches no
+        worker has started and waits only for the running ones."""
+        if wait and not self.closed:
+            self._pool.drain(cancel_queued=cancel_futures)
         self._finalizer()
 
     def __enter__(self):

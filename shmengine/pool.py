@@ -42,7 +42,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
@@ -201,6 +201,8 @@ class WorkerPool:
         self._pending: collections.deque[_Batch] = collections.deque()
         self._retry: collections.deque[_Batch] = collections.deque()  # manager thread only
         self._closed = False
+        self._draining = False  # drain(): no new batches, the submitted ones finish
+        self._outstanding: set[Future] = set()  # every submitted batch's future until it is done
         self._broken: BaseException | None = None
         self._ids = itertools.count()
         self._dispatch_policy = dispatch or AnyIdleWorker()
@@ -259,6 +261,8 @@ class WorkerPool:
         with self._not_full:
             while True:
                 self._raise_if_unusable()
+                if self._draining:
+                    raise EngineClosedError("the engine is closing: it finishes what it has and takes no new batches")
                 if self._queue_size is None or len(self._pending) < self._queue_size:
                     break
                 self._not_full.wait()
@@ -267,8 +271,28 @@ class WorkerPool:
             self._pending.append(
                 _Batch(number, "ping" if ping else "run", method, payload, future, on_event=on_event, slot=slot)
             )
+            self._outstanding.add(future)
+        future.add_done_callback(self._forget)
         self._wake()
         return future
+
+    def _forget(self, future: Future) -> None:
+        with self._lock:
+            self._outstanding.discard(future)
+
+    def drain(self, *, cancel_queued: bool = False, timeout: float | None = None) -> bool:
+        """Take no new batches and wait until every submitted one is done (``cancel_queued``:
+        cancel those no worker has taken yet, and wait only for the running ones). Returns
+        False if ``timeout`` seconds passed first. ``close()`` then stops the workers."""
+        with self._not_full:
+            self._draining = True
+            self._not_full.notify_all()
+            if cancel_queued:
+                for batch in self._pending:
+                    batch.future.cancel()
+            waiting = list(self._outstanding)
+        done, not_done = wait(waiting, timeout=timeout)
+        return not not_done
 
     def worker_pids(self) -> list[int]:
         return [w.pid for w in list(self._workers.values()) if w.pid is not None and w.eof_at is None]

@@ -54,3 +54,30 @@ def test_cancelling_some_examples_of_a_queued_batch_still_runs_the_others():
         assert queued[0].cancelled()
         for f in busy:
             f.result(timeout=120)
+
+
+def test_close_with_wait_finishes_every_submitted_batch_first():
+    generator = shmengine.Generator(GPT2, inter_threads=1, intra_threads=1)
+    bos = generator.vocabulary.id_to_token[generator.model.bos_id]
+    futures = [
+        f
+        for number in ("12", "345", "6789")
+        for f in generator.generate_batch([[bos, *number, "="]], max_length=24, asynchronous=True, include_prompt_in_result=False)
+    ]
+    generator.close(wait=True)
+    assert generator.closed
+    words = [" ".join(f.result(timeout=0).sequences[0]) for f in futures]
+    assert words == ["twelve", "three hundred forty five", "six thousand seven hundred eighty nine"]
+
+
+def test_close_with_wait_and_cancel_futures_cancels_the_queued_and_finishes_the_running():
+    generator = shmengine.Generator(GPT2, inter_threads=1, intra_threads=1)
+    bos = generator.vocabulary.id_to_token[generator.model.bos_id]
+    running = generator.generate_batch([[bos, "4", "2", "="]] * 32, max_length=24, asynchronous=True,
+                                       include_prompt_in_result=False)
+    while not (running[0].running() or running[0].done()):
+        pass
+    queued = generator.generate_batch([[bos, "7", "="]], max_length=24, asynchronous=True)
+    generator.close(wait=True, cancel_futures=True)
+    assert " ".join(running[0].result(timeout=0).sequences[0]) == "forty two"
+    assert queued[0].cancelled()
