@@ -110,7 +110,9 @@ class BoundRunner(Runner):
     def __init__(self, target: WorkerTarget, providers: Sequence[tuple[str, dict]]):
         # SHMENGINE_DEVICE_REDUCE=host copies each step's logits to the host and reduces them
         # there instead of in the helper graph (tools/bench_gpu.py measures both).
-        self.reduce_on_host = os.environ.get("SHMENGINE_DEVICE_REDUCE", "graph") == "host"
+        reduce = os.environ.get("SHMENGINE_DEVICE_REDUCE", "graph")
+        self.reduce_on_host = reduce == "host"
+        self.top1_by_topk = reduce == "topk"  # TopK for greedy's top-1 too (else ArgMax)
         self.device = target.ort_device
         self.device_id = target.device_index if target.device == "cuda" else 0
         self.providers = [name for name, _ in providers]
@@ -181,7 +183,7 @@ class BoundRunner(Runner):
         # k = 1 (greedy) is an ArgMax, a plain reduction: ORT's CUDA TopK over a 50k vocabulary
         # costs more than the model step it follows (measured: batch 32 greedy ran at 0.57x a
         # loop that copied the logits to the host and took numpy's argmax).
-        argmax = k == 1
+        argmax = k == 1 and not self.top1_by_topk
         key = ("top", logits.data_type(), argmax)
         session = self._helper(key, lambda: _top_graph(logits.data_type(), argmax))
         binding = session.io_binding()
