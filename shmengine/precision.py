@@ -39,8 +39,10 @@ def _graphs(graph):
 
 
 # Comparisons have no bfloat16 kernel on ORT 1.31's CUDA or CPU providers (seen on the H200:
-# "Provider type for Equal node ... is not set" on Optimum's Marian merged decoder): they stay
-# float32 behind casts in a bfloat16 graph.
+# "Provider type for Equal node ... is not set" on Optimum's Marian merged decoder): they compare
+# float32 casts of their bfloat16 inputs. The casts are put here, in the comparison's own graph:
+# the converter's op_block_list puts them where an If branch cannot see them (ORT: "not a graph
+# input, initializer, or output of a previous node").
 _NO_BFLOAT16 = ("Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual")
 
 
@@ -133,7 +135,7 @@ def cast_to_bfloat16(model: ModelProto) -> None:
         for t in g.initializer:
             if t.data_type == TensorProto.FLOAT:
                 originals[t.name] = numpy_helper.to_array(t)
-    cast_to_float16(model, _NO_BFLOAT16)
+    cast_to_float16(model)
 
     def to_bf16(t: TensorProto) -> TensorProto:
         values = originals.get(t.name)
@@ -152,6 +154,48 @@ def cast_to_bfloat16(model: ModelProto) -> None:
                 elif attr.type == AttributeProto.TENSOR and attr.t.data_type == TensorProto.FLOAT16:
                     attr.t.CopyFrom(to_bf16(attr.t))
     _retype_values(model, TensorProto.FLOAT16, TensorProto.BFLOAT16)
+    _compare_in_float32(model)
+
+
+def _compare_in_float32(model: ModelProto) -> None:
+    import onnx
+
+    try:  # the converter's value_info misses values inside If branches: infer them all
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # a model over protobuf's 2 GiB; the declared types below still apply
+        inferred = model
+
+    def declared(g) -> dict[str, int]:
+        types = {v.name: v.type.tensor_type.elem_type for v in [*g.input, *g.output, *g.value_info]}
+        types.update({t.name: t.data_type for t in g.initializer})
+        for node in g.node:
+            if node.op_type == "Constant":
+                for attr in node.attribute:
+                    if attr.type == AttributeProto.TENSOR:
+                        types[node.output[0]] = attr.t.data_type
+            elif node.op_type == "Cast":
+                types[node.output[0]] = next(a.i for a in node.attribute if a.name == "to")
+        return types
+
+    # Branches of one If reuse value names with other types (Optimum's merged decoders): each
+    # graph is read with its own names first, then the main graph's (its outer scope).
+    pairs = list(zip(_graphs(inferred.graph), _graphs(model.graph)))
+    outer = {**declared(pairs[0][1]), **declared(pairs[0][0])}
+    # innermost first: rebuilding a graph's node list copies its nodes, and with them the
+    # branches already edited, whereas an edit made after that would land in a discarded copy
+    for inferred_graph, g in reversed(pairs):
+        types = {**outer, **declared(g), **declared(inferred_graph)}
+        nodes = []
+        for node in g.node:
+            if node.op_type in _NO_BFLOAT16:
+                for i, name in enumerate(node.input):
+                    if types.get(name) == TensorProto.BFLOAT16:
+                        wide = f"{name}/shmengine_float32_for_{node.name or node.output[0]}"
+                        nodes.append(helper.make_node("Cast", [name], [wide], to=TensorProto.FLOAT, name=wide))
+                        node.input[i] = wide
+            nodes.append(node)
+        del g.node[:]
+        g.node.extend(nodes)
 
 
 def cast_to_float32(model: ModelProto) -> None:
