@@ -10,11 +10,12 @@ a. **empty round trip**: ``engine.ping().result()`` in a loop (median and p95), 
 b. **start-up** of an MLP with >= 400 MiB of float32 weights: ``Engine(path, inter_threads=1,
    intra_threads=1)`` against ``inter_threads=4`` (median of the repeats, constructor until the
    workers are ready). Target: 4 workers <= 1.5 x one. A plain ``onnxruntime.InferenceSession``
-   load is given for context.
+   load (one intra-op thread as ours, after an untimed first load) is given for context.
 c. **memory**: total PSS (``/proc/PID/smaps_rollup``) of supervisor + fork server + N workers
    after a batch ran on each worker, against a fork ``multiprocessing.Pool(N)`` whose workers
-   each load the model into their own ``InferenceSession`` (parent + workers). Target: ours <=
-   1.1 x weights + N x 100 MiB.
+   each load the model into their own ``InferenceSession`` (parent + workers). One batch per
+   worker is proven on both sides: a barrier in the baseline, each worker's CPU time in ours.
+   Target: ours <= 1.1 x weights + N x 100 MiB.
 d. **throughput** of a compute-bound MLP (1024 wide, 8 layers, 64 rows per batch), every batch
    submitted asynchronously: ``inter_threads=2`` against ``inter_threads=1`` (intra_threads=1
    each; target >= 1.8x on 2 cores), and a ``multiprocessing.Pool(2)`` that loads the model in
@@ -82,11 +83,22 @@ def _build_model(widths: list[int], directory: str) -> None:
     save_model(model, directory, external_data=True)
 
 
+def _one_thread_options():
+    """Session options as our workers get them here (intra_threads=1): one intra-op thread."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    return options
+
+
 def _plain_load_seconds(path: str) -> float:
     import onnxruntime as ort
 
+    options = _one_thread_options()
     start = time.perf_counter()
-    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     elapsed = time.perf_counter() - start
     del session
     return elapsed
@@ -101,10 +113,7 @@ def _pool_init(path: str, barrier=None) -> None:
     global _session, _barrier
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    _session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    _session = ort.InferenceSession(path, _one_thread_options(), providers=["CPUExecutionProvider"])
     _barrier = barrier
 
 
@@ -177,6 +186,19 @@ def cmdline(pid: int) -> str:
             return f.read().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time of a process's threads, to the nanosecond (/proc/PID/task/*/schedstat; stat's
+    utime counts 10 ms ticks, too coarse for a small batch)."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except OSError:
+            pass  # a thread that just ended
+    return total / 1e9
 
 
 def smaps_rollup(pid: int) -> dict[str, int]:
@@ -261,8 +283,12 @@ def bench_startup(args, path: Path, weights_mib: float) -> list[Row]:
             times[inter].append(elapsed)
             log(f"   repeat {rep + 1}: inter_threads={inter}: {elapsed:.2f} s")
     with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=FORK) as executor:
+        # one untimed load first: the import of onnxruntime and its environment's creation would
+        # otherwise land in the first repeat only
+        warm = executor.submit(_plain_load_seconds, str(path)).result()
         plain = [executor.submit(_plain_load_seconds, str(path)).result() for _ in range(repeats)]
-    log(f"   plain onnxruntime.InferenceSession(path): {', '.join(f'{t:.2f}' for t in plain)} s")
+    log(f"   plain onnxruntime.InferenceSession(path), 1 intra thread: {', '.join(f'{t:.2f}' for t in plain)} s "
+        f"(untimed first load {warm:.2f} s)")
     t1, t4, tp = statistics.median(times[1]), statistics.median(times[4]), statistics.median(plain)
     ratio = t4 / t1
     return [
@@ -302,10 +328,19 @@ def bench_memory(args, path: Path, width: int, weights_mib: float) -> list[Row]:
         log(f"c. memory with {n} workers ({weights_mib:.0f} MiB of weights)")
         with Engine(path, inter_threads=n, intra_threads=1) as engine:
             engine_weights = engine.weights_nbytes / MIB
-            # n batches submitted at once with n idle workers: one batch runs on every worker.
+            # n batches submitted at once with n idle workers. That each worker ran one (as the
+            # baseline's barrier proves for it) is checked by the CPU time each worker burned.
+            roles = engine_processes(engine)
+            workers = [pid for pid, role in roles.items() if role.startswith("worker")]
+            before = {pid: cpu_seconds(pid) for pid in workers}
+            start = time.perf_counter()
             wait_all(engine.run_batch([feeds] * n, asynchronous=True))
-            log("   ours:")
-            ours = total_pss(engine_processes(engine))
+            elapsed = time.perf_counter() - start
+            burned = {pid: cpu_seconds(pid) - before[pid] for pid in workers}
+            log(f"   ours: {n} batches in {elapsed:.2f} s; CPU ms per worker: {', '.join(f'{b * 1e3:.1f}' for b in burned.values())}")
+            if min(burned.values()) < 0.25 * max(burned.values()):
+                raise RuntimeError(f"the {n} batches did not run one per worker (CPU seconds per worker {burned})")
+            ours = total_pss(roles)
         barrier = FORK.Barrier(n)
         with FORK.Pool(n, initializer=_pool_init, initargs=(str(path), barrier)) as pool:
             pids = pool.map(_pool_run_once_each, [feeds] * n, chunksize=1)
