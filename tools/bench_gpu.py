@@ -278,7 +278,7 @@ def section_speed(model_dir: Path, rows: list[dict]) -> None:
             gen.close()
 
 
-STRATEGIES = ("graph", "topk", "host")
+STRATEGIES = ("graph", "host")
 
 
 def section_strategies(model_dir: Path, rows: list[dict]) -> None:
