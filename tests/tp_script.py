@@ -12,7 +12,10 @@ import shmengine
 
 
 def prompts(rank: int, case: str):
-    batch = [["<|endoftext|>", "1", "2"], ["<|endoftext|>", "7"], ["<|endoftext|>", "3", "4", "5"], ["<|endoftext|>"]]
+    if os.environ.get("TP_SCRIPT_PROMPTS"):  # a JSON list of prompts (token strings or ids)
+        batch = json.loads(open(os.environ["TP_SCRIPT_PROMPTS"]).read())
+    else:
+        batch = [["<|endoftext|>", "1", "2"], ["<|endoftext|>", "7"], ["<|endoftext|>", "3", "4", "5"], ["<|endoftext|>"]]
     if case == "mismatch" and rank == 1:
         batch[1] = ["<|endoftext|>", "8"]
     return batch
@@ -34,7 +37,7 @@ def main() -> int:
             "greedy": [r.sequences_ids[0] for r in generator.generate_batch(batch, max_length=16)],
             "greedy_scores": [r.scores[0] for r in generator.generate_batch(batch, max_length=16, return_scores=True)],
             "beam": [r.sequences_ids for r in generator.generate_batch(batch, max_length=16, beam_size=3, num_hypotheses=2)],
-            "score": [r.log_probs for r in generator.score_batch([p + ["3", "4"] for p in batch])],
+            "score": [r.log_probs for r in generator.score_batch([p + p[1:2] * 2 for p in batch])],
         }
         shmengine.set_random_seed(11)
         result["sample"] = [r.sequences_ids[0] for r in generator.generate_batch(batch, max_length=16, sampling_topk=8)]

@@ -85,6 +85,16 @@ class Gpt2Shard:
     def head_dim(self) -> int:
         return self.layout.hidden // self.layout.heads
 
+    @property
+    def cache_heads(self) -> int:
+        return len(self.shard.heads)
+
+    def embed(self, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        return self.wte[ids] + self.wpe[positions]
+
+    def attention_feeds(self, positions: np.ndarray) -> dict:
+        return {}
+
 
 def _node_weights(model: onnx.ModelProto) -> dict[str, tuple]:
     """Node name -> (node, the value of each input that is a weight, else None). The exporter

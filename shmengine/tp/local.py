@@ -29,6 +29,7 @@ from ..decoding import DecodingOptions
 from ..generation import GeneratorProgram
 from .comm import Communicator, TensorParallelError
 from .gpt2 import load_gpt2_shard
+from .llama import load_llama_shard
 from .runner import GraphSignature, TensorParallelRunner
 
 __all__ = ["TensorParallelPool", "TensorParallelStore", "open_generator", "attach_generator"]
@@ -138,6 +139,21 @@ class TensorParallelStore:
         pass
 
 
+def load_shard(model_dir: Path, graph: Path, rank: int, ranks: int):
+    """This rank's shard of a decoder-only export, by the config's ``model_type``."""
+    import json
+
+    kind = json.loads((model_dir / "config.json").read_text()).get("model_type")
+    loaders = {"gpt2": load_gpt2_shard, "llama": load_llama_shard}
+    if kind not in loaders:
+        from ..errors import ModelLoadError
+
+        raise ModelLoadError(
+            f"{model_dir}: model_type {kind!r}; tensor parallelism is built for {', '.join(sorted(loaders))} exports so far"
+        )
+    return loaders[kind](model_dir, graph, rank, ranks)
+
+
 def open_generator(model_dir: Path, graph: Path, pad_id: int, *, inter_threads: int, intra_threads: int):
     """This rank's pool and store for a decoder-only export, sharded over ``COMM_WORLD``."""
     if inter_threads != 1:
@@ -146,7 +162,7 @@ def open_generator(model_dir: Path, graph: Path, pad_id: int, *, inter_threads: 
             "workers of a rank all-reduce through it is not built yet"
         )
     comm = Communicator()
-    shard = load_gpt2_shard(model_dir, graph, comm.rank, comm.size)
+    shard = load_shard(model_dir, graph, comm.rank, comm.size)
     runner = TensorParallelRunner(shard, comm, intra_threads=max(1, intra_threads))
     context = _RankContext(graph, runner)
     program = GeneratorProgram(context, pad_id=pad_id)

@@ -22,7 +22,7 @@ import onnx
 from ..decoding import HostLogits
 from ..runners import HOST, LOGITS, HostRunner
 from .comm import Communicator
-from .gpt2 import Gpt2Shard, Segment
+from .gpt2 import Segment
 
 __all__ = ["GraphSignature", "TensorParallelRunner", "create_session"]
 
@@ -83,9 +83,9 @@ def create_session(segment: Segment, intra_threads: int):
 
 
 class TensorParallelRunner(HostRunner):
-    """Runs one rank's GPT-2 shard for a :class:`steppers.DecoderOnlyStepper`."""
+    """Runs one rank's shard (GPT-2 or Llama) for a :class:`steppers.DecoderOnlyStepper`."""
 
-    def __init__(self, shard: Gpt2Shard, comm: Communicator, intra_threads: int = 1):
+    def __init__(self, shard, comm: Communicator, intra_threads: int = 1):
         self.shard = shard
         self.comm = comm
         self.attention = [create_session(s, intra_threads) for s in shard.attention]
@@ -94,8 +94,7 @@ class TensorParallelRunner(HostRunner):
         self.min = np.finfo(np.float32).min
 
     def empty(self, meta, batch: int):
-        heads = len(self.shard.shard.heads)
-        return np.zeros((batch, heads, 0, self.shard.head_dim), dtype=np.float32)
+        return np.zeros((batch, self.shard.cache_heads, 0, self.shard.head_dim), dtype=np.float32)
 
     def run(self, session, feeds, fetch):
         ids = np.asarray(feeds["input_ids"])
@@ -109,14 +108,15 @@ class TensorParallelRunner(HostRunner):
             positions = np.asarray(feeds["position_ids"])
         else:
             positions = np.broadcast_to(np.arange(before, total), (batch, length))
-        h = self.shard.wte[ids] + self.shard.wpe[positions]
+        h = self.shard.embed(ids, positions)
+        extra = self.shard.attention_feeds(positions)
         causal = np.arange(total)[None, :] <= (before + np.arange(length))[:, None]  # [s, t]
         allowed = causal[None, :, :] & (mask[:, None, :] != 0)
         bias = np.where(allowed, np.float32(0), self.min).astype(np.float32)[:, None, :, :]
         outputs = {}
         for i in range(layers):
             out, present_k, present_v = self.attention[i].run(
-                None, {"h": h, "bias": bias, "past_k": past[i][0], "past_v": past[i][1]}
+                None, {"h": h, "bias": bias, "past_k": past[i][0], "past_v": past[i][1], **extra}
             )
             h = h + self.comm.sum(out)
             (out,) = self.mlp[i].run(None, {"h": h})

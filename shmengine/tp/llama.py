@@ -1,0 +1,222 @@
+"""Llama (an Optimum ``text-generation-with-past`` export, GQA included) split over ranks.
+
+As GPT-2 (``gpt2.py``), Megatron's split: ``q_proj`` / ``k_proj`` / ``v_proj`` by columns (a
+block of whole query heads and the block of key/value heads they read), ``o_proj`` by rows;
+``gate_proj`` / ``up_proj`` by columns, ``down_proj`` by rows. With GQA the key/value heads are
+split too, so N must divide ``num_key_value_heads`` (query head h reads kv head h // group, and
+a block of kv heads serves exactly the matching block of query heads); a clear error says so
+otherwise. Replicated: the token embedding, the RMSNorms and ``lm_head``. The rotary cos/sin
+depend only on the positions: computed once per step on the rank (as transformers does, in
+float32) and fed to every layer's attention segment.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from ..errors import ModelLoadError
+from .gpt2 import Segment, _float, _linear, _model, _node_weights, _tensor
+from .sharding import Shard
+
+__all__ = ["LlamaLayout", "LlamaShard", "load_llama_shard"]
+
+
+@dataclass
+class LlamaLayout:
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    inner: int
+    epsilon: float
+    theta: float
+
+
+@dataclass
+class LlamaShard:
+    layout: LlamaLayout
+    shard: Shard
+    embedding: np.ndarray
+    attention: list[Segment]
+    mlp: list[Segment]
+    head: Segment
+    model_nbytes: int
+
+    @property
+    def head_dim(self) -> int:
+        return self.layout.head_dim
+
+    @property
+    def cache_heads(self) -> int:
+        return len(self.shard.kv_heads)
+
+    @property
+    def nbytes(self) -> int:
+        arrays = {id(a): a for seg in (*self.attention, *self.mlp, self.head) for a in seg.weights.values()}
+        arrays[id(self.embedding)] = self.embedding
+        return sum(a.nbytes for a in arrays.values())
+
+    def embed(self, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        return self.embedding[ids]
+
+    def attention_feeds(self, positions: np.ndarray) -> dict:
+        dim = self.layout.head_dim
+        inv_freq = (1.0 / (self.layout.theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))).astype(np.float32)
+        freqs = positions.astype(np.float32)[:, :, None] * inv_freq[None, None, :]
+        emb = np.concatenate([freqs, freqs], axis=-1)
+        return {"cos": np.cos(emb)[:, None].astype(np.float32), "sin": np.sin(emb)[:, None].astype(np.float32)}
+
+
+def _rms_norm(nodes: list, inits: list, x: str, weight: str, out: str, eps: float, tag: str) -> None:
+    """weight * x / sqrt(mean(x^2) + eps), as transformers' LlamaRMSNorm (in float32)."""
+    inits += [_tensor(f"{tag}_axes", np.array([-1], np.int64)), _tensor(f"{tag}_eps", np.array(eps, np.float32))]
+    nodes += [
+        helper.make_node("Mul", [x, x], [f"{tag}_sq"]),
+        helper.make_node("ReduceMean", [f"{tag}_sq", f"{tag}_axes"], [f"{tag}_var"], keepdims=1),
+        helper.make_node("Add", [f"{tag}_var", f"{tag}_eps"], [f"{tag}_ve"]),
+        helper.make_node("Sqrt", [f"{tag}_ve"], [f"{tag}_std"]),
+        helper.make_node("Reciprocal", [f"{tag}_std"], [f"{tag}_inv"]),
+        helper.make_node("Mul", [x, f"{tag}_inv"], [f"{tag}_n"]),
+        helper.make_node("Mul", [weight, f"{tag}_n"], [out]),
+    ]
+
+
+def _rope(nodes: list, x: str, out: str, half: str) -> None:
+    """x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1]."""
+    nodes += [
+        helper.make_node("Split", [x, half], [f"{x}_1", f"{x}_2"], axis=-1),
+        helper.make_node("Neg", [f"{x}_2"], [f"{x}_n2"]),
+        helper.make_node("Concat", [f"{x}_n2", f"{x}_1"], [f"{x}_rot"], axis=-1),
+        helper.make_node("Mul", [x, "cos"], [f"{x}_c"]),
+        helper.make_node("Mul", [f"{x}_rot", "sin"], [f"{x}_s"]),
+        helper.make_node("Add", [f"{x}_c", f"{x}_s"], [out]),
+    ]
+
+
+def _attention_graph(layer: int, layout: LlamaLayout, shard: Shard, norm, wq, wk, wv, wo) -> Segment:
+    dim = layout.head_dim
+    heads, kv = len(shard.heads), len(shard.kv_heads)
+    group = layout.heads // layout.kv_heads
+    q_cols = np.r_[shard.heads.start * dim : shard.heads.stop * dim]
+    kv_cols = np.r_[shard.kv_heads.start * dim : shard.kv_heads.stop * dim]
+    weights = {"ln": norm, "wq": wq[:, q_cols], "wk": wk[:, kv_cols], "wv": wv[:, kv_cols], "wo": wo[q_cols, :]}
+    inits = [
+        _tensor("q_shape", np.array([0, 0, heads, dim], np.int64)), _tensor("kv_shape", np.array([0, 0, kv, dim], np.int64)),
+        _tensor("q5_shape", np.array([0, kv, group, -1, dim], np.int64)), _tensor("o4_shape", np.array([0, heads, -1, dim], np.int64)),
+        _tensor("merged", np.array([0, 0, heads * dim], np.int64)), _tensor("half", np.array([dim // 2, dim // 2], np.int64)),
+        _tensor("axis1", np.array([1], np.int64)), _tensor("axis2", np.array([2], np.int64)),
+        _tensor("scale", np.array(dim ** -0.5, np.float32)),
+    ]
+    nodes: list = []
+    _rms_norm(nodes, inits, "h", "ln", "a", layout.epsilon, "n")
+    for name, weight, shape in (("q", "wq", "q_shape"), ("k", "wk", "kv_shape"), ("v", "wv", "kv_shape")):
+        nodes += [
+            helper.make_node("MatMul", ["a", weight], [f"{name}2"]),
+            helper.make_node("Reshape", [f"{name}2", shape], [f"{name}4"]),
+            helper.make_node("Transpose", [f"{name}4"], [f"{name}h"], perm=[0, 2, 1, 3]),
+        ]
+    _rope(nodes, "qh", "qr", "half")
+    _rope(nodes, "kh", "kr", "half")
+    nodes += [
+        helper.make_node("Concat", ["past_k", "kr"], ["present_k"], axis=2),
+        helper.make_node("Concat", ["past_v", "vh"], ["present_v"], axis=2),
+        # query heads of one kv head side by side: [b, kv, group, s, D] against [b, kv, 1, t, D]
+        helper.make_node("Reshape", ["qr", "q5_shape"], ["q5"]),
+        helper.make_node("Unsqueeze", ["present_k", "axis2"], ["k5"]),
+        helper.make_node("Unsqueeze", ["present_v", "axis2"], ["v5"]),
+        helper.make_node("Transpose", ["k5"], ["k5t"], perm=[0, 1, 2, 4, 3]),
+        helper.make_node("MatMul", ["q5", "k5t"], ["s0"]),
+        helper.make_node("Mul", ["s0", "scale"], ["s1"]),
+        helper.make_node("Unsqueeze", ["bias", "axis1"], ["bias5"]),
+        helper.make_node("Add", ["s1", "bias5"], ["s2"]),
+        helper.make_node("Softmax", ["s2"], ["p"], axis=-1),
+        helper.make_node("MatMul", ["p", "v5"], ["o5"]),
+        helper.make_node("Reshape", ["o5", "o4_shape"], ["o4"]),
+        helper.make_node("Transpose", ["o4"], ["o3"], perm=[0, 2, 1, 3]),
+        helper.make_node("Reshape", ["o3", "merged"], ["o"]),
+        helper.make_node("MatMul", ["o", "wo"], ["out"]),
+    ]
+    inputs = [_float("h", ["b", "s", layout.hidden]), _float("bias", ["b", 1, "s", "t"]),
+              _float("past_k", ["b", kv, "p", dim]), _float("past_v", ["b", kv, "p", dim]),
+              _float("cos", ["b", 1, "s", dim]), _float("sin", ["b", 1, "s", dim])]
+    outputs = [_float("out", ["b", "s", layout.hidden]), _float("present_k", ["b", kv, "t", dim]),
+               _float("present_v", ["b", kv, "t", dim])]
+    return _model(nodes, inputs, outputs, inits, f"llama_attention_{layer}_rank_{shard.rank}", weights)
+
+
+def _mlp_graph(layer: int, layout: LlamaLayout, shard: Shard, norm, gate, up, down) -> Segment:
+    units = np.r_[shard.hidden.start : shard.hidden.stop]
+    weights = {"ln": norm, "wg": gate[:, units], "wu": up[:, units], "wd": down[units, :]}
+    inits: list = []
+    nodes: list = []
+    _rms_norm(nodes, inits, "h", "ln", "a", layout.epsilon, "n")
+    nodes += [
+        helper.make_node("MatMul", ["a", "wg"], ["g"]),
+        helper.make_node("Sigmoid", ["g"], ["gs"]),
+        helper.make_node("Mul", ["g", "gs"], ["silu"]),
+        helper.make_node("MatMul", ["a", "wu"], ["u"]),
+        helper.make_node("Mul", ["silu", "u"], ["m"]),
+        helper.make_node("MatMul", ["m", "wd"], ["out"]),
+    ]
+    hidden = layout.hidden
+    return _model(nodes, [_float("h", ["b", "s", hidden])], [_float("out", ["b", "s", hidden])], inits,
+                  f"llama_mlp_{layer}_rank_{shard.rank}", weights)
+
+
+def _head_graph(layout: LlamaLayout, norm, lm_head: np.ndarray) -> Segment:
+    inits: list = []
+    nodes: list = []
+    _rms_norm(nodes, inits, "h", "ln", "n", layout.epsilon, "n")
+    nodes.append(helper.make_node("MatMul", ["n", "w"], ["logits"]))
+    return _model(nodes, [_float("h", ["r", layout.hidden])], [_float("logits", ["r", lm_head.shape[1]])], inits,
+                  "llama_head", {"ln": norm, "w": lm_head})
+
+
+def read_layout(model_dir: Path) -> LlamaLayout:
+    config = json.loads((model_dir / "config.json").read_text())
+    if config.get("rope_scaling"):
+        raise ModelLoadError(f"{model_dir}: rope_scaling {config['rope_scaling']!r} is not built for tensor parallelism yet")
+    if config.get("attention_bias") or config.get("mlp_bias") or config.get("hidden_act", "silu") != "silu":
+        raise ModelLoadError(f"{model_dir}: biases or activation {config.get('hidden_act')!r}: only plain Llama is built")
+    heads = int(config["num_attention_heads"])
+    hidden = int(config["hidden_size"])
+    return LlamaLayout(
+        layers=int(config["num_hidden_layers"]), hidden=hidden, heads=heads,
+        kv_heads=int(config.get("num_key_value_heads") or heads), head_dim=int(config.get("head_dim") or hidden // heads),
+        inner=int(config["intermediate_size"]), epsilon=float(config.get("rms_norm_eps", 1e-6)),
+        theta=float(config.get("rope_theta", 10000.0)),
+    )
+
+
+def _weight_of(found, name: str) -> np.ndarray:
+    if name not in found:
+        raise ModelLoadError(f"the graph has no node {name!r}: not an Optimum Llama export this engine can split")
+    return next(v for v in found[name][1] if v is not None)
+
+
+def load_llama_shard(model_dir: Path, graph: Path, rank: int, ranks: int) -> LlamaShard:
+    layout = read_layout(model_dir)
+    shard = Shard.of(rank, ranks, heads=layout.heads, kv_heads=layout.kv_heads, hidden=layout.inner)
+    model = onnx.load(str(graph))
+    model_nbytes = sum(numpy_helper.to_array(i).nbytes for i in model.graph.initializer)
+    found = _node_weights(model)
+    del model
+    embedding = np.ascontiguousarray(_weight_of(found, "/model/embed_tokens/Gather"), dtype=np.float32)
+    attention, mlp = [], []
+    for i in range(layout.layers):
+        p = f"/model/layers.{i}"
+        linear = lambda name, p=p: _linear(found, f"{p}/{name}/MatMul")[0]  # noqa: E731
+        attention.append(_attention_graph(i, layout, shard, _weight_of(found, f"{p}/input_layernorm/Mul_1"),
+                                          linear("self_attn/q_proj"), linear("self_attn/k_proj"),
+                                          linear("self_attn/v_proj"), linear("self_attn/o_proj")))
+        mlp.append(_mlp_graph(i, layout, shard, _weight_of(found, f"{p}/post_attention_layernorm/Mul_1"),
+                              linear("mlp/gate_proj"), linear("mlp/up_proj"), linear("mlp/down_proj")))
+    head = _head_graph(layout, _weight_of(found, "/model/norm/Mul_1"), _linear(found, "/lm_head/MatMul")[0])
+    return LlamaShard(layout, shard, embedding, attention, mlp, head, model_nbytes)
