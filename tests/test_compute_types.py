@@ -120,7 +120,8 @@ def test_int8_translator_and_generator_stay_exact_on_held_out_numbers(cache_dir)
         results = t.translate_batch([_digits(n) for n, _ in pairs], beam_size=1, max_batch_size=64)
         correct = sum(" ".join(r.hypotheses[0]) == words for r, (_, words) in zip(results, pairs))
         assert correct / len(pairs) >= 0.99, f"int8 translator: exact match {correct}/{len(pairs)}"
-    with shmengine.Generator(GPT2, compute_type="int8_float32", inter_threads=2, intra_threads=1) as g:
+    # int8 with ORT's prepacked weights (made once by the helper worker, shared through /dev/shm)
+    with shmengine.Generator(GPT2, compute_type="int8_float32", prepack_weights=True, inter_threads=2, intra_threads=1) as g:
         assert g.transforms["model"] == ["logit_positions", "int8_cpu"]
         bos = g.vocabulary.id_to_token[g.model.bos_id]
         results = g.generate_batch([[bos, *n, "="] for n, _ in pairs], max_batch_size=64, max_length=24,
