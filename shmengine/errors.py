@@ -24,6 +24,7 @@ __all__ = [
     "WorkerStartupError",
     "EngineClosedError",
     "EngineBrokenError",
+    "DeviceOutOfMemoryError",
     "RemoteTraceback",
     "describe_exit",
 ]
@@ -70,6 +71,10 @@ class EngineBrokenError(ShmEngineError, BrokenExecutor):
 
     Also a ``concurrent.futures.BrokenExecutor``, as CPython's ``BrokenProcessPool`` and loky's
     ``TerminatedWorkerError`` are: code that handles a broken executor handles this one."""
+
+
+class DeviceOutOfMemoryError(ShmEngineError, MemoryError):
+    """A GPU ran out of memory running one batch: that batch fails, the worker and the pool go on."""
 
 
 class RemoteTraceback(Exception):

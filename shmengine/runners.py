@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from .decoding import HostLogits, log_normalizer
+from .errors import DeviceOutOfMemoryError
 from .target import WorkerTarget
 
 __all__ = ["HOST", "KEEP", "LOGITS", "Runner", "HostRunner", "BoundRunner", "BoundLogits", "create_runner", "ORT_TYPES"]
@@ -143,7 +144,16 @@ class BoundRunner(Runner):
                 binding.bind_output(name, "cpu")
             else:
                 binding.bind_output(name, self.device, self.device_id)
-        session.run_with_iobinding(binding)
+        try:
+            session.run_with_iobinding(binding)
+        except Exception as exc:
+            if self.device == "cuda" and _out_of_memory(exc):
+                rows = next((len(v) for v in feeds.values() if isinstance(v, np.ndarray) and v.ndim >= 1), "?")
+                raise DeviceOutOfMemoryError(
+                    f"CUDA device {self.device_id} ran out of memory running a batch of {rows} rows "
+                    f"({str(exc).splitlines()[0][:300]}); lower max_batch_size, or run fewer workers on this GPU"
+                ) from exc
+            raise
         outputs = {}
         for (name, where), value in zip(fetch.items(), binding.get_outputs()):
             if where == HOST:
@@ -236,6 +246,12 @@ class BoundLogits:
             values = self.array()
             return values, np.broadcast_to(np.arange(vocab), values.shape), log_normalizer(values)
         return self.runner.top(self.value, k)
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """Whether an ONNX Runtime error is the device's allocator giving up (CUDA's or ORT's arena)."""
+    text = str(exc).lower()
+    return any(sign in text for sign in ("out of memory", "failed to allocate memory", "cudaerrormemoryallocation"))
 
 
 def create_runner(target: WorkerTarget, providers: Sequence[tuple[str, dict]]) -> Runner:
