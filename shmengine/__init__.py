@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 from .encoder import Encoder  # noqa: E402
 from .engine import Engine  # noqa: E402
 from .errors import (  # noqa: E402
+    DeviceOutOfMemoryError,
     EngineBrokenError,
     EngineClosedError,
     InvalidInputError,
@@ -105,6 +106,7 @@ __all__ = [
     "WorkerStartupError",
     "EngineClosedError",
     "EngineBrokenError",
+    "DeviceOutOfMemoryError",
     "parallel_info",
     "get_cuda_device_count",
     "__version__",
