@@ -60,7 +60,8 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--inter-threads", type=int, default=1, help="worker processes (per GPU)")
     parser.add_argument("--intra-threads", type=int, default=0, help="threads per worker (0 = cores / workers)")
     parser.add_argument("--max-queued-batches", type=int, default=0, help="0 = 4 x workers, -1 = unlimited")
-    parser.add_argument("--prepack-weights", action="store_true", help="let ORT prepack weights (private copies)")
+    parser.add_argument("--prepack-weights", action="store_true", default=None,
+                        help="let ORT prepack weights, once, shared (default: on for an int8 compute type)")
     parser.add_argument("--compute-type", default="default",
                         help="CTranslate2's compute_type: default, auto, float32, int8 (CPU: quantized once, cached), "
                              "int8_float32, int8_float16, int8_bfloat16, int16, float16, bfloat16")

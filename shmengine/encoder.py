@@ -39,7 +39,7 @@ class Encoder(PooledModel):
         intra_threads: int = 0,
         max_queued_batches: int = 0,
         files=None,
-        prepack_weights: bool = False,
+        prepack_weights: bool | None = None,
         graph_optimization_level: str = "all",
     ):
         check_constructor_extras(compute_type, False)

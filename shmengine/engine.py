@@ -128,7 +128,7 @@ class PooledModel:
         inter_threads: int = 1,
         intra_threads: int = 0,
         max_queued_batches: int = 0,
-        prepack_weights: bool = False,
+        prepack_weights: bool | None = None,
         graph_optimization_level: str = "all",
         graph_edits: Mapping[str, Callable[[onnx.ModelProto], object]] | None = None,
         compute_type: str = "default",
@@ -140,7 +140,7 @@ class PooledModel:
             device_index,
             inter_threads=inter_threads,
             intra_threads=intra_threads,
-            prepack_weights=prepack_weights,
+            prepack_weights=bool(prepack_weights),
             graph_optimization_level=graph_optimization_level,
         )
         resolve_queue_size(max_queued_batches, len(placement.slots))  # check before loading
@@ -154,6 +154,12 @@ class PooledModel:
         self.compute_type = prepared.compute_type
         self.transforms = prepared.applied
         self._store = WeightStore.load(prepared.models, graph_edits)
+        if prepack_weights is None:
+            # ORT's int8 CPU kernels run ~2.5x faster on prepacked weights (the speed a
+            # CTranslate2 int8 user has); float32 keeps the smaller unpacked default
+            prepack_weights = placement.device == "cpu" and self.compute_type.startswith("int8")
+            placement.slots = [dataclasses.replace(s, prepack_weights=prepack_weights) for s in placement.slots]
+        self.prepack_weights = bool(prepack_weights) and placement.device == "cpu"
         self._weight_holders: list[WorkerPool] = []
         try:
             slots = placement.slots
@@ -286,7 +292,8 @@ class Engine(PooledModel):
         prepack_weights: let ORT prepack MatMul weights for its kernels (about 1.8x faster at
             batch 8 on a GPT-2-sized model). Done once by a helper worker and shared by all
             workers through /dev/shm, but the prepacked copy is stored beside the original, so
-            the weights then cost about 1.8x their size (once). CPU only; off by default.
+            the weights then cost about 1.8x their size (once). CPU only. Default (None): on
+            for an int8 compute type (ORT's int8 kernels are ~2.5x faster prepacked), off else.
         graph_optimization_level: ORT's ``"disable"``, ``"basic"``, ``"extended"`` or ``"all"``.
         compute_type: CTranslate2's names and meanings: ``"default"`` (the graph's own type),
             ``"auto"`` (the fastest the device runs), ``"float32"``, ``"int8"`` /

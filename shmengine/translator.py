@@ -77,7 +77,7 @@ class Translator(DecodingModel):
         flash_attention: bool = False,
         tensor_parallel: bool = False,
         files=None,
-        prepack_weights: bool = False,
+        prepack_weights: bool | None = None,
         graph_optimization_level: str = "all",
     ):
         check_constructor_extras(compute_type, tensor_parallel)

@@ -98,6 +98,7 @@ def test_unknown_compute_type_lists_the_valid_ones(bad):
 def test_default_keeps_the_graph_and_records_the_logit_edit(cache_dir):
     with shmengine.Generator(GPT2) as g:
         assert g.compute_type == "float32"
+        assert not g.prepack_weights
         assert g.transforms == {"model": ["logit_positions"]}
     with shmengine.Translator(MARIAN) as t:
         assert t.compute_type == "float32"
@@ -117,6 +118,7 @@ def test_int8_translator_and_generator_stay_exact_on_held_out_numbers(cache_dir)
     with shmengine.Translator(MARIAN, compute_type="int8", inter_threads=2, intra_threads=1) as t:
         assert t.compute_type == "int8_float32"
         assert t.transforms["decoder"] == ["int8_cpu"]
+        assert t.prepack_weights  # the default for int8: ORT's int8 kernels want prepacked weights
         results = t.translate_batch([_digits(n) for n, _ in pairs], beam_size=1, max_batch_size=64)
         correct = sum(" ".join(r.hypotheses[0]) == words for r, (_, words) in zip(results, pairs))
         assert correct / len(pairs) >= 0.99, f"int8 translator: exact match {correct}/{len(pairs)}"
