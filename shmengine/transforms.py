@@ -304,6 +304,23 @@ def _ort_version() -> str:
     return onnxruntime.__version__
 
 
+def _code_digest(chain: list[Transform]) -> str:
+    """A digest of the source of the modules the chain's functions live in: a changed transform
+    must not be answered from a cache made by the old code, version bump forgotten or not."""
+    import inspect
+    import sys
+
+    digest = hashlib.sha256()
+    for name in sorted({t.apply.__module__ for t in chain} | {"shmengine.quantize", "shmengine.precision",
+                                                             "shmengine.graph_edits", "shmengine.builtin_transforms"}):
+        module = sys.modules.get(name)
+        try:
+            digest.update(inspect.getsource(module).encode() if module else name.encode())
+        except (OSError, TypeError):
+            digest.update(name.encode())
+    return digest.hexdigest()[:16]
+
+
 def _cache_key(path: Path, model: ModelProto, chain: list[Transform], target: TransformTarget) -> str:
     from . import __version__
 
@@ -316,6 +333,7 @@ def _cache_key(path: Path, model: ModelProto, chain: list[Transform], target: Tr
         "onnxruntime": _ort_version(),
         "onnx": onnx.__version__,
         "shmengine": __version__,
+        "code": _code_digest(chain),
         "target": [target.device, target.compute_type, target.rank, target.world_size],
         "transforms": [[t.name, t.version, {k: repr(v) for k, v in sorted(t.options.items())}] for t in chain],
     }
