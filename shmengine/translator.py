@@ -364,7 +364,14 @@ class Translator(DecodingModel):
             return []
         sources = self._source_ids(source, max_input_length)
         eos = self.model.eos_ids[0]
-        targets = [self.vocabulary.to_ids(t, where=f"target[{i}]") + [eos] for i, t in enumerate(target)]
+        targets = []
+        for i, t in enumerate(target):
+            ids = self.vocabulary.to_ids(t, where=f"target[{i}]")
+            if max_input_length and len(ids) + 1 > max_input_length:
+                # as CTranslate2: the target is truncated too, to max_input_length tokens counting
+                # the end token, which stays (it scores target[:max_input_length - 1] + </s>)
+                ids = ids[: max(0, max_input_length - 1)]
+            targets.append(ids + [eos])
 
         def convert(log_probs, example):
             ids = targets[example][offset:]

@@ -12,7 +12,8 @@ text to replace is no longer in the file). The shared checkout is never modified
     python tools/catches.py --list          # names only
     python tools/catches.py score-pairs retry-once   # some of them
 
-Tests run with ``python -m pytest`` from the copy's root, so the copy's ``shmengine`` is the one
+Parity tests need ``SHMENGINE_REFERENCE_CACHE`` set to a built reference cache (else each run
+builds the reference models again, about a minute). Tests run with ``python -m pytest`` from the copy's root, so the copy's ``shmengine`` is the one
 imported (the editable install's path comes after the current directory).
 """
 
@@ -133,6 +134,44 @@ BREAKS = [
         "    cores = cores or usable_cores()\n",
         "    cores = cores or usable_cores() + 1  # BREAK\n",
         ["tests/test_cli.py::test_tune_sweeps_splits_writes_a_plot_and_names_the_best"],
+    ),
+    Break(
+        "static-prompt-ignored", "11", "shmengine/generator.py",
+        "            ids = static + self.vocabulary.to_ids(tokens, where=f\"start_tokens[{i}]\")\n",
+        "            ids = self.vocabulary.to_ids(tokens, where=f\"start_tokens[{i}]\")  # BREAK\n",
+        ["tests/parity/test_decoding_options.py::test_generator_option_equals_ctranslate2[static_prompt]"],
+    ),
+    Break(
+        "suppress-ignored", "11", "shmengine/options.py",
+        "        suppress.extend(ids)\n",
+        "        pass  # BREAK: suppress_sequences ignored\n",
+        ["tests/parity/test_decoding_options.py::test_generator_option_equals_ctranslate2[suppress_sequences]",
+         "tests/parity/test_decoding_options.py::test_translator_option_equals_ctranslate2[suppress_sequences]"],
+    ),
+    Break(
+        "disable-unk-ignored", "11", "shmengine/options.py",
+        "        suppress.append(vocab.unk_id)\n",
+        "        pass  # BREAK: disable_unk ignored\n",
+        ["tests/parity/test_decoding_options.py::test_generator_option_equals_ctranslate2[disable_unk]",
+         "tests/parity/test_decoding_options.py::test_translator_option_equals_ctranslate2[disable_unk]"],
+    ),
+    Break(
+        "score-offset-ignored", "11", "shmengine/generator.py",
+        "            ids = sequences[example][1 + offset :]\n            return ScoringResult(tokens=self.vocabulary.to_tokens(ids), log_probs=list(log_probs[offset:]))\n",
+        "            ids = sequences[example][1:]\n            return ScoringResult(tokens=self.vocabulary.to_tokens(ids), log_probs=list(log_probs))  # BREAK\n",
+        ["tests/parity/test_decoding_options.py::test_generator_score_batch_offset_max_input_length_and_asynchronous"],
+    ),
+    Break(
+        "score-target-not-truncated", "11", "shmengine/translator.py",
+        "                ids = ids[: max(0, max_input_length - 1)]\n",
+        "                pass  # BREAK: the target is not truncated\n",
+        ["tests/parity/test_decoding_options.py::test_translator_score_batch_max_input_length_and_asynchronous"],
+    ),
+    Break(
+        "top-p-ignored", "11", "shmengine/decoding.py",
+        "    if options.sampling_topp < 1:\n",
+        "    if False:  # BREAK: top-p ignored\n",
+        ["tests/parity/test_decoding_options.py::test_top_p_samples_only_from_transformers_nucleus"],
     ),
     Break(
         "results-alias-arena", "5", "shmengine/pool.py",
