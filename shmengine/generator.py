@@ -85,6 +85,7 @@ class DecodingModel(PooledModel):
             on_event = on_event_for(indices) if on_event_for else None
             batch_future = BatchFuture()
             per_example = split_future(batch_future, len(indices), lambda result, j, idx=indices: convert(result[j], idx[j]))
+            self._pool.submit(method, payload_for(indices), on_event=on_event, future=batch_future)
             for i, f in zip(indices, per_example):
                 futures[i] = f
         return futures
