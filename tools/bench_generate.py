@@ -222,8 +222,8 @@ def child(args) -> None:
     sys.stdin.readline()  # the parent measures memory now, with the model loaded and warm
 
 
-def run_child(kind: str, engine: str, inter: int, model_dir: Path, opts) -> tuple[list[dict], float, float]:
-    """(rows, peak MiB over the child's life, MiB after generating) of one engine."""
+def run_child(kind: str, engine: str, inter: int, model_dir: Path, opts) -> tuple[list[dict], float, float] | None:
+    """(rows, peak MiB over the child's life, MiB after generating) of one engine; None if it failed."""
     cmd = [sys.executable, __file__, "--child", "--kind", kind, "--engine", engine, "--inter", str(inter),
            "--model-dir", str(model_dir), "--new-tokens", str(opts.new_tokens), "--prompt-length", str(opts.prompt_length),
            "--batches-per-row", str(opts.batches_per_row), "--batch-sizes", ",".join(map(str, opts.batches)),
@@ -247,8 +247,11 @@ def run_child(kind: str, engine: str, inter: int, model_dir: Path, opts) -> tupl
     stop.set()
     sampler.join()
     if proc.returncode != 0 or not line:
-        raise SystemExit(f"{engine} {kind} inter={inter} failed (exit {proc.returncode})")
+        print(f"{engine} {kind} inter={inter} failed (exit {proc.returncode}); its cells stay empty", file=sys.stderr)
+        return None
     rows = json.loads(line)
+    print(json.dumps({"engine": engine, "kind": kind, "inter": inter, "peak_mib": box.get("peak_mib", 0.0),
+                      "after_mib": after}), file=sys.stderr, flush=True)
     for r in rows:
         if r["tokens"] != r["asked"]:
             print(f"warning: {engine} {kind} inter={inter} batch={r['batch']} beam={r['beam']} decoded {r['tokens']} "
@@ -311,7 +314,10 @@ def main() -> int:
             for inter in inters:
                 for engine in engines:
                     print(f"{kind}: {engine} inter_threads={inter} (round {round_ + 1})", file=sys.stderr, flush=True)
-                    rows, peak, after = run_child(kind, engine, inter, model_dir, opts)
+                    measured = run_child(kind, engine, inter, model_dir, opts)
+                    if measured is None:
+                        continue
+                    rows, peak, after = measured
                     if (engine, inter) in results:  # best of the rounds: other load on the machine only slows
                         best = results[engine, inter][0]
                         rows = [r if r["tokens_per_s"] >= b["tokens_per_s"] else b for r, b in zip(rows, best)]
@@ -324,6 +330,8 @@ def main() -> int:
                 continue
             for inter in inters:
                 rows = {e: results[e, inter][0] for e in (ct2, shm, pp) if (e, inter) in results}
+                if not rows:
+                    continue
                 some = next(iter(rows.values()))
                 for i, r in enumerate(some):
                     rate = {e: rows[e][i]["tokens_per_s"] for e in rows}
