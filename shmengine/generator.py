@@ -26,7 +26,8 @@ def check_constructor_extras(compute_type: str, tensor_parallel: bool) -> None:
     """CTranslate2 constructor arguments that mean nothing here yet, or are not built yet."""
     if tensor_parallel:
         raise NotImplementedError(
-            "tensor_parallel=True is not supported yet; run one model per process with inter_threads instead"
+            "tensor_parallel=True is built for Generator (GPT-2, Llama) and Translator (Marian), not for this model "
+            "class yet; run one model per process with inter_threads instead"
         )
     check_compute_type(compute_type)
 

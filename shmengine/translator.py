@@ -80,9 +80,14 @@ class Translator(DecodingModel):
         prepack_weights: bool | None = None,
         graph_optimization_level: str = "all",
     ):
-        check_constructor_extras(compute_type, tensor_parallel)
+        check_constructor_extras(compute_type, False)
         self.model = ModelDirectory.open(model_path, "seq2seq")
         self.vocabulary = self.model.vocab
+        if tensor_parallel:  # split over the ranks of mpirun (shmengine.tp), as Generator's
+            from .tp.local import attach_translator
+
+            attach_translator(self, inter_threads=inter_threads, intra_threads=intra_threads)
+            return
         super().__init__(
             self.model.graphs,
             ProgramSpec(

@@ -93,3 +93,26 @@ def test_a_rank_killed_mid_step_stops_the_other_within_10_s(tmp_path):
     assert job.returncode != 0
     assert "rank 1" in stderr and "signal 9" in stderr, stderr  # mpirun names the dead rank
     assert wait_until(lambda: not os.path.exists(f"/proc/{rank0}"), timeout=10)
+
+
+MARIAN = ROOT / "models" / "numbers-marian"
+TRANSLATE_SCRIPT = ROOT / "tests" / "tp_translate_script.py"
+
+
+def test_translator_over_two_ranks_equals_one_process(tmp_path):
+    """Marian: encoder and decoder (self- and cross-attention, FFN) split over the ranks."""
+    out = tmp_path / "r"
+    plain = _run([sys.executable, str(TRANSLATE_SCRIPT), str(MARIAN), "plain", f"{out}-plain"])
+    assert plain.returncode == 0, plain.stderr
+    tp = _run([*mpirun_command(), sys.executable, str(TRANSLATE_SCRIPT), str(MARIAN), "tp", str(out)])
+    assert tp.returncode == 0, tp.stderr
+    reference = json.loads(open(f"{out}-plain.0").read())
+    assert reference["greedy"][0] == ["one", "thousand", "nine", "hundred", "eighty", "four"]
+    for rank in (0, 1):
+        mine = json.loads(open(f"{out}.{rank}").read())
+        for key in ("greedy", "beam", "sample"):
+            assert mine[key] == reference[key], (rank, key)
+        for a, b in zip(mine["score"] + mine["beam_scores"], reference["score"] + reference["beam_scores"]):
+            np.testing.assert_allclose(a, b, atol=1e-4)
+        assert mine["weights_nbytes"] <= 0.6 * reference["weights_nbytes"]
+        assert f"this is rank {rank}/2" in mine["info"]

@@ -100,7 +100,8 @@ def _node_weights(model: onnx.ModelProto) -> dict[str, tuple]:
     """Node name -> (node, the value of each input that is a weight, else None). The exporter
     also shares equal weights through ``Identity`` nodes: those names resolve to the source."""
     arrays = {i.name: i for i in model.graph.initializer}
-    alias = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "Identity"}
+    nodes = list(_walk(model.graph))  # merged decoders keep their nodes inside If branches
+    alias = {n.output[0]: n.input[0] for n in nodes if n.op_type == "Identity"}
 
     def source(name: str) -> str:
         seen = 0
@@ -110,7 +111,9 @@ def _node_weights(model: onnx.ModelProto) -> dict[str, tuple]:
 
     values: dict[str, np.ndarray] = {}
     found = {}
-    for node in model.graph.node:
+    for node in nodes:
+        if node.name in found:
+            continue  # the same node in the other branch of a merged decoder
         names = [source(n) for n in node.input]
         if node.op_type != "Identity" and any(n in arrays for n in names):
             for n in names:
@@ -118,6 +121,14 @@ def _node_weights(model: onnx.ModelProto) -> dict[str, tuple]:
                     values[n] = numpy_helper.to_array(arrays[n])
             found[node.name] = (node, [values.get(n) for n in names])
     return found
+
+
+def _walk(graph):
+    for node in graph.node:
+        yield node
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                yield from _walk(attribute.g)
 
 
 def _linear(found, name: str) -> tuple[np.ndarray, np.ndarray | None]:

@@ -26,13 +26,14 @@ from concurrent.futures import Future
 from pathlib import Path
 
 from ..decoding import DecodingOptions
-from ..generation import GeneratorProgram
+from ..generation import GeneratorProgram, TranslatorProgram
 from .comm import Communicator, TensorParallelError
 from .gpt2 import load_gpt2_shard
 from .llama import load_llama_shard
-from .runner import GraphSignature, TensorParallelRunner
+from .marian import load_marian_shard
+from .runner import GraphSignature, Seq2SeqTensorParallelRunner, TensorParallelRunner
 
-__all__ = ["TensorParallelPool", "TensorParallelStore", "open_generator", "attach_generator"]
+__all__ = ["TensorParallelPool", "TensorParallelStore", "open_generator", "attach_generator", "attach_translator"]
 
 logger = logging.getLogger("shmengine")
 
@@ -40,14 +41,14 @@ logger = logging.getLogger("shmengine")
 class _RankContext:
     """The worker context a program sees, in the rank's own process."""
 
-    def __init__(self, graph: Path, runner: TensorParallelRunner):
-        self.graph, self.runner = graph, runner
+    def __init__(self, graphs: dict[str, Path], runner):
+        self.runner = runner
         self.on_event = None
         self.stops: list[int] = []
-        self.catalog = {"model": graph}
+        self.catalog = dict(graphs)
 
     def create_session(self, key: str, settings=None):
-        return GraphSignature(self.graph)
+        return GraphSignature(self.catalog[key], "encoder" if key == "encoder" else "decoder")
 
     def create_runner(self):
         return self.runner
@@ -156,15 +157,11 @@ def load_shard(model_dir: Path, graph: Path, rank: int, ranks: int):
 
 def open_generator(model_dir: Path, graph: Path, pad_id: int, *, inter_threads: int, intra_threads: int):
     """This rank's pool and store for a decoder-only export, sharded over ``COMM_WORLD``."""
-    if inter_threads != 1:
-        raise NotImplementedError(
-            "tensor_parallel=True runs one worker per rank for now (inter_threads=1): the relay that lets several "
-            "workers of a rank all-reduce through it is not built yet"
-        )
+    _check_one_worker(inter_threads)
     comm = Communicator()
     shard = load_shard(model_dir, graph, comm.rank, comm.size)
     runner = TensorParallelRunner(shard, comm, intra_threads=max(1, intra_threads))
-    context = _RankContext(graph, runner)
+    context = _RankContext({"model": graph}, runner)
     program = GeneratorProgram(context, pad_id=pad_id)
     pool = TensorParallelPool(program, context, comm, shard.shard.describe())
     logger.info("tensor parallel %s: %.1f of %.1f MiB of weights", shard.shard.describe(), shard.nbytes / 2**20,
@@ -196,6 +193,35 @@ def _abort_on_uncaught_exception() -> None:
     sys.excepthook = hook
 
 
+def _check_one_worker(inter_threads: int) -> None:
+    if inter_threads != 1:
+        raise NotImplementedError(
+            "tensor_parallel=True runs one worker per rank for now (inter_threads=1): the relay that lets several "
+            "workers of a rank all-reduce through it is not built yet"
+        )
+
+
+def attach_translator(translator, *, inter_threads: int, intra_threads: int) -> None:
+    """As :func:`attach_generator`, for a :class:`shmengine.Translator` over a Marian export."""
+    _check_one_worker(inter_threads)
+    graphs = {key: Path(path) for key, path in translator.model.graphs.items()}
+    model_dir = graphs["encoder"].parent
+    import json
+
+    kind = json.loads((model_dir / "config.json").read_text()).get("model_type")
+    if kind != "marian":
+        from ..errors import ModelLoadError
+
+        raise ModelLoadError(f"{model_dir}: model_type {kind!r}; tensor-parallel translation is built for Marian so far")
+    comm = Communicator()
+    shard = load_marian_shard(model_dir, graphs["encoder"], graphs["decoder"], comm.rank, comm.size)
+    runner = Seq2SeqTensorParallelRunner(shard, comm, intra_threads=max(1, intra_threads))
+    context = _RankContext(graphs, runner)
+    program = TranslatorProgram(context, pad_id=translator.model.pad_id, decoder_start_id=translator.model.decoder_start_id)
+    pool = TensorParallelPool(program, context, comm, shard.shard.describe())
+    _attach(translator, pool, TensorParallelStore(shard.nbytes, shard.model_nbytes), intra_threads)
+
+
 def attach_generator(generator, *, inter_threads: int, intra_threads: int) -> None:
     """Give a :class:`shmengine.Generator` (its model directory already open) this rank's shard
     in place of a worker pool: everything above the pool (options, batching, results) is the
@@ -203,6 +229,10 @@ def attach_generator(generator, *, inter_threads: int, intra_threads: int) -> No
     graph = Path(generator.model.graphs["model"])
     pool, store = open_generator(graph.parent, graph, generator.model.pad_id,
                                  inter_threads=inter_threads, intra_threads=intra_threads)
+    _attach(generator, pool, store, intra_threads)
+
+
+def _attach(generator, pool: TensorParallelPool, store: TensorParallelStore, intra_threads: int) -> None:
     generator._tensor_parallel = True
     generator._pool, generator._store, generator._weight_holders = pool, store, []
     generator.device, generator.device_index = "cpu", [0]

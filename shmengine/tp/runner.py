@@ -24,7 +24,7 @@ from ..runners import HOST, LOGITS, HostRunner
 from .comm import Communicator
 from .gpt2 import Segment
 
-__all__ = ["GraphSignature", "TensorParallelRunner", "create_session"]
+__all__ = ["GraphSignature", "TensorParallelRunner", "Seq2SeqTensorParallelRunner", "create_session"]
 
 _CACHE = re.compile(r"past_key_values\.(\d+)\.(key|value)$")
 _ELEMENT_TYPES = {1: "tensor(float)", 10: "tensor(float16)", 7: "tensor(int64)", 6: "tensor(int32)", 9: "tensor(bool)"}
@@ -40,7 +40,8 @@ class _Meta:
 class GraphSignature:
     """The inputs and outputs an ONNX file declares, as ``InferenceSession`` reports them."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, role: str = "model"):
+        self.role = role  # which segments a runner runs for it (encoder / decoder / model)
         graph = onnx.load(str(path), load_external_data=False).graph
         initializers = {i.name for i in graph.initializer}
         self._inputs = [self._meta(v) for v in graph.input if v.name not in initializers]
@@ -129,4 +130,83 @@ class TensorParallelRunner(HostRunner):
             outputs["logits"] = logits.reshape(batch, length, -1)
         else:
             outputs["logits"] = HostLogits(logits)
+        return {name: outputs[name] for name in fetch}
+
+
+class Seq2SeqTensorParallelRunner(HostRunner):
+    """Runs one rank's Marian shard for a :class:`steppers.Seq2SeqStepper`: the encoder
+    signature's runs go to the encoder segments, the decoder's to the decoder segments."""
+
+    def __init__(self, shard, comm: Communicator, intra_threads: int = 1):
+        from .marian import layer_norm
+
+        self.shard, self.comm, self.norm = shard, comm, layer_norm
+        self.encoder = [(create_session(x.attention, intra_threads), x.attention_norm,
+                         create_session(x.ffn, intra_threads), x.ffn_norm) for x in shard.encoder]
+        self.decoder = [(create_session(x.attention, intra_threads), x.attention_norm, create_session(x.cross_kv, intra_threads),
+                         create_session(x.cross, intra_threads), x.cross_norm, create_session(x.ffn, intra_threads), x.ffn_norm)
+                        for x in shard.decoder]
+        self.head = create_session(shard.head, intra_threads)
+        self.min = np.finfo(np.float32).min
+
+    def empty(self, meta, batch: int):
+        return np.zeros((batch, self.shard.cache_heads, 0, self.shard.head_dim), dtype=np.float32)
+
+    def _nothing(self, batch: int) -> np.ndarray:
+        return np.zeros((batch, self.shard.cache_heads, 0, self.shard.head_dim), dtype=np.float32)
+
+    def _key_bias(self, mask: np.ndarray) -> np.ndarray:
+        return np.where(mask != 0, np.float32(0), self.min).astype(np.float32)[:, None, None, :]
+
+    def run(self, session, feeds, fetch):
+        if getattr(session, "role", None) == "encoder":
+            return {"last_hidden_state": self._encode(feeds)}
+        return self._decode(feeds, fetch)
+
+    def _encode(self, feeds) -> np.ndarray:
+        ids = np.asarray(feeds["input_ids"])
+        mask = np.asarray(feeds["attention_mask"]) if "attention_mask" in feeds else np.ones_like(ids)
+        shard = self.shard
+        h = (shard.embedding[ids] * np.float32(shard.layout.scale) + shard.encoder_positions[np.arange(ids.shape[1])])
+        h = h.astype(np.float32)
+        bias = self._key_bias(mask)
+        for attention, attention_norm, ffn, ffn_norm in self.encoder:
+            (out,) = attention.run(None, {"h": h, "bias": bias})
+            h = self.norm(h + self.comm.sum(out), attention_norm)
+            (out,) = ffn.run(None, {"h": h})
+            h = self.norm(h + self.comm.sum(out), ffn_norm)
+        return h
+
+    def _decode(self, feeds, fetch):
+        ids = np.asarray(feeds["input_ids"])
+        batch, length = ids.shape
+        shard = self.shard
+        states = feeds["encoder_hidden_states"]
+        cross_bias = self._key_bias(np.asarray(feeds["encoder_attention_mask"]))
+        # a decoder_model.onnx (the first step of an unmerged pair) declares no cache inputs
+        before = feeds.get("past_key_values.0.decoder.key", self._nothing(batch)).shape[2]
+        total = before + length
+        positions = np.arange(before, total)
+        h = (shard.embedding[ids] * np.float32(shard.layout.scale) + shard.decoder_positions[positions]).astype(np.float32)
+        causal = np.arange(total)[None, :] <= (before + np.arange(length))[:, None]
+        self_bias = np.where(causal, np.float32(0), self.min).astype(np.float32)[None, None]
+        outputs = {}
+        for i, (attention, attention_norm, cross_kv, cross, cross_norm, ffn, ffn_norm) in enumerate(self.decoder):
+            key, value = (feeds.get(f"past_key_values.{i}.encoder.{x}", self._nothing(batch)) for x in ("key", "value"))
+            if key.shape[2] == 0:  # the first step: this rank's cross-attention cache from the encoder states
+                key, value = cross_kv.run(None, {"h": states})
+            out, present_k, present_v = attention.run(None, {
+                "h": h, "bias": self_bias, "past_k": feeds.get(f"past_key_values.{i}.decoder.key", self._nothing(batch)),
+                "past_v": feeds.get(f"past_key_values.{i}.decoder.value", self._nothing(batch))})
+            h = self.norm(h + self.comm.sum(out), attention_norm)
+            (out,) = cross.run(None, {"h": h, "bias": cross_bias, "key": key, "value": value})
+            h = self.norm(h + self.comm.sum(out), cross_norm)
+            (out,) = ffn.run(None, {"h": h})
+            h = self.norm(h + self.comm.sum(out), ffn_norm)
+            outputs[f"present.{i}.decoder.key"], outputs[f"present.{i}.decoder.value"] = present_k, present_v
+            outputs[f"present.{i}.encoder.key"], outputs[f"present.{i}.encoder.value"] = key, value
+        where = fetch.get("logits", LOGITS)
+        rows = h[:, -1, :] if where == LOGITS else h.reshape(batch * length, -1)
+        (logits,) = self.head.run(None, {"h": np.ascontiguousarray(rows)})
+        outputs["logits"] = logits.reshape(batch, length, -1) if where == HOST else HostLogits(logits)
         return {name: outputs[name] for name in fetch}
