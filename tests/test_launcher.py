@@ -216,6 +216,8 @@ def test_the_readme_shell_commands_run_as_written():
     assert out.returncode == 0 and out.stdout == number_to_words(1984) + "\n", out.stderr
     out = shell("echo '1984=' | shmengine-run generate")
     assert out.returncode == 0 and out.stdout == number_to_words(1984) + "\n", out.stderr
+    # the bundled model's prompt format is said where a user looks for it
+    assert "'1984='" in " ".join(run("generate", "--help").stdout.split())
 
 
 # -- 7, 9, 10. bad input: a message, never a traceback -------------------------------------------
