@@ -55,6 +55,17 @@ from .errors import (
     WorkerStartupError,
     describe_exit,
 )
+from .messages import (
+    BatchDone,
+    BatchEvent,
+    BatchFailed,
+    RunBatch,
+    StopExamples,
+    WorkerExited,
+    WorkerReady,
+    WorkerSpawned,
+    WorkerStartFailed,
+)
 from .sessions import SessionSettings
 from .sharedmem import Arena
 from .threads import THREAD_ENV_VARS, thread_environment
@@ -277,8 +288,8 @@ class WorkerPool:
         return future
 
     def _forget(self, future: Future) -> None:
-        with self._lock:
-            self._outstanding.discard(future)
+        # No lock: one set operation is atomic under the GIL, and this runs on every batch.
+        self._outstanding.discard(future)
 
     def drain(self, *, cancel_queued: bool = False, timeout: float | None = None) -> bool:
         """Take no new batches and wait until every submitted one is done (``cancel_queued``:
@@ -426,7 +437,7 @@ class WorkerPool:
             if batch is None:
                 continue
             batch.attempts += 1
-            message = (batch.kind, batch.id, batch.method, batch.payload)
+            message = RunBatch(batch.id, batch.kind == "ping", batch.method, batch.payload)
             try:
                 send_message(worker.conn, message, worker.arena_in)
             except (BrokenPipeError, ConnectionResetError):
@@ -461,38 +472,39 @@ class WorkerPool:
         self._on_worker_message(worker, message)
 
     def _on_worker_message(self, worker: _Worker, message) -> None:
-        kind = message[0]
-        if kind == "ready":
+        if isinstance(message, WorkerReady):
             worker.ready = True
-            worker.info = message[1]
+            worker.info = message.info
             self._start_failures[worker.slot] = 0
             if not self._started.is_set() and all(w.ready for w in self._workers.values()):
                 self._started.set()
-        elif kind == "startup_error":
-            exc = _rebuild_exception(message[1], message[2])
+        elif isinstance(message, WorkerStartFailed):
+            exc = _rebuild_exception(message.exception, message.traceback)
             worker.info = {"startup_error": exc}
-        elif kind == "event":
+        elif isinstance(message, BatchEvent):
             # The worker waits for the answer: always send one, whatever the callback does.
             batch = worker.batch
             stops = []
-            if batch is not None and batch.id == message[1] and batch.on_event is not None:
+            if batch is not None and batch.id == message.batch_id and batch.on_event is not None:
                 try:
-                    stops = list(batch.on_event(message[2]) or [])
+                    stops = list(batch.on_event(message.payload) or [])
                 except Exception:  # a failing callback must not take the manager down
                     logger.exception("an event callback raised; the batch goes on")
             try:
-                send_message(worker.conn, ("stop", message[1], stops, None), None)
+                send_message(worker.conn, StopExamples(message.batch_id, stops), None)
             except OSError:
                 pass  # the worker is dying; its exit report follows
-        elif kind in ("ok", "error"):
+        elif isinstance(message, (BatchDone, BatchFailed)):
             batch = worker.batch
-            if batch is None or batch.id != message[1]:
-                raise RuntimeError(f"worker {worker.slot} answered batch {message[1]}, but runs {batch and batch.id}")
+            if batch is None or batch.id != message.batch_id:
+                raise RuntimeError(f"worker {worker.slot} answered batch {message.batch_id}, but runs {batch and batch.id}")
             worker.batch = None
-            if kind == "ok":
-                batch.future.set_result(message[2])
+            if isinstance(message, BatchDone):
+                batch.future.set_result(message.result)
             else:
-                batch.future.set_exception(_rebuild_exception(message[2], message[3]))
+                batch.future.set_exception(_rebuild_exception(message.exception, message.traceback))
+        else:
+            raise RuntimeError(f"worker {worker.slot} sent an unknown message {type(message).__name__}")
 
     def _on_worker_eof(self, worker: _Worker) -> None:
         """Its socket closed: the worker is dying. Wait for the fork server to say how."""
@@ -511,14 +523,13 @@ class WorkerPool:
         report = self._fork_server.receive()
         if report is None:
             raise EngineBrokenError("the fork server exited; every worker died with it")
-        kind, slot, generation, pid = report[:4]
-        worker = self._workers.get(slot)
-        if worker is None or worker.generation != generation:
+        worker = self._workers.get(report.slot)
+        if worker is None or worker.generation != report.generation:
             return  # a report about a worker already replaced
-        if kind == "spawned":
-            worker.pid = pid
-        elif kind == "exited":
-            self._on_worker_exit(worker, report[4])
+        if isinstance(report, WorkerSpawned):
+            worker.pid = report.pid
+        elif isinstance(report, WorkerExited):
+            self._on_worker_exit(worker, report.exitcode)
 
     def _on_worker_exit(self, worker: _Worker, exitcode: int) -> None:
         # Whatever it sent before dying is still in its socket: a result must not be lost, nor

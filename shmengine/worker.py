@@ -1,14 +1,9 @@
 """The worker process: maps the weights, builds its sessions, then serves one batch at a time.
 
 A worker is forked by the fork server (``zygote.py``) and talks only to the supervisor, over
-one socket (control and small tensors) and two arenas (large tensors, see ``transport.py``)::
-
-    supervisor ── WorkerConfig ──▶ worker        (once, first message)
-    supervisor ◀── ("ready", info) ── worker     or ("startup_error", traceback)
-    supervisor ── ("run", id, method, payload) ──▶ worker
-    supervisor ◀── ("event", id, payload) ── worker      (zero or more: streamed tokens)
-    supervisor ── ("stop", id, [examples], None) ──▶ worker   (the answer to each event)
-    supervisor ◀── ("ok", id, result) ── worker  or ("error", id, exception, traceback)
+one socket (control and small tensors) and two arenas (large tensors, see ``transport.py``); the
+messages are the classes of ``messages.py``: a :class:`WorkerConfig` first, then ``RunBatch``
+in, ``BatchEvent`` / ``StopExamples`` while a batch streams, ``BatchDone`` / ``BatchFailed`` out.
 
 What a worker *does* with a batch is its **program**: an object built in the worker from a
 :class:`ProgramSpec` (module, class, options) with a :class:`WorkerContext`, whose ``run(method,
@@ -30,6 +25,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
+from .messages import BatchDone, BatchEvent, BatchFailed, RunBatch, StopExamples, WorkerReady, WorkerStartFailed
 from .sessions import SessionSettings, create_session
 from .sharedmem import Arena, SharedSegment
 from .transport import recv_message, send_message
@@ -80,14 +76,14 @@ class WorkerContext:
 
     def emit(self, payload) -> None:
         """Send an event (a streamed token, say) of the running batch to the supervisor now."""
-        send_message(self._conn, ("event", self.batch_id, payload), None)
+        send_message(self._conn, BatchEvent(self.batch_id, payload), None)
 
     def wait_for_stops(self) -> list[int]:
         """After an event: block until the supervisor says which examples to stop (maybe none)."""
-        kind, batch_id, stopped, _ = recv_message(self._conn, None, copy=True)
-        if kind != "stop" or batch_id != self.batch_id:
-            raise RuntimeError(f"expected the answer to an event of batch {self.batch_id}, got {kind!r} for {batch_id}")
-        return stopped
+        answer = recv_message(self._conn, None, copy=True)
+        if not isinstance(answer, StopExamples) or answer.batch_id != self.batch_id:
+            raise RuntimeError(f"expected the answer to an event of batch {self.batch_id}, got {answer!r}")
+        return answer.keys
 
     def begin(self, batch_id: int) -> None:
         self.batch_id = batch_id
@@ -172,36 +168,34 @@ def worker_main(data_fd: int, weights_fd: int, arena_in_fd: int, arena_out_fd: i
         if hasattr(program, "describe"):
             info.update(program.describe())
     except BaseException as exc:
-        send_message(conn, ("startup_error", _describe_exception(exc), traceback.format_exc()), None)
+        send_message(conn, WorkerStartFailed(_describe_exception(exc), traceback.format_exc()), None)
         return 1
-    send_message(conn, ("ready", info), None)
+    send_message(conn, WorkerReady(info), None)
 
     arena_in = Arena(arena_in_fd, writable=False)
     arena_out = Arena(arena_out_fd, writable=True)
     while True:
         try:
-            message = recv_message(conn, arena_in, copy=False)
+            message: RunBatch = recv_message(conn, arena_in, copy=False)
         except (EOFError, ConnectionResetError):
             return 0  # the supervisor closed us, or died: nothing left to serve
-        kind, batch_id, method, payload = message
+        batch_id, payload = message.batch_id, message.payload
+        ping, method = message.ping, message.method
         del message
         context.begin(batch_id)
         started = time.monotonic()
         result = None
         try:
-            if kind == "ping":
-                result = payload
-            else:
-                result = program.run(method, payload)
-            reply = ("ok", batch_id, result)
+            result = payload if ping else program.run(method, payload)
+            reply = BatchDone(batch_id, result)
         except Exception as exc:
-            reply = ("error", batch_id, _describe_exception(exc), traceback.format_exc())
+            reply = BatchFailed(batch_id, _describe_exception(exc), traceback.format_exc())
         # The inputs are views into arena_in; drop them before the supervisor may write it again.
         del payload
         try:
             send_message(conn, reply, arena_out)
         except Exception as exc:  # a result that cannot be pickled
-            send_message(conn, ("error", batch_id, _describe_exception(exc), traceback.format_exc()), None)
+            send_message(conn, BatchFailed(batch_id, _describe_exception(exc), traceback.format_exc()), None)
         del reply, result
         if time.monotonic() - started > _TRIM_AFTER_S:
             _return_freed_memory()

@@ -44,6 +44,8 @@ import subprocess
 import sys
 import traceback
 
+from .messages import KillWorker, ShutdownForkServer, SpawnWorker, WorkerExited, WorkerSpawned
+
 __all__ = ["ForkServer", "serve"]
 
 _MAX_MESSAGE = 1 << 16
@@ -83,20 +85,20 @@ class ForkServer:
         socket.send_fds(self.sock, [pickle.dumps(message)], list(fds))
 
     def spawn(self, slot: int, generation: int, fds: list[int]) -> None:
-        self._send(("spawn", slot, generation), fds)
+        self._send(SpawnWorker(slot, generation), fds)
 
     def kill(self, pid: int, sig: int = signal.SIGKILL) -> None:
-        self._send(("kill", pid, int(sig)))
+        self._send(KillWorker(pid, int(sig)))
 
-    def receive(self):
-        """One report (``("spawned", slot, gen, pid)`` / ``("exited", slot, gen, pid, code)``), or None at EOF."""
+    def receive(self) -> WorkerSpawned | WorkerExited | None:
+        """One report (``messages.WorkerSpawned`` / ``WorkerExited``), or None at EOF."""
         data = self.sock.recv(_MAX_MESSAGE)
         return pickle.loads(data) if data else None
 
     def shutdown(self, timeout: float = 5.0) -> None:
         """Ask the fork server to kill its workers and exit; make sure it did."""
         try:
-            self._send(("shutdown",))
+            self._send(ShutdownForkServer())
         except OSError:
             pass
         try:
@@ -158,7 +160,7 @@ def serve() -> None:
             if pid == 0:
                 return
             slot, generation = children.pop(pid, (-1, -1))
-            report(("exited", slot, generation, pid, _exit_code(status)))
+            report(WorkerExited(slot, generation, pid, _exit_code(status)))
 
     def end(kill_signal: int) -> None:
         for pid in list(children):
@@ -203,8 +205,8 @@ def serve() -> None:
         if not data:  # the supervisor died (or closed us without a word): take everything down
             end(signal.SIGKILL)
         message = pickle.loads(data)
-        if message[0] == "spawn":
-            _, slot, generation = message
+        if isinstance(message, SpawnWorker):
+            slot, generation = message.slot, message.generation
             pid = os.fork()
             if pid == 0:  # the worker
                 code = 1
@@ -227,13 +229,13 @@ def serve() -> None:
             for fd in fds:
                 os.close(fd)
             children[pid] = (slot, generation)
-            report(("spawned", slot, generation, pid))
-        elif message[0] == "kill":
-            _, pid, sig = message
+            report(WorkerSpawned(slot, generation, pid))
+        elif isinstance(message, KillWorker):
+            pid, sig = message.pid, message.signal
             if pid in children:
                 try:
                     os.kill(pid, sig)
                 except ProcessLookupError:
                     pass
-        elif message[0] == "shutdown":
+        elif isinstance(message, ShutdownForkServer):
             end(signal.SIGKILL)
