@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import ROOT
+from conftest import ROOT, make_mlp
 from onnx import TensorProto, helper, numpy_helper
 
 import shmengine
@@ -132,7 +132,9 @@ def test_int8_translator_and_generator_stay_exact_on_held_out_numbers(cache_dir)
         assert correct / len(pairs) >= 0.99, f"int8 generator: exact match {correct}/{len(pairs)}"
 
 
-def test_int8_weights_are_a_quarter_and_the_engine_stays_close_to_numpy(small_mlp, cache_dir):
+@pytest.mark.parametrize("external_data", [False, True])
+def test_int8_weights_are_a_quarter_and_the_engine_stays_close_to_numpy(tmp_path, cache_dir, external_data):
+    small_mlp = make_mlp(tmp_path / "mlp", [64, 128, 32], seed=1, external_data=external_data)
     x = small_mlp.inputs(16)
     reference = small_mlp.reference(x)
     with shmengine.Engine(small_mlp.path, inter_threads=1, intra_threads=1) as f32:
