@@ -7,9 +7,11 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from conftest import ROOT
 
 from models.builders import mlp_model, mlp_reference
+from models.train_numbers import number_to_words
 from shmengine.threads import usable_cores
 from shmengine.tuning import candidate_splits
 
@@ -67,3 +69,100 @@ def test_bad_model_path_is_a_clear_error_with_exit_code_2(tmp_path):
 def test_candidate_splits_are_every_split_that_fits():
     assert candidate_splits(2) == [(1, 1), (1, 2), (2, 1)]
     assert all(i * j <= 8 for i, j in candidate_splits(8)) and (8, 1) in candidate_splits(8) and (1, 8) in candidate_splits(8)
+
+
+# -- options with no other test ---------------------------------------------------------------------
+
+NUMBERS = [1984, 42, 7, 300, 86021, 15, 99, 1000]
+
+
+def test_info_without_an_engine_starts_no_worker():
+    out = shmengine_run("info", "--no-engine")
+    assert out.returncode == 0, out.stderr
+    assert "ONNX Runtime" in out.stdout and "usable cores" in out.stdout
+    assert "worker 0" not in out.stdout and "intra_op_num_threads" not in out.stdout
+
+
+def test_run_without_input_runs_synthetic_examples(tmp_path):
+    """Without --input: --examples rows of the inputs synthetic_feeds makes for the model, run in
+    --batch-size batches; the outputs are numpy's for those rows."""
+    from onnx import TensorProto
+
+    from shmengine.tuning import synthetic_feeds
+    from shmengine.weights import TensorSpec
+
+    out = shmengine_run("run", "--examples", "100", "--batch-size", "32", "--seed", "3", "--output", str(tmp_path / "out.npz"))
+    assert out.returncode == 0, out.stderr
+    assert "100 examples in 4 batches" in out.stderr
+    assert "y: shape (100, 256), dtype float32" in out.stdout
+    _, params = mlp_model([256, 512, 512, 256], seed=1984)  # how models/default was built
+    # the default model's one input, as models/builders.mlp_model declares it
+    x = synthetic_feeds([TensorSpec("x", TensorProto.FLOAT, ("batch", 256))], 100, seed=3)["x"]
+    with np.load(tmp_path / "out.npz") as result:
+        np.testing.assert_allclose(result["y"], mlp_reference(x.astype(np.float64), params), rtol=1e-4, atol=1e-4)
+
+
+def test_tokenize_space_and_sampling_flags_reach_the_api():
+    """--tokenize space takes each line's tokens as they are; the decoding flags and --seed give
+    what the Python API gives with the same options and seed (sampling makes every flag count)."""
+    import shmengine
+
+    lines = [" ".join([*str(n), "</s>"]) for n in NUMBERS]
+    flags = {"beam_size": 1, "sampling_topk": 4, "sampling_topp": 0.9, "sampling_temperature": 50.0,
+             "repetition_penalty": 1.3, "no_repeat_ngram_size": 2, "length_penalty": 0.5, "max_decoding_length": 7}
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in flags.items()]
+    out = subprocess.run([sys.executable, "-m", "shmengine.cli", "translate", "--tokenize", "space", "--seed", "5", *args],
+                         input="".join(line + "\n" for line in lines), capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    with shmengine.Translator(ROOT / "models" / "numbers-marian", inter_threads=1, intra_threads=1) as translator:
+        shmengine.set_random_seed(5)
+        expected = translator.translate_batch([line.split() for line in lines], max_batch_size=32, **flags)
+        greedy = translator.translate_batch([line.split() for line in lines], beam_size=1)
+    assert out.stdout.splitlines() == [" ".join(r.hypotheses[0]) for r in expected]
+    assert out.stdout.splitlines() != [" ".join(r.hypotheses[0]) for r in greedy]  # the flags did something
+    assert all(len(line.split()) <= 7 for line in out.stdout.splitlines())
+
+
+def test_prepack_weights_several_workers_and_a_small_queue_translate_right():
+    out = subprocess.run(
+        [sys.executable, "-m", "shmengine.cli", "translate", "--prepack-weights", "--inter-threads", "2",
+         "--intra-threads", "1", "--max-queued-batches", "1", "--max-batch-size", "2", "--device", "auto"],
+        input="".join(f"{n}\n" for n in NUMBERS), capture_output=True, text=True, timeout=240, cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [number_to_words(n) for n in NUMBERS]
+    assert "2 workers" in out.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--device", "tpu"], "device must be one of 'cpu', 'cuda', 'auto', got 'tpu'"),
+    (["--max-queued-batches", "-2"], "max_queued_batches must be -1 (unlimited), 0 (automatic) or > 0, got -2"),
+])
+def test_bad_engine_options_are_one_line_errors(args, message):
+    out = subprocess.run([sys.executable, "-m", "shmengine.cli", "translate", *args], input="1\n",
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 2 and out.stdout == ""
+    assert f"shmengine-run: error: {message}" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_verbose_logs_where_each_setting_comes_from():
+    run = [sys.executable, "-m", "shmengine.cli"]
+    quiet = subprocess.run([*run, "translate"], input="1984\n", capture_output=True, text=True, timeout=120, cwd=ROOT)
+    loud = subprocess.run([*run, "-v", "translate"], input="1984\n", capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert quiet.returncode == loud.returncode == 0, loud.stderr
+    assert quiet.stdout == loud.stdout == "one thousand nine hundred eighty four\n"
+    assert "shmengine.cli: beam_size = 1 (generation_config.json)" in loud.stderr
+    assert "shmengine" not in quiet.stderr.replace("shmengine-run", "")
+
+
+def test_a_reader_that_goes_away_ends_the_run_quietly(tmp_path):
+    """``shmengine-run translate ... | head -1``: exit 0, no traceback, nothing left behind."""
+    source = tmp_path / "numbers.txt"
+    source.write_text("".join(f"{n}\n" for n in range(20_000)))
+    proc = subprocess.Popen([sys.executable, "-m", "shmengine.cli", "translate", "--input", str(source)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    assert proc.stdout.readline() == b"zero\n"
+    proc.stdout.close()  # what head does after its line
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err.decode()
+    assert b"Traceback" not in err and b"BrokenPipe" not in err

@@ -61,13 +61,17 @@ def _cli(*args):
     )
 
 
-def _interrupt(proc, sig, before: set[str]) -> str:
-    """Send ``sig`` once the run is under way; its stderr, after checking it exited with 130 and
-    left no process or segment behind (its own: other programs' segments are not looked at)."""
+def _interrupt(proc, sig, before: set[str], *, twice: bool = False) -> str:
+    """Send ``sig`` once the run is under way (``twice``: a second one right after the first);
+    its stderr, after checking it exited with 130 and left no process or segment behind (its
+    own: other programs' segments are not looked at)."""
     children = descendants(proc.pid)
     made = shm_segments() - before  # the run's weights segment, seen while it holds it
     assert made, "the run holds no shmengine segment: nothing to check that it removes"
     proc.send_signal(sig)
+    if twice:
+        time.sleep(0.01)
+        proc.send_signal(sig)
     try:
         _, err = proc.communicate(timeout=30)
     except subprocess.TimeoutExpired:  # a hang: get every thread's stack (the CLI's SIGUSR1), then clean up
@@ -82,7 +86,7 @@ def _interrupt(proc, sig, before: set[str]) -> str:
         remove_segments(made)
         pytest.fail(f"shmengine-run did not exit within 30 s of {sig.name}; its stacks:\n{err[-20000:]}")
     assert proc.returncode == 130, err
-    assert "interrupted" in err
+    assert "interrupted" in err and "Traceback" not in err, err
     assert wait_until(lambda: not any(os.path.exists(f"/proc/{p}") for p in children), timeout=5)
     assert wait_until(lambda: not (shm_segments() & made), timeout=5), f"left behind: {shm_segments() & made}"
     return err
@@ -108,6 +112,36 @@ def test_signal_during_a_long_translate_file(tmp_path, sig):
     lines = _complete_lines(output)
     assert 0 < len(lines) < len(numbers)
     assert lines == [number_to_words(n) for n in numbers[: len(lines)]]
+
+
+def test_ctrl_c_during_a_long_generate_file(tmp_path):
+    """The same for ``shmengine-run generate``: complete lines, each the right continuation."""
+    numbers = [random.Random(i).randrange(1_000_000) for i in range(100_000)]
+    source, output = tmp_path / "prompts.txt", tmp_path / "words.txt"
+    source.write_text("".join(f"{n} =\n" for n in numbers))
+    before = shm_segments()
+    proc = _cli("generate", "--input", source, "--output", output, "--max-batch-size", 16)
+    assert wait_until(lambda: output.exists() and output.stat().st_size > 20_000, timeout=60), proc.stderr.read()
+    _interrupt(proc, signal.SIGINT, before)
+    lines = _complete_lines(output)
+    assert 0 < len(lines) < len(numbers)
+    assert lines == [number_to_words(n) for n in numbers[: len(lines)]]
+
+
+def test_a_second_ctrl_c_stops_at_once(tmp_path):
+    """The first signal waits for the current line; a second one does not: with a first batch of
+    50,000 lines under way (seconds before its first line), two signals end the run with no line
+    written, exit 130, no traceback, nothing left."""
+    numbers = [random.Random(i).randrange(1_000_000) for i in range(100_000)]
+    source, output = tmp_path / "numbers.txt", tmp_path / "words.txt"
+    source.write_text("".join(f"{n}\n" for n in numbers))
+    before = shm_segments()
+    proc = _cli("translate", "--input", source, "--output", output, "--beam-size", 1, "--max-batch-size", 50_000)
+    assert wait_until(lambda: shm_segments() - before, timeout=60), proc.stderr.read()
+    time.sleep(0.5)
+    err = _interrupt(proc, signal.SIGINT, before, twice=True)
+    assert "stopping after the current line" in err
+    assert not output.exists() or output.read_text() == "", "it waited for a line after the second signal"
 
 
 def test_signal_during_a_long_score_file(tmp_path):

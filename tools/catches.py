@@ -186,6 +186,30 @@ BREAKS = [
         ["tests/test_api_surface.py::test_translate_file_with_target_prefixes_and_scores"],
     ),
     Break(
+        "cli-seed-ignored", "11", "shmengine/cli.py",
+        "        set_random_seed(args.seed)\n",
+        "        pass  # BREAK: --seed ignored\n",
+        ["tests/test_cli.py::test_tokenize_space_and_sampling_flags_reach_the_api"],
+    ),
+    Break(
+        "second-signal-waits", "11", "shmengine/cli.py",
+        "    def _handle(self, signum, frame) -> None:\n        if self.requested:\n            raise KeyboardInterrupt\n",
+        "    def _handle(self, signum, frame) -> None:\n        if self.requested:\n            return  # BREAK\n",
+        ["tests/test_faults.py::test_a_second_ctrl_c_stops_at_once"],
+    ),
+    Break(
+        "broken-pipe-traceback", "11", "shmengine/cli.py",
+        "    except BrokenPipeError:  # the reader went away (| head)\n",
+        "    except ZeroDivisionError:  # BREAK: BrokenPipeError not handled\n",
+        ["tests/test_cli.py::test_a_reader_that_goes_away_ends_the_run_quietly"],
+    ),
+    Break(
+        "info-no-engine-starts-one", "11", "shmengine/cli.py",
+        "    if args.no_engine:\n        print(parallel_info())\n        return 0\n",
+        "    if False:  # BREAK\n        print(parallel_info())\n        return 0\n",
+        ["tests/test_cli.py::test_info_without_an_engine_starts_no_worker"],
+    ),
+    Break(
         "results-alias-arena", "5", "shmengine/pool.py",
         "recv_message(worker.conn, worker.arena_out, copy=True)",
         "recv_message(worker.conn, worker.arena_out, copy=False)",
