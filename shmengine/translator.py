@@ -233,7 +233,10 @@ class Translator(DecodingModel):
             # CTranslate2's converter drops it from the vocabulary, so neither ever emits it; here
             # min_decoding_length, which bans the end token, made beam search pick it
             options.suppress_ids = tuple({*options.suppress_ids, self.model.pad_id})
-        options.after_prefix = [len(f) if f else None for f in forced]
+        # CTranslate2 decodes a batch that holds any target prefix in prefix mode, where every
+        # example's first free step (step 0 for one without a prefix) gets the issue #277 rule
+        # (see decoding.py); a batch with none skips it
+        options.after_prefix = [len(f) for f in forced] if any(forced) else [None] * len(forced)
         options.end_counts_in_length = True
         options.history = [[] for _ in sources]
         options.stream = callback is not None
