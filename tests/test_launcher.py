@@ -60,7 +60,8 @@ def marian_copy(tmp_path: Path, name: str = "marian", **generation_config) -> Pa
     model = tmp_path / name
     model.mkdir()
     for f in MARIAN.iterdir():
-        os.link(f, model / f.name) if f.suffix == ".onnx" else shutil.copy(f, model / f.name)
+        if f.is_file():  # not a cache directory an engine may have left beside the model
+            os.link(f, model / f.name) if f.suffix == ".onnx" else shutil.copy(f, model / f.name)
     (model / "generation_config.json").unlink()
     (model / "generation_config.json").write_text(json.dumps({"decoder_start_token_id": 42, "eos_token_id": 0,
                                                              "pad_token_id": 42, **generation_config}))
