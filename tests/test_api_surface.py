@@ -147,3 +147,22 @@ def test_generator_on_a_graph_without_logits_says_so(tmp_path):
     onnx.save(model, str(directory / "model.onnx"))
     with pytest.raises(InvalidInputError, match="has no 'logits' output: it is not a generation model"):
         shmengine.Generator(directory, inter_threads=1, intra_threads=1)
+
+
+def test_device_auto_takes_cuda_only_where_cuda_runs(small_mlp):
+    """device="auto" is "cuda" exactly where a CUDA device and ONNX Runtime's CUDA provider are
+    both there (nvidia-smi's count, independent of ORT), else "cpu"; the numbers are right."""
+    import subprocess
+
+    import onnxruntime as ort
+
+    try:
+        gpus = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout.count("GPU ")
+    except (OSError, subprocess.TimeoutExpired):
+        gpus = 0
+    expected = "cuda" if gpus and "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
+    with shmengine.Engine(small_mlp.path, device="auto", inter_threads=1, intra_threads=1) as engine:
+        assert engine.device == expected
+        x = small_mlp.inputs(3)
+        tolerance = 1e-2 if expected == "cuda" else 1e-4  # ORT's default TF32 matmuls on CUDA
+        np.testing.assert_allclose(engine.run_batch({"x": x})["y"], small_mlp.reference(x), rtol=tolerance, atol=tolerance)

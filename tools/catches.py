@@ -216,6 +216,12 @@ BREAKS = [
         ["tests/parity/test_encoder.py::test_a_graphs_own_pooler_is_returned_not_the_mean"],
     ),
     Break(
+        "end-token-ignored", "11", "shmengine/generator.py",
+        "            end_ids=end_ids_for(end_token, self.vocabulary, self.model.eos_ids),\n",
+        "            end_ids=end_ids_for(None, self.vocabulary, self.model.eos_ids),  # BREAK\n",
+        ["tests/parity/test_decoding_options.py::test_generator_option_equals_ctranslate2[end_token]"],
+    ),
+    Break(
         "results-alias-arena", "5", "shmengine/pool.py",
         "recv_message(worker.conn, worker.arena_out, copy=True)",
         "recv_message(worker.conn, worker.arena_out, copy=False)",
