@@ -290,6 +290,71 @@ def _source_files(path: Path, model: ModelProto) -> list[Path]:
     return sorted(files)
 
 
+def _stats(files) -> list[list]:
+    out = []
+    for f in files:
+        st = Path(f).stat()
+        out.append([str(Path(f).resolve()), st.st_size, st.st_mtime_ns])
+    return out
+
+
+@dataclass
+class _GraphInfo:
+    """What the choice of transforms needs to know of a graph, read without its weights; kept in
+    the cache beside the transformed files, so that a start that finds its transformed model
+    there does not parse the source model at all (for an inline 650 MB export, a parse holds as
+    much memory again while it lasts)."""
+
+    own_type: str
+    wanted: dict[str, bool]
+    not_applicable: dict[str, str | None]
+    files: list[list]  # [path, size, mtime_ns] of the model file and its external data files
+
+    @classmethod
+    def of(cls, path: Path, model: ModelProto) -> "_GraphInfo":
+        wanted, refused = {}, {}
+        for t in registered():
+            wanted[t.name] = t.wanted is None or bool(t.wanted(model))
+            refused[t.name] = None
+            if t.check is not None:
+                try:
+                    t.check(model, TransformTarget("cpu", "float32"))
+                except NotApplicableError as exc:
+                    refused[t.name] = str(exc)
+        return cls(model_compute_type(model), wanted, refused, _stats(_source_files(path, model)))
+
+
+def _info_file(path: Path) -> Path:
+    st = path.stat()
+    tag = hashlib.sha256(json.dumps([str(path.resolve()), st.st_size, st.st_mtime_ns, _code_digest(registered())])
+                         .encode()).hexdigest()[:24]
+    return cache_root(path) / f"info-{path.stem}-{tag}.json"
+
+
+def _read_info(path: Path) -> _GraphInfo | None:
+    try:
+        info = _GraphInfo(**json.loads(_info_file(path).read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+    try:
+        if _stats(f for f, _, _ in info.files) != info.files:
+            return None  # an external data file changed
+    except OSError:
+        return None
+    return info
+
+
+def _write_info(path: Path, info: _GraphInfo) -> None:
+    try:
+        target = _info_file(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        temporary = target.with_suffix(f".{os.getpid()}.tmp")
+        temporary.write_text(json.dumps(info.__dict__))
+        os.replace(temporary, target)
+    except OSError as exc:  # a read-only cache costs a parse per start, nothing else
+        logger.info("could not record %s in the transform cache: %s", path, exc)
+
+
 def _ort_version() -> str:
     """ONNX Runtime's version without importing it (an import costs the supervisor ~20 MiB)."""
     from importlib import metadata
@@ -321,15 +386,11 @@ def _code_digest(chain: list[Transform]) -> str:
     return digest.hexdigest()[:16]
 
 
-def _cache_key(path: Path, model: ModelProto, chain: list[Transform], target: TransformTarget) -> str:
+def _cache_key(info: _GraphInfo, chain: list[Transform], target: TransformTarget) -> str:
     from . import __version__
 
-    stats = []
-    for f in _source_files(path, model):
-        st = f.stat()
-        stats.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
     key = {
-        "files": stats,
+        "files": info.files,
         "onnxruntime": _ort_version(),
         "onnx": onnx.__version__,
         "shmengine": __version__,
@@ -340,11 +401,11 @@ def _cache_key(path: Path, model: ModelProto, chain: list[Transform], target: Tr
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def _transformed_file(path: Path, model: ModelProto, chain: list[Transform], target: TransformTarget) -> Path:
+def _transformed_file(path: Path, info: _GraphInfo, chain: list[Transform], target: TransformTarget) -> Path:
     """The cached result of ``chain`` on ``path``: made now (under a lock) unless it exists."""
     from filelock import FileLock
 
-    key = _cache_key(path, model, chain, target)
+    key = _cache_key(info, chain, target)
     root = cache_root(path)
     root.mkdir(parents=True, exist_ok=True)
     entry = root / f"{path.stem}-{key}"
@@ -388,17 +449,26 @@ def prepare_models(
     from .weights import ModelSource, resolve_model_file
 
     check_compute_type(compute_type)
-    parsed: dict[str, tuple[Path, ModelProto]] = {}
-    for key, p in graphs.items():
-        path = resolve_model_file(p)
+
+    def parse(path: Path) -> ModelProto:
         try:
-            parsed[key] = (path, onnx.load(str(path), load_external_data=False))
+            return onnx.load(str(path), load_external_data=False)
         except Exception as exc:  # protobuf's DecodeError, or an OSError
             raise ModelLoadError(
                 f"{str(path)!r} is not a readable ONNX model ({type(exc).__name__}: {exc}); "
                 "expected a file written by onnx.save or an exporter such as optimum-cli"
             ) from exc
-    model_types = {model_compute_type(m) for _, m in parsed.values()}
+
+    paths = {key: resolve_model_file(p) for key, p in graphs.items()}
+    models: dict[str, ModelProto] = {}
+    infos: dict[str, _GraphInfo] = {}
+    for key, path in paths.items():
+        info = _read_info(path)
+        if info is None:
+            models[key] = parse(path)
+            info = _GraphInfo.of(path, models[key])
+        infos[key] = info
+    model_types = {info.own_type for info in infos.values()}
     model_type = "float32" if len(model_types) != 1 else model_types.pop()
     resolved = resolve_compute_type(compute_type, model_type, device)
     if compute_type == "default" and resolved != model_type:
@@ -407,32 +477,31 @@ def prepare_models(
     elif compute_type != resolved:
         logger.info("compute_type=%r on %s: running %s", compute_type, device, resolved)
     target = TransformTarget(device, resolved)
-    # transforms that change the precision only run when the graph is not in that precision already
-    chains: dict[str, list[Transform]] = {}
-    for key, (_, model) in parsed.items():
-        own = model_compute_type(model)
-        chains[key] = [
-            t for t in registered()
-            if t.selected(roles.get(key, "graph"), target)
-            and (not t.compute_types or own != resolved)
-            and (t.wanted is None or t.wanted(model))
-        ]
     out: dict[str, ModelSource] = {}
     applied: dict[str, list[str]] = {}
     final = resolved
-    for key, (path, model) in parsed.items():
-        chain = chains[key]
+    for key, path in paths.items():
+        info = infos[key]
+        # transforms that change the precision only run when the graph is not in that precision already
+        chain = [
+            t for t in registered()
+            if t.selected(roles.get(key, "graph"), target)
+            and (not t.compute_types or info.own_type != resolved)
+            and info.wanted.get(t.name, True)
+        ]
         if any(t.needs_weights for t in chain):
-            try:
-                _check_applicable(path, model, chain, target)
-                out[key] = ModelSource(_transformed_file(path, model, chain, target))
+            refused = next((info.not_applicable.get(t.name) for t in chain if info.not_applicable.get(t.name)), None)
+            if refused is None:
+                if key in models:  # described just now: the next start need not parse it for this
+                    _write_info(path, info)
+                out[key] = ModelSource(_transformed_file(path, info, chain, target))
                 applied[key] = [t.name for t in chain]
                 continue
-            except NotApplicableError as exc:
-                own = model_compute_type(model)
-                logger.warning("compute_type %s cannot be applied to %s: %s; running it as %s", resolved, path, exc, own)
-                final = own
-                chain = [t for t in chain if not t.needs_weights]
+            logger.warning("compute_type %s cannot be applied to %s: %s; running it as %s", resolved, path, refused,
+                           info.own_type)
+            final = info.own_type
+            chain = [t for t in chain if not t.needs_weights]
+        model = models.get(key) or parse(path)
         for t in chain:
             try:
                 t.apply(model, target)
@@ -441,14 +510,6 @@ def prepare_models(
         out[key] = ModelSource(path, model)
         applied[key] = [t.name for t in chain]
     return PreparedModels(out, final, applied)
-
-
-def _check_applicable(path: Path, model: ModelProto, chain: list[Transform], target: TransformTarget) -> None:
-    """Cheap checks on the graph without its weights, so an impossible quantization is refused
-    before anything is loaded or cached."""
-    for t in chain:
-        if t.check is not None:
-            t.check(model, target)
 
 
 def _all_graphs(graph):
