@@ -21,6 +21,7 @@ their data, unsupported tensor types) runs before the segment is allocated.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import logging
 import os
 import pickle
@@ -53,6 +54,8 @@ logger = logging.getLogger("shmengine")
 
 # Tensors up to this size stay in the skeleton.
 INLINE_LIMIT = 4096
+# Tensors from this size on are stored once when several graphs of the store hold the same bytes.
+DEDUPLICATE_FROM = 1 << 20
 # Nothing this engine can load is larger; a shape claiming more is corrupt or hostile.
 MAX_TENSOR_BYTES = 1 << 40
 
@@ -205,6 +208,27 @@ class _Planned:
     nbytes: int
     external: tuple[Path, int] | None  # (file, offset) when the bytes live in an external file
     offset: int = 0
+    duplicate: bool = False  # the same bytes are stored for an earlier tensor, at ``offset``
+
+    def digest(self) -> bytes:
+        """A hash of the tensor's bytes (read from its file, or from the proto)."""
+        h = hashlib.blake2b(digest_size=20)
+        if self.external is not None:
+            file, start = self.external
+            with open(file, "rb", buffering=0) as f:
+                f.seek(start)
+                left = self.nbytes
+                while left:
+                    chunk = f.read(min(left, 1 << 24))
+                    if not chunk:
+                        break
+                    h.update(chunk)
+                    left -= len(chunk)
+        elif self.proto.HasField("raw_data"):
+            h.update(self.proto.raw_data)
+        else:
+            h.update(np.ascontiguousarray(numpy_helper.to_array(self.proto)).view(np.uint8).reshape(-1).data)
+        return h.digest()
 
 
 @dataclass
@@ -375,6 +399,9 @@ class _ModelReader:
     def copy_into(self, buffer: memoryview) -> None:
         """Copy every planned tensor's bytes to its place in ``buffer``."""
         for item in self.planned:
+            if item.duplicate:
+                release_proto_data(item.proto)
+                continue
             dest = buffer[item.offset : item.offset + item.nbytes]
             if item.external is not None:
                 file, offset = item.external
@@ -475,10 +502,22 @@ class WeightStore:
             if edit is not None:
                 edit(readers[-1].model)
         offset = ALIGNMENT  # the header occupies the first 64 bytes
+        # The graphs of one model often hold the same tensor twice (a seq2seq export's encoder
+        # and decoder each carry the shared embedding: 114 MiB twice on Marian-base): identical
+        # bytes are stored once and every graph points at them.
+        stored: dict[tuple, int] = {}
         for reader in readers:
             for item in reader.planned:
+                key = None
+                if item.nbytes >= DEDUPLICATE_FROM:
+                    key = (item.proto.data_type, item.shape, item.digest())
+                    if key in stored:
+                        item.offset, item.duplicate = stored[key], True
+                        continue
                 item.offset = offset
                 offset = align_up(offset + item.nbytes)
+                if key is not None:
+                    stored[key] = item.offset
         data_end = offset
         # Writing the data first lets each proto drop its bytes before the skeleton is serialised.
         segment = SharedSegment.create(data_end)
@@ -508,8 +547,8 @@ class WeightStore:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of tensor data in the segment."""
-        return sum(e.shared_bytes for e in self.catalog.values())
+        """Bytes of tensor data in the segment (a tensor several graphs share counts once)."""
+        return sum(n for _, n in {(t.offset, t.nbytes) for e in self.catalog.values() for t in e.tensors})
 
     def discard_tensor_data(self) -> None:
         """Free the tensor pages once every worker loads its weights from elsewhere (prepacked

@@ -381,3 +381,33 @@ def test_worker_cannot_map_the_segment_writable(small_mlp):
             pool.close()
     finally:
         store.close()
+
+
+def test_the_same_tensor_in_two_graphs_is_stored_once(tmp_path):
+    """A seq2seq export's encoder and decoder both carry the embedding: one copy in the segment."""
+    rng = np.random.default_rng(11)
+    shared = rng.standard_normal((512, 640)).astype(np.float32)  # 1.25 MiB, in both graphs
+    outputs = {}
+    for name, own in (("a", rng.standard_normal((640, 8)).astype(np.float32)),
+                      ("b", rng.standard_normal((640, 8)).astype(np.float32))):
+        model = _model(
+            [helper.make_node("MatMul", ["x", "shared"], ["h"]), helper.make_node("MatMul", ["h", "own"], ["y"])],
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 512])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8])],
+            [numpy_helper.from_array(shared, "shared"), numpy_helper.from_array(own, "own")],
+        )
+        save_model(model, tmp_path / name)
+        outputs[name] = own
+    store = WeightStore.load({"a": tmp_path / "a", "b": tmp_path / "b"})
+    try:
+        offsets = {key: {t.name: t.offset for t in entry.tensors} for key, entry in store.catalog.items()}
+        assert offsets["a"]["shared"] == offsets["b"]["shared"]
+        assert offsets["a"]["own"] != offsets["b"]["own"]
+        assert store.nbytes == shared.nbytes + 2 * outputs["a"].nbytes
+        assert store.segment.size < 2 * shared.nbytes
+    finally:
+        store.close()
+    x = rng.standard_normal((3, 512)).astype(np.float32)
+    for key in ("a", "b"):
+        with shmengine.Engine(tmp_path / key) as engine:
+            np.testing.assert_allclose(engine.run_batch({"x": x})["y"], x @ shared @ outputs[key], rtol=1e-4, atol=1e-4)
