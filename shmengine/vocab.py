@@ -69,7 +69,14 @@ class Vocabulary:
         return cls(tokens, unk, str(path))
 
     def to_ids(self, tokens: Sequence, where: str = "input") -> list[int]:
-        """Map tokens (strings, or ids already) to ids; unknown strings become the unk id."""
+        """Map tokens (strings, or ids already) to ids; unknown strings become the unk id.
+
+        A string where the list belongs is refused (``TokenTypeError``, a ``TypeError`` as in
+        CTranslate2) rather than read character by character as tokens."""
+        if isinstance(tokens, (str, bytes)):
+            from .errors import TokenTypeError
+
+            raise TokenTypeError(f"{where} is a string; pass a list of tokens (split it with the model's tokenizer)")
         ids = []
         for token in tokens:
             if isinstance(token, (int,)) and not isinstance(token, bool):

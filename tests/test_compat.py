@@ -49,6 +49,13 @@ def test_errors_are_the_classes_ctranslate2_raises(tmp_path, translator, generat
         translator.translate_batch(["1 2 </s>"])
     with pytest.raises(TypeError, match="is a string"):
         generator.generate_batch(["<|endoftext|> 1 ="])
+    # targets, prefixes and scored sequences too: a string was read as one token per character
+    with pytest.raises(TypeError, match=r"target\[0\] is a string"):
+        translator.score_batch([digits(1)], ["one"])
+    with pytest.raises(TypeError, match=r"target_prefix\[0\] is a string"):
+        translator.translate_batch([digits(1)], ["one"])
+    with pytest.raises(TypeError, match=r"tokens\[0\] is a string"):
+        generator.score_batch(["<|endoftext|> 1 = one"])
     # and they stay what they were: shmengine's own, and ValueError for bad input
     with pytest.raises(shmengine.InvalidInputError):
         translator.translate_batch(["1 2 </s>"])
