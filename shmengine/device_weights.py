@@ -40,7 +40,7 @@ logger = logging.getLogger("shmengine")
 class DeviceWeights:
     """Where one GPU's copy of the segment is: an IPC handle to ``nbytes`` of device memory."""
 
-    device_index: int
+    device_index: int  # as the user named it (each process sees its GPU as device 0)
     handle: bytes
     nbytes: int
 
@@ -58,7 +58,8 @@ class DeviceWeightsProgram:
 
         buffer = context._segment.buffer
         nbytes = len(buffer)
-        with cupy.cuda.Device(device_index):
+        # Like every CUDA worker, the holder sees only its own GPU (CUDA_VISIBLE_DEVICES): device 0.
+        with cupy.cuda.Device(0):
             # cupy.cuda.Memory is one cudaMalloc of its own (not a slice of cupy's memory pool),
             # so its IPC handle names exactly this allocation, offset 0.
             self._memory = cupy.cuda.Memory(nbytes)
@@ -83,9 +84,9 @@ def _open(weights: DeviceWeights):
 
     pointer = _opened.get(weights.handle)
     if pointer is None:
-        with cupy.cuda.Device(weights.device_index):
+        with cupy.cuda.Device(0):  # the worker's only visible GPU, the holder's too
             address = cupy.cuda.runtime.ipcOpenMemHandle(weights.handle, cupy.cuda.runtime.cudaIpcMemLazyEnablePeerAccess)
-        memory = cupy.cuda.UnownedMemory(address, weights.nbytes, owner=None, device_id=weights.device_index)
+        memory = cupy.cuda.UnownedMemory(address, weights.nbytes, owner=None, device_id=0)
         pointer = cupy.cuda.MemoryPointer(memory, 0)
         _opened[weights.handle] = pointer
     return pointer
@@ -100,7 +101,7 @@ def device_initializers(entry: ModelEntry, weights: DeviceWeights) -> list[tuple
 
     base = _open(weights)
     values = []
-    with cupy.cuda.Device(weights.device_index):
+    with cupy.cuda.Device(0):
         for tensor in entry.tensors:
             if tensor.elem_type in RAW_ONNX_TYPES:
                 continue

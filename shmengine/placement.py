@@ -91,7 +91,8 @@ def place_workers(
     for index in indices:
         for _ in range(inter_threads):
             if device == "cuda":
-                providers = (("CUDAExecutionProvider", {"device_id": str(index)}), ("CPUExecutionProvider", {}))
+                # the worker sees only its own GPU (CUDA_VISIBLE_DEVICES, see cuda_visible_devices), as device 0
+                providers = (("CUDAExecutionProvider", {"device_id": "0"}), ("CPUExecutionProvider", {}))
             else:
                 providers = (("CPUExecutionProvider", {}),)
             slots.append(
@@ -105,6 +106,18 @@ def place_workers(
                 )
             )
     return Placement(device, indices, plan, slots)
+
+
+def cuda_visible_devices(device_index: int) -> str:
+    """The ``CUDA_VISIBLE_DEVICES`` of a worker on ``device_index`` (an index among the devices
+    this process sees): that one device only, so the worker's CUDA context, and that of every
+    library it loads, can only be made there. An existing mask is honoured: with
+    ``CUDA_VISIBLE_DEVICES=2,3`` index 1 is device 3."""
+    mask = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if mask is None or not mask.strip():
+        return str(device_index)
+    entries = [entry.strip() for entry in mask.split(",") if entry.strip()]
+    return entries[device_index] if device_index < len(entries) else str(device_index)
 
 
 def _providers() -> str:

@@ -179,7 +179,7 @@ class WorkerPool:
     """Forked workers serving batches from a bounded queue; every batch gets a Future.
 
     ``slot_settings`` gives each worker slot its session settings (one entry per worker; GPU
-    slots differ in ``device_id``). ``program`` says what a worker runs (see ``worker.py``).
+    slots differ in their target's device index). ``program`` says what a worker runs (see ``worker.py``).
     """
 
     def __init__(
@@ -401,6 +401,10 @@ class WorkerPool:
 
     def _environment_for(self, settings: SessionSettings) -> dict[str, str]:
         env = thread_environment(settings.intra_threads)
+        if settings.target.device == "cuda":
+            from .placement import cuda_visible_devices
+
+            env["CUDA_VISIBLE_DEVICES"] = cuda_visible_devices(settings.target.device_index)
         env.update(self._environment)
         return env
 

@@ -115,7 +115,10 @@ class BoundRunner(Runner):
         self.reduce_on_host = reduce == "host"
         self.top1_by_topk = reduce == "topk"  # TopK for greedy's top-1 too (else ArgMax)
         self.device = target.ort_device
-        self.device_id = target.device_index if target.device == "cuda" else 0
+        # A CUDA worker sees only its own GPU (CUDA_VISIBLE_DEVICES), as device 0; the index
+        # the user named is kept for messages.
+        self.device_id = 0
+        self.device_index = target.device_index
         self.providers = [name for name, _ in providers]
         self.provider_options = [dict(options) for _, options in providers]
         self._helpers: dict[tuple, Any] = {}
@@ -150,7 +153,7 @@ class BoundRunner(Runner):
             if self.device == "cuda" and _out_of_memory(exc):
                 rows = next((len(v) for v in feeds.values() if isinstance(v, np.ndarray) and v.ndim >= 1), "?")
                 raise DeviceOutOfMemoryError(
-                    f"CUDA device {self.device_id} ran out of memory running a batch of {rows} rows "
+                    f"CUDA device {self.device_index} ran out of memory running a batch of {rows} rows "
                     f"({str(exc).splitlines()[0][:300]}); lower max_batch_size, or run fewer workers on this GPU"
                 ) from exc
             raise
