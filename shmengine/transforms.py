@@ -293,8 +293,11 @@ def _source_files(path: Path, model: ModelProto) -> list[Path]:
 def _stats(files) -> list[list]:
     out = []
     for f in files:
-        st = Path(f).stat()
-        out.append([str(Path(f).resolve()), st.st_size, st.st_mtime_ns])
+        try:
+            st = Path(f).stat()
+            out.append([str(Path(f).resolve()), st.st_size, st.st_mtime_ns])
+        except OSError:  # a missing data file: the weight store's checks say so, clearly
+            out.append([str(f), -1, -1])
     return out
 
 
@@ -336,11 +339,8 @@ def _read_info(path: Path) -> _GraphInfo | None:
         info = _GraphInfo(**json.loads(_info_file(path).read_text()))
     except (OSError, ValueError, TypeError):
         return None
-    try:
-        if _stats(f for f, _, _ in info.files) != info.files:
-            return None  # an external data file changed
-    except OSError:
-        return None
+    if _stats(f for f, _, _ in info.files) != info.files:
+        return None  # an external data file changed
     return info
 
 
@@ -414,6 +414,9 @@ def _transformed_file(path: Path, info: _GraphInfo, chain: list[Transform], targ
         if (entry / "DONE").is_file():
             logger.info("compute type %s: using the cached transformed model %s", target.compute_type, result)
             return result
+        from .weights import check_model_file
+
+        check_model_file(path)  # the store's checks on paths and sizes, before onnx reads any data
         full = onnx.load(str(path))  # with its external data: the transforms read the weights
         for t in chain:
             t.apply(full, target)

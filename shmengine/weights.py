@@ -464,6 +464,12 @@ def point_at_segment(tensor: TensorProto, segment_name: str, offset: int, nbytes
         entry.key, entry.value = key, value
 
 
+def check_model_file(path: str | os.PathLike) -> None:
+    """Run the store's checks on one model file (external data inside its directory, shapes that
+    fit their data) without packing anything; raises :class:`ModelLoadError`."""
+    _ModelReader("check", resolve_model_file(path))
+
+
 class WeightStore:
     """All weights of one or several ONNX models, packed once into one read-only shared segment.
 

@@ -381,3 +381,10 @@ def test_cli_refuses_an_unknown_compute_type_without_a_traceback():
     assert done.returncode != 0
     assert "invalid compute_type 'int4'" in done.stderr and "int8_float16" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_int8_of_a_model_with_missing_data_says_what_is_missing(tmp_path, cache_dir):
+    mlp = make_mlp(tmp_path / "mlp", [64, 128, 32], seed=1, external_data=True)
+    (mlp.path / "model.onnx.data").unlink()
+    with pytest.raises(shmengine.ModelLoadError, match="needs external data file .*model.onnx.data.*missing"):
+        shmengine.Engine(mlp.path, compute_type="int8")
