@@ -50,6 +50,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from shmengine import Engine  # noqa: E402
+from shmengine.threads import usable_cores  # noqa: E402
 
 MIB = 1 << 20
 FORK = multiprocessing.get_context("fork")
@@ -494,7 +495,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
     log(
-        f"bench_pool: sections {','.join(sorted(args.sections))}, {len(os.sched_getaffinity(0))} usable cores, pid {os.getpid()}"
+        f"bench_pool: sections {','.join(sorted(args.sections))}, {usable_cores()} usable cores, pid {os.getpid()}"
     )
     tmp = Path(tempfile.mkdtemp(prefix="shmengine-bench-pool-"))
     rows: list[Row] = []
@@ -518,7 +519,7 @@ def main(argv=None) -> int:
     log(f"done in {time.perf_counter() - started:.0f} s")
     print()
     print(
-        f"shmengine pool benchmark ({'quick' if args.quick else 'full'} run, {len(os.sched_getaffinity(0))} usable cores)"
+        f"shmengine pool benchmark ({'quick' if args.quick else 'full'} run, {usable_cores()} usable cores)"
     )
     print_table(rows)
     return 0
