@@ -270,12 +270,10 @@ def cache_root(model_file: Path) -> Path:
     if override:
         return Path(override)
     beside = model_file.parent / ".shmengine-cache"
-    try:
-        beside.mkdir(exist_ok=True)
-        if os.access(beside, os.W_OK):
-            return beside
-    except OSError:
-        pass
+    # Decided without creating anything: a model that needs no transformed file leaves no
+    # directory behind (the directory is made when the first transformed file is written).
+    if os.access(beside if beside.is_dir() else model_file.parent, os.W_OK):
+        return beside
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "shmengine"
 
 

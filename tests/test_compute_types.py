@@ -190,6 +190,9 @@ def test_cache_lies_beside_a_writable_model(tmp_path, monkeypatch):
     monkeypatch.delenv("SHMENGINE_CACHE_DIR", raising=False)
     model = tmp_path / "marian"
     shutil.copytree(MARIAN, model)
+    with shmengine.Translator(model):
+        pass
+    assert not (model / ".shmengine-cache").exists()  # nothing to cache, nothing left beside the model
     with shmengine.Translator(model, compute_type="int8") as t:
         assert t.compute_type == "int8_float32"
     cached = list((model / ".shmengine-cache").glob("*/DONE"))
