@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import InvalidInputError, ShmEngineError
-from .mpi import MpiInfo
+from .mpi import MpiInfo, remove_transport_files_at_exit
 
 __all__ = ["COMMANDS", "RankFailedError", "RankModel", "is_distributed", "run", "attach"]
 
@@ -139,6 +139,7 @@ class _World:
         self.sends: list = []
         me = _Peer(self.rank, socket.gethostname(), os.getpid(), _fingerprint(args))
         self.peers: list[_Peer] = self.comm.allgather(me)
+        remove_transport_files_at_exit()
         different = [p.rank for p in self.peers if p.fingerprint != self.peers[0].fingerprint]
         if different:
             raise InvalidInputError(

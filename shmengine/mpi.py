@@ -11,8 +11,9 @@ environment: MPI has no non-collective call for it.
 from __future__ import annotations
 
 import os
+import subprocess
 
-__all__ = ["MpiInfo", "launched_by_mpi"]
+__all__ = ["MpiInfo", "launched_by_mpi", "remove_transport_files_at_exit"]
 
 _RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID")
 _SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS")
@@ -65,3 +66,41 @@ class MpiInfo:
     get_cur_rank = getCurRank
     get_n_ranks = getNRanks
     get_local_rank = getLocalRank
+
+
+_guarded: subprocess.Popen | None = None
+
+
+def remove_transport_files_at_exit() -> list[str]:
+    """Make sure Open MPI's shared-memory transport file of this rank goes when the rank does.
+
+    Open MPI 5's ``btl/sm`` backs each rank's segment with ``/dev/shm/sm_segment.<host>.<uid>.
+    <job>.<local rank>`` (16 MiB here) and removes it in ``MPI_Finalize`` only: a rank that is
+    SIGKILLed, aborts, or is stopped by mpirun after another rank failed leaves it behind (21 of
+    them were left in /dev/shm by the fault tests here). A tiny watcher in its own session
+    (``sh``: ``cat`` until the rank's end of a pipe closes, then ``rm -f``) removes this rank's
+    file however the rank ends; after a clean ``MPI_Finalize`` it finds nothing to remove.
+    Call once MPI is initialised; returns the paths watched.
+    """
+    global _guarded
+    if _guarded is not None:
+        return []
+    suffix = f".{MpiInfo.getLocalRank()}"
+    try:
+        with open("/proc/self/maps") as maps:
+            mapped = {line.split()[-1] for line in maps if "/sm_segment." in line}
+    except OSError:
+        return []
+    own = sorted(p for p in mapped if p.endswith(suffix) and p.startswith("/dev/shm/"))
+    if not own:
+        return []
+    try:
+        watcher = subprocess.Popen(
+            ["sh", "-c", 'cat > /dev/null; rm -f -- "$@"', "sh", *own],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )
+    except OSError:
+        return []
+    # the pipe's write end stays open in this process only (children get close_fds) until it ends
+    _guarded = watcher
+    return own

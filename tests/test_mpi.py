@@ -110,6 +110,8 @@ def test_a_rank_killed_mid_run_stops_every_rank_naming_it(tmp_path):
         tree = descendants(job.pid)
         held = shm_segments()
         assert held, "the ranks' engines hold no segment"
+        transport = mpi_transport_files(tree)
+        assert transport, "the ranks map no Open MPI transport file (the test would check nothing)"
         os.kill(int((tmp_path / "pid.1").read_text()), signal.SIGKILL)
         killed_at = time.monotonic()
         _, stderr = job.communicate(timeout=30)
@@ -123,6 +125,20 @@ def test_a_rank_killed_mid_run_stops_every_rank_naming_it(tmp_path):
     assert len(output.read_text().splitlines()) < 4000
     assert wait_until(lambda: not any(Path(f"/proc/{pid}").exists() and _alive(pid) for pid in tree), timeout=10)
     assert wait_until(lambda: not (held & shm_segments()), timeout=10)
+    # Open MPI leaves a killed rank's transport file in /dev/shm; shmengine's watcher removes it
+    assert wait_until(lambda: not any(os.path.exists(p) for p in transport), timeout=10), transport
+
+
+def mpi_transport_files(pids) -> set[str]:
+    """Open MPI's shared-memory transport files (``/dev/shm/sm_segment.*``) these ranks map."""
+    found = set()
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/maps") as maps:
+                found |= {line.split()[-1] for line in maps if "/sm_segment." in line}
+        except OSError:
+            pass
+    return found
 
 
 def _alive(pid: int) -> bool:

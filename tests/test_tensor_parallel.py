@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 from conftest import ROOT, wait_until
-from test_mpi import mpirun_command
+from test_mpi import mpi_transport_files, mpirun_command
 
 pytestmark = pytest.mark.mpi
 
@@ -83,6 +83,8 @@ def test_a_rank_killed_mid_step_stops_the_other_within_10_s(tmp_path):
         assert wait_until(lambda: os.path.exists(f"{out}.progress.0"), timeout=90), "the ranks never generated"
         rank0 = int(open(f"{out}.pid.0").read())
         rank1 = int(open(f"{out}.pid.1").read())
+        transport = mpi_transport_files([rank0, rank1])
+        assert transport, "the ranks map no Open MPI transport file (the test would check nothing)"
         os.kill(rank1, signal.SIGKILL)
         killed = time.monotonic()
         _, stderr = job.communicate(timeout=30)
@@ -93,6 +95,8 @@ def test_a_rank_killed_mid_step_stops_the_other_within_10_s(tmp_path):
     assert job.returncode != 0
     assert "rank 1" in stderr and "signal 9" in stderr, stderr  # mpirun names the dead rank
     assert wait_until(lambda: not os.path.exists(f"/proc/{rank0}"), timeout=10)
+    # Open MPI leaves killed ranks' transport files in /dev/shm; shmengine's watcher removes them
+    assert wait_until(lambda: not any(os.path.exists(p) for p in transport), timeout=10), transport
 
 
 MARIAN = ROOT / "models" / "numbers-marian"

@@ -32,6 +32,10 @@ class Communicator:
         self.rank = self.comm.Get_rank()
         self.size = self.comm.Get_size()
         self.calls = 0
+        if self.size > 1:
+            from ..mpi import remove_transport_files_at_exit
+
+            remove_transport_files_at_exit()
 
     def sum(self, partial: np.ndarray) -> np.ndarray:
         """The elementwise sum of every rank's ``partial`` (same shape everywhere), in place."""
