@@ -94,8 +94,8 @@ BREAKS = [
     ),
     Break(
         "score-without-end", "weaker list", "shmengine/translator.py",
-        "to_ids(t, where=f\"target[{i}]\") + [eos]",
-        "to_ids(t, where=f\"target[{i}]\") + []",  # BREAK: the end token is not scored
+        "            targets.append(ids + [eos])\n",
+        "            targets.append(ids)  # BREAK: the end token is not scored\n",
         ["tests/test_generation.py::test_scores_prefer_the_right_words"],
     ),
     Break(
