@@ -446,13 +446,13 @@ def _slice_options(options, indices):
         value = getattr(options, name)
         if isinstance(value, list):
             changes[name] = [value[i] for i in indices]
-    return _replace(options, **changes)
     if options.seed is not None:
         # each sub-batch samples with a seed of its own, drawn in submission order: one seed for
         # all of them would give identical prompts in different sub-batches identical samples
         from .options import next_seed
 
         changes["seed"] = next_seed()
+    return _replace(options, **changes)
 
 
 def _callback_router(callback, indices, vocabulary):
