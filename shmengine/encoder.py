@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .batching import BatchFuture, split_future
 from .engine import PooledModel
 from .errors import InvalidInputError
 from .generator import check_constructor_extras
@@ -89,19 +90,11 @@ class Encoder(PooledModel):
                 raise InvalidInputError(
                     f"inputs[{i}] has {len(ids)} tokens, more than the model's {self.model.max_positions} positions"
                 )
-        future = self._pool.submit("forward", sequences)
-
-        def convert(result):
+        def convert(result, _index):
             hidden, pooled = result
             return EncoderForwardOutput(last_hidden_state=hidden, pooler_output=pooled)
 
-        if asynchronous:
-            from concurrent.futures import Future
-
-            out: Future = Future()
-            out.set_running_or_notify_cancel()
-            future.add_done_callback(
-                lambda f: out.set_exception(f.exception()) if f.exception() else out.set_result(convert(f.result()))
-            )
-            return out
-        return convert(future.result())
+        future = BatchFuture()  # its one example future is cancellable while the batch is queued
+        example = split_future(future, 1, convert)[0]
+        self._pool.submit("forward", sequences, future=future)
+        return example if asynchronous else example.result()

@@ -80,6 +80,10 @@ class TranslatorProgram:
             sources, options = payload
             stepper = self._stepper()
             stepper.encode(sources)
+            if options.beam_size == 1 and options.num_hypotheses > 1:
+                # decode() runs each example num_hypotheses times, side by side: the encoder
+                # states must be repeated the same way
+                stepper.select(np.repeat(np.arange(len(sources)), options.num_hypotheses))
             return decode(stepper, [[self.start_id]] * len(sources), options, _streamer(self.context, options))
         if method == "score":
             sources, targets = payload  # targets end with the end token

@@ -295,6 +295,10 @@ class WorkerPool:
         """Take no new batches and wait until every submitted one is done (``cancel_queued``:
         cancel those no worker has taken yet, and wait only for the running ones). Returns
         False if ``timeout`` seconds passed first. ``close()`` then stops the workers."""
+        if threading.current_thread() is self._manager:
+            # a done-callback or an event callback: the batches it would wait for complete on
+            # this very thread
+            raise RuntimeError("close(wait=True) cannot be called from a future's callback; call close() there")
         with self._not_full:
             self._draining = True
             self._not_full.notify_all()

@@ -81,3 +81,25 @@ def test_close_with_wait_and_cancel_futures_cancels_the_queued_and_finishes_the_
     generator.close(wait=True, cancel_futures=True)
     assert " ".join(running[0].result(timeout=0).sequences[0]) == "forty two"
     assert queued[0].cancelled()
+
+
+def test_close_with_wait_from_a_callback_refuses_instead_of_deadlocking():
+    import numpy as np
+
+    engine = shmengine.Engine(Path(__file__).resolve().parents[1] / "models" / "default", inter_threads=1, intra_threads=1)
+    feeds = {"x": np.zeros((2, engine.inputs[0].shape[1]), dtype=np.float32)}
+    futures = engine.run_batch([feeds] * 3, asynchronous=True)
+    raised = []
+
+    def close_from_callback(_future):
+        try:
+            engine.close(wait=True)
+        except RuntimeError as exc:
+            raised.append(exc)
+
+    futures[0].add_done_callback(close_from_callback)
+    for f in futures:
+        f.result(timeout=60)  # the other batches still complete: nothing hangs
+    assert raised and "callback" in str(raised[0])
+    engine.close()
+

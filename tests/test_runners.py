@@ -103,6 +103,17 @@ class RunnerContract:
         assert first == again
         assert first != other
 
+    def test_translator_samples_several_hypotheses_per_source(self, models):
+        translator = models[1]
+        pairs = heldout(12)
+        shmengine.set_random_seed(5)
+        results = translator.translate_batch(
+            [[*n, "</s>"] for n, _ in pairs], beam_size=1, num_hypotheses=3, sampling_topk=5, sampling_temperature=0.05
+        )
+        for result, (_, words) in zip(results, pairs):
+            # near-zero temperature: every sample is the model's answer, each of its own source
+            assert [" ".join(h) for h in result.hypotheses] == [words] * 3
+
     def test_streaming_gives_the_greedy_tokens(self, models):
         generator = models[0]
         bos = generator.vocabulary.id_to_token[generator.model.bos_id]
