@@ -160,7 +160,7 @@ class BoundRunner(Runner):
         outputs = {}
         for (name, where), value in zip(fetch.items(), binding.get_outputs()):
             if where == HOST:
-                outputs[name] = value.numpy()
+                outputs[name] = self.to_host(value)
             elif where == LOGITS:
                 outputs[name] = BoundLogits(value, self)
             else:
@@ -177,6 +177,17 @@ class BoundRunner(Runner):
         return {name: taken[name] for name in tensors}
 
     # -- helper graphs on the device -------------------------------------------------------------
+
+    def to_host(self, value) -> np.ndarray:
+        """An OrtValue as a numpy array; bfloat16, which numpy lacks, as float32 (cast where it lies)."""
+        if value.data_type() != "tensor(bfloat16)":
+            return value.numpy()
+        session = self._helper(("cast",), _cast_graph)
+        binding = session.io_binding()
+        binding.bind_ortvalue_input("x", value)
+        binding.bind_output("y", "cpu")
+        session.run_with_iobinding(binding)
+        return binding.get_outputs()[0].numpy()
 
     def gather(self, values: list, rows: np.ndarray) -> list:
         """``value[rows]`` for every OrtValue, in one run of a Gather graph on the device."""
@@ -236,7 +247,7 @@ class BoundLogits:
         return self.value.shape()[-1]
 
     def array(self) -> np.ndarray:
-        return self.value.numpy()[:, -1, :].astype(np.float32, copy=False)
+        return self.runner.to_host(self.value)[:, -1, :].astype(np.float32, copy=False)
 
     def take(self, rows: np.ndarray) -> BoundLogits:
         return BoundLogits(self.runner.gather([self.value], np.ascontiguousarray(rows, dtype=np.int64))[0], self.runner)
@@ -296,6 +307,17 @@ def _gather_graph(types: tuple[str, ...]):
     outputs = [helper.make_tensor_value_info(f"y{i}", _onnx_type(t), None) for i, t in enumerate(types)]
     nodes = [helper.make_node("Gather", [f"x{i}", "rows"], [f"y{i}"], axis=0) for i in range(len(types))]
     return _model(nodes, inputs, outputs)
+
+
+def _cast_graph():
+    """bfloat16 -> float32, any shape."""
+    from onnx import TensorProto, helper
+
+    return _model(
+        [helper.make_node("Cast", ["x"], ["y"], to=TensorProto.FLOAT)],
+        [helper.make_tensor_value_info("x", TensorProto.BFLOAT16, None)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+    )
 
 
 def _top_graph(logits_type: str, argmax: bool):

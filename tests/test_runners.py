@@ -212,3 +212,21 @@ def test_runners_run_a_session_the_same_way():
         np.testing.assert_allclose(full, (4 * x) * x, rtol=1e-6)
         values, ids, _ = out["logits"].top(1)
         np.testing.assert_array_equal(ids[:, 0], np.argmax((3 * x * x)[:, -1, :], axis=-1))
+
+
+def test_bfloat16_logits_come_back_as_float32(bound):
+    """numpy has no bfloat16: the bound runner casts where the tensor lies; numpy's reference is
+    the float32 whose upper 16 bits are the bfloat16's."""
+    import onnxruntime as ort
+    from onnx import TensorProto
+
+    from shmengine.runners import BoundLogits
+
+    x = np.random.default_rng(3).standard_normal((3, 2, 40)).astype(np.float32)
+    bits = (x.view(np.uint32) >> 16).astype(np.uint16)
+    value = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(bits, TensorProto.BFLOAT16)
+    expected = (bits.astype(np.uint32) << 16).view(np.float32)
+    np.testing.assert_array_equal(bound.to_host(value), expected)
+    np.testing.assert_array_equal(BoundLogits(value, bound).array(), expected[:, -1, :])
+    _, ids, _ = BoundLogits(value, bound).top(3)
+    np.testing.assert_array_equal(ids, np.argsort(-expected[:, -1, :], axis=-1, kind="stable")[:, :3])
