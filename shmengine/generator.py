@@ -423,18 +423,28 @@ class Generator(DecodingModel):
                     f"tokens[{i}] has {len(ids)} tokens, more than the model's {self.model.max_positions} positions; "
                     "set max_input_length to truncate"
                 )
-            if len(ids) < 2:
-                raise InvalidInputError(f"tokens[{i}] has {len(ids)} token(s); scoring needs at least 2")
             sequences.append(ids)
+        # A sequence of fewer than 2 tokens has nothing to score (the first token is only
+        # conditioned on): an empty result, as CTranslate2 gives, without a worker.
+        scored = [i for i, ids in enumerate(sequences) if len(ids) >= 2]
 
-        def convert(log_probs, example):
-            ids = sequences[example][1 + offset :]
+        def convert(log_probs, position):
+            ids = sequences[scored[position]][1 + offset :]
             return ScoringResult(tokens=self.vocabulary.to_tokens(ids), log_probs=list(log_probs[offset:]))
 
-        futures = self._submit_split(
-            "score", [len(s) for s in sequences], lambda indices: [sequences[i] for i in indices],
+        submitted = self._submit_split(
+            "score", [len(sequences[i]) for i in scored], lambda indices: [sequences[scored[j]] for j in indices],
             convert, max_batch_size, batch_type,
-        )
+        ) if scored else []
+        futures: list[Future] = []
+        answers = iter(submitted)
+        for ids in sequences:
+            if len(ids) >= 2:
+                futures.append(next(answers))
+            else:
+                empty = Future()
+                empty.set_result(ScoringResult(tokens=[], log_probs=[]))
+                futures.append(empty)
         return futures if asynchronous else [f.result() for f in futures]
 
 
