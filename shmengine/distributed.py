@@ -1,29 +1,29 @@
 """Data parallelism across MPI ranks: ``mpirun -np N shmengine-run translate|generate|score``.
 
 Every rank builds its own engine (its own ``inter_threads`` workers). Rank 0 runs the command
-exactly as one process does — it reads the input, tokenizes, writes every output line in input
-order — except that its model is a :class:`RankModel`: each asynchronous batch call the command
-makes (one per chunk of lines: ``translate_batch`` / ``generate_batch`` / ``score_batch``) goes
-to rank ``k % N`` for the k-th call. The other ranks only serve those calls. Because rank 0 cuts
-the input into the very chunks one process cuts, each chunk is batched, run and written as in
-one process: the output is the same, every line exactly once, and it streams.
+exactly as one process does — it reads the input, tokenizes, cuts sub-batches, draws the
+sampling seeds, converts the results and writes every output line in input order — except that
+its model's pool is a :class:`SpreadPool`: the n-th batch goes to rank ``n % N`` (rank 0's own
+pool for its share). The other ranks only serve those batches with their pools. Only a batch's
+(method, payload) travels, and its raw result comes back, so the output is one process's: the
+same lines, every one exactly once, streaming, seeded sampling included.
 
 ::
 
     rank 0: the command, unchanged                               rank r > 0: serve()
     ───────────────────────────────                              ───────────────────
-    read, tokenize ─▶ call k ─┬─ k % N == 0: own engine
-                              └─ else: _Call(k, method, args) ──▶ own engine (own workers)
-    write lines in order ◀── futures ◀──── _Reply(k, results) ◀──┘
-                         ◀──── _Failure(rank, why): any rank tells every rank ────▶
-    end of the command ───────────────────── _End() ─────────────────▶ close, exit 0
+    read, tokenize, batch ─▶ batch n ─┬─ n % N == 0: own pool
+                                      └─ else: _Call(n, method, payload) ──▶ own pool (own workers)
+    convert, write in order ◀── future ◀──────── _Reply(n, result) ◀────────┘
+                            ◀──── _Failure(rank, why): any rank tells every rank ────▶
+    end of the command ──────────────────────── _End() ──────────────────▶ close, exit 0
 
 * Only rank 0 reads the input, so a file on rank 0's host is enough. stdin is refused under
   mpirun: Open MPI 5's mpirun passes stdin on to rank 0 but never its end (openpmix/openpmix#4024).
 * Rank 0's MPI traffic runs in one thread (``shmengine-mpi``), which completes the futures; the
   others poll in their main thread. Every MPI call is non-blocking and polled, so signals are
   handled: when a rank dies, mpirun sends SIGTERM to the others. Rank 0's MPI thread also
-  watches the pids of the ranks on its own host, so a dead one fails its calls at once, named.
+  watches the pids of the ranks on its own host, so a dead one fails its batches at once, named.
 * The only collective is one ``allgather`` at start-up, before any engine exists: each rank's
   host and pid, and a fingerprint of its arguments (ranks started differently are refused).
 """
@@ -39,19 +39,18 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import InvalidInputError, ShmEngineError
 from .mpi import MpiInfo, remove_transport_files_at_exit
 
-__all__ = ["COMMANDS", "RankFailedError", "RankModel", "is_distributed", "run", "attach"]
+__all__ = ["COMMANDS", "RankFailedError", "SpreadPool", "is_distributed", "run", "attach"]
 
 COMMANDS = ("translate", "generate", "score")
 _POLL_S = 0.002
 _LIVENESS_S = 0.2
 _TAG = 13
-_BATCH_METHODS = ("translate_batch", "generate_batch", "score_batch")
 
 
 class RankFailedError(ShmEngineError):
@@ -77,14 +76,13 @@ class _Peer:
 class _Call:
     index: int
     method: str
-    args: tuple
-    kwargs: dict
+    payload: Any
 
 
 @dataclass
 class _Reply:
     index: int
-    results: list | None = None
+    result: Any = None
     error: BaseException | None = None
 
 
@@ -197,32 +195,32 @@ _world: _World | None = None
 # -- rank 0 -----------------------------------------------------------------------------------
 
 
-@dataclass
-class _Outstanding:
-    rank: int
-    futures: list[Future] = field(default_factory=list)
-
-
 class _Dispatcher(threading.Thread):
-    """Rank 0's MPI thread: sends the calls of other ranks, completes their futures."""
+    """Rank 0's MPI thread: sends the batches of other ranks, completes their futures."""
 
-    def __init__(self, world: _World, check: Callable[[], None]):
+    def __init__(self, world: _World):
         super().__init__(name="shmengine-mpi", daemon=True)
-        self.world, self.check = world, check
+        self.world = world
         self.outbox: queue.SimpleQueue = queue.SimpleQueue()
-        self.outstanding: dict[int, _Outstanding] = {}
+        self.outstanding: dict[int, tuple[int, Future]] = {}
         self.lock = threading.Lock()
         self.failure: RankFailedError | None = None
         self.stopping = threading.Event()
         self.send_end = True
         self.finished = threading.Event()
 
-    def submit(self, call: _Call, rank: int, futures: list[Future]) -> None:
+    def submit(self, call: _Call, rank: int, future: Future) -> None:
         with self.lock:
             if self.failure is not None:
                 raise self.failure
-            self.outstanding[call.index] = _Outstanding(rank, futures)
+            self.outstanding[call.index] = (rank, future)
         self.outbox.put((call, rank))
+
+    def stop(self, *, ended: bool) -> None:
+        """Stop the thread; with ``ended``, tell the other ranks the run is over first."""
+        self.send_end = ended
+        self.stopping.set()
+        self.finished.wait(30)
 
     def run(self) -> None:
         world, last_look = self.world, 0.0
@@ -261,95 +259,60 @@ class _Dispatcher(threading.Thread):
 
     def _complete(self, reply: _Reply) -> None:
         with self.lock:
-            entry = self.outstanding.pop(reply.index, None)
-        if entry is None:
-            raise RuntimeError(f"rank answered call {reply.index}, which it was never sent or answered twice")
+            _, future = self.outstanding.pop(reply.index, (None, None))
+        if future is None:
+            raise RuntimeError(f"a rank answered batch {reply.index}, which it was never sent or answered twice")
         if reply.error is not None:
-            for future in entry.futures:
-                future.set_exception(reply.error)
-        elif len(reply.results) != len(entry.futures):
-            error = RuntimeError(f"{self.world.name(entry.rank)} answered {len(reply.results)} of {len(entry.futures)} examples")
-            for future in entry.futures:
-                future.set_exception(error)
+            future.set_exception(reply.error)
         else:
-            for future, result in zip(entry.futures, reply.results):
-                future.set_result(result)
+            future.set_result(reply.result)
 
     def _fail_all(self, error: RankFailedError) -> None:
         with self.lock:
             self.failure = error
             entries, self.outstanding = list(self.outstanding.values()), {}
-        for entry in entries:
-            for future in entry.futures:
-                if not future.done():
-                    future.set_exception(error)
+        for _, future in entries:
+            if not future.done():
+                future.set_exception(error)
 
 
-class RankModel:
-    """Rank 0's model: every asynchronous batch call goes to the next rank in turn.
+class SpreadPool:
+    """Rank 0's pool: the n-th batch runs on rank ``n % N`` (rank 0's own pool for its share).
 
-    Everything else (the vocabulary, synchronous calls, ``*_iterable``, attributes) is the real
-    model's; the ``*_iterable`` methods run the real class's code over this object, so their
-    chunks become calls spread over the ranks.
+    It stands where the model's :class:`pool.WorkerPool` stood, so everything above it is one
+    process's code: the same tokenization, the same sub-batches (``max_batch_size``), the same
+    per-batch sampling seeds, the same conversion of results. Only the (method, payload) of a
+    batch travels, and its raw result comes back. Batches with a streaming callback run here.
     """
 
-    def __init__(self, model, world: _World, check: Callable[[], None]):
-        self._model, self._world = model, world
-        self._calls = 0
-        self._dispatcher = _Dispatcher(world, check)
-        self._dispatcher.start()
+    def __init__(self, pool, world: _World, dispatcher: _Dispatcher):
+        self._pool, self._world, self._dispatcher = pool, world, dispatcher
+        self.batches = 0
+        self.per_rank = [0] * world.size
 
     def __getattr__(self, name):
-        attribute = getattr(self._model, name)
-        function = getattr(type(self._model), name, None)
-        if name.endswith("_iterable") and callable(function):
-            return lambda *args, **kwargs: function(self, *args, **kwargs)
-        return attribute
+        return getattr(self._pool, name)
 
-    def _spread(self, method: str, args: tuple, kwargs: dict):
-        if not kwargs.get("asynchronous"):
-            return getattr(self._model, method)(*args, **kwargs)
-        index, rank = self._calls, self._calls % self._world.size
-        self._calls += 1
+    def submit(self, method: str, payload, *, ping: bool = False, on_event=None, future: Future | None = None) -> Future:
+        if ping or on_event is not None:
+            return self._submit_here(method, payload, ping=ping, on_event=on_event, future=future)
+        index, rank = self.batches, self.batches % self._world.size
+        self.batches += 1
+        self.per_rank[rank] += 1
         if rank == 0:
-            return getattr(self._model, method)(*args, **kwargs)
-        examples = len(args[0]) if args else len(kwargs.get("source", kwargs.get("start_tokens", ())))
-        futures = [Future() for _ in range(examples)]
-        for future in futures:
-            future.set_running_or_notify_cancel()
-        self._dispatcher.submit(_Call(index, method, args, kwargs), rank, futures)
-        return futures
+            return self._submit_here(method, payload, future=future)
+        future = Future() if future is None else future
+        if future.set_running_or_notify_cancel():
+            self._dispatcher.submit(_Call(index, method, payload), rank, future)
+        return future
 
-    def translate_batch(self, *args, **kwargs):
-        return self._spread("translate_batch", args, kwargs)
+    def _submit_here(self, method, payload, **options) -> Future:
+        if options.get("future") is None:
+            options.pop("future", None)
+        return self._pool.submit(method, payload, **options)
 
-    def generate_batch(self, *args, **kwargs):
-        return self._spread("generate_batch", args, kwargs)
-
-    def score_batch(self, *args, **kwargs):
-        return self._spread("score_batch", args, kwargs)
-
-    def close(self, *, ended: bool = True) -> None:
-        """Tell the other ranks the run is over (unless it failed: :func:`run` tells them why
-        instead), then close rank 0's engine."""
-        self._dispatcher.send_end = ended
-        self._dispatcher.stopping.set()
-        self._dispatcher.finished.wait(30)
-        self._model.close()
-        if ended:
-            size = self._world.size
-            counts = [len(range(r, self._calls, size)) for r in range(size)]
-            print(
-                f"{self._calls} batch calls over {size} MPI ranks: "
-                + ", ".join(f"rank {r} {n}" for r, n in enumerate(counts)),
-                file=sys.stderr,
-            )
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        self.close(ended=exc_type is None)
+    def describe(self) -> list[str]:
+        return [f"Data parallel: {self._world.size} MPI ranks, this is rank 0 (it reads and writes)"] + self._pool.describe()
 
 
 # -- ranks > 0 --------------------------------------------------------------------------------
@@ -360,7 +323,7 @@ class _Served(SystemExit):
 
 
 def _serve(model, world: _World, check: Callable[[], None]) -> None:
-    running: list[tuple[_Call, list[Future] | BaseException]] = []
+    running: list[tuple[_Call, Future]] = []
     ended, last_look = False, 0.0
     try:
         while not ended or running:
@@ -371,15 +334,10 @@ def _serve(model, world: _World, check: Callable[[], None]) -> None:
                 if isinstance(call, _End):
                     ended = True
                 elif isinstance(call, _Call):
-                    if call.method not in _BATCH_METHODS:
-                        raise RuntimeError(f"rank 0 asked for {call.method!r}, which is not a batch method")
-                    try:
-                        running.append((call, getattr(model, call.method)(*call.args, **call.kwargs)))
-                    except Exception as exc:  # the input's fault: rank 0's caller gets it
-                        running.append((call, exc))
-            while running and (isinstance(running[0][1], BaseException) or all(f.done() for f in running[0][1])):
-                call, outcome = running.pop(0)
-                world.send(_reply(call, outcome), 0)
+                    running.append((call, model._pool.submit(call.method, call.payload)))
+            while running and running[0][1].done():
+                call, future = running.pop(0)
+                world.send(_reply(call, future), 0)
                 busy = True
             now = time.monotonic()
             if now - last_look > _LIVENESS_S:
@@ -397,13 +355,12 @@ def _serve(model, world: _World, check: Callable[[], None]) -> None:
         model.close()
 
 
-def _reply(call: _Call, outcome) -> _Reply:
-    if isinstance(outcome, BaseException):
-        return _Reply(call.index, error=outcome)
-    try:
-        return _Reply(call.index, results=[f.result() for f in outcome])
-    except Exception as exc:
-        return _Reply(call.index, error=exc)
+def _reply(call: _Call, future: Future) -> _Reply:
+    error = future.exception()
+    if error is not None:
+        error.__cause__ = None  # a RemoteTraceback of this rank's worker: its text is in the message
+        return _Reply(call.index, error=error)
+    return _Reply(call.index, result=future.result())
 
 
 # -- the launcher's two hooks -----------------------------------------------------------------
@@ -413,8 +370,8 @@ def run(args, command: Callable, check: Callable[[], None]) -> int:
     """Run ``command(args)`` as this MPI rank (the launcher's hook around a text command).
 
     ``check()`` raises KeyboardInterrupt once a stop was asked for (the launcher's signals).
-    Every rank runs the command; :func:`attach` turns rank 0's model into a :class:`RankModel`
-    and makes the others serve. Whichever rank fails tells the others first.
+    Every rank runs the command; :func:`attach` spreads rank 0's batches over the ranks
+    (:class:`SpreadPool`) and makes the others serve them. Whichever rank fails tells the others first.
     """
     global _world
     if args.command != "score" and args.input is None:
@@ -425,8 +382,14 @@ def run(args, command: Callable, check: Callable[[], None]) -> int:
         )
     _world = world = _World(args)
     world.check = check
+    world.dispatcher = None
     try:
-        return command(args)
+        code = command(args)
+        if world.dispatcher is not None:
+            world.dispatcher.stop(ended=True)
+            counts = ", ".join(f"rank {r} {n}" for r, n in enumerate(world.spread.per_rank))
+            print(f"{world.spread.batches} batches over {world.size} MPI ranks: {counts}", file=sys.stderr)
+        return code
     except _Served:
         return 0
     except RankFailedError:
@@ -440,15 +403,21 @@ def run(args, command: Callable, check: Callable[[], None]) -> int:
     except BaseException as exc:
         world.fail_everyone(exc)
         raise
+    finally:
+        if world.dispatcher is not None and not world.dispatcher.finished.is_set():
+            world.dispatcher.stop(ended=False)
 
 
 def attach(model):
-    """The launcher's hook on the model it built: on rank 0 a :class:`RankModel`; on the other
-    ranks, serve rank 0's calls until it says the run is over, then stop the command."""
+    """The launcher's hook on the model it built: on rank 0 its pool becomes a :class:`SpreadPool`;
+    on the other ranks, serve rank 0's batches until it says the run is over, then stop the command."""
     world = _world
     if world is None:
         return model
     if world.rank == 0:
-        return RankModel(model, world, world.check)
+        world.dispatcher = _Dispatcher(world)
+        world.spread = model._pool = SpreadPool(model._pool, world, world.dispatcher)
+        world.dispatcher.start()
+        return model
     _serve(model, world, world.check)
     raise _Served(0)

@@ -62,7 +62,7 @@ def test_translate_file_over_two_ranks_equals_one_process(tmp_path):
     assert out.returncode == 0, out.stderr
     assert two.read_text() == one.read_text()
     assert len(two.read_text().splitlines()) == 203
-    assert re.search(r"batch calls over 2 MPI ranks: rank 0 [1-9]\d*, rank 1 [1-9]", out.stderr), out.stderr
+    assert re.search(r"batches over 2 MPI ranks: rank 0 [1-9]\d*, rank 1 [1-9]", out.stderr), out.stderr
 
 
 def test_generate_to_stdout_over_two_ranks_equals_one_process(tmp_path):
@@ -82,6 +82,21 @@ def test_stdin_input_under_mpirun_is_refused_with_the_reason():
     out = run_mpi("translate", str(MARIAN), stdin="12\n", timeout=60)
     assert out.returncode != 0
     assert "give the input as --input FILE" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_seeded_sampling_over_two_ranks_equals_one_process(tmp_path):
+    """Rank 0 draws every sub-batch's seed, as one process does: sampled lines are the same."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"{n} =\n" for n in range(10, 70)))
+    options = ["generate", str(GPT2), "--input", str(prompts), "--max-batch-size", "4", "--max-length", "10",
+               "--sampling-topk", "8", "--sampling-temperature", "2", "--seed", "3"]
+    single = run_one(*options)
+    assert single.returncode == 0, single.stderr
+    out = run_mpi(*options)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == single.stdout
+    unseeded = run_one(*options[:-2], "--seed", "4")
+    assert unseeded.stdout != single.stdout, "the sampling settings do not sample: the test would prove nothing"
 
 
 def test_score_over_two_ranks_equals_one_process(tmp_path):
