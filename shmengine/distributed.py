@@ -135,9 +135,9 @@ class _World:
         self.MPI, self.comm = MPI, MPI.COMM_WORLD
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         self.sends: list = []
+        remove_transport_files_at_exit()  # before anything here can fail
         me = _Peer(self.rank, socket.gethostname(), os.getpid(), _fingerprint(args))
         self.peers: list[_Peer] = self.comm.allgather(me)
-        remove_transport_files_at_exit()
         different = [p.rank for p in self.peers if p.fingerprint != self.peers[0].fingerprint]
         if different:
             raise InvalidInputError(
@@ -374,6 +374,8 @@ def run(args, command: Callable, check: Callable[[], None]) -> int:
     (:class:`SpreadPool`) and makes the others serve them. Whichever rank fails tells the others first.
     """
     global _world
+    if MpiInfo.getNRanks() > 1:  # MPI is up (MpiInfo asked it): its transport file must not outlive us
+        remove_transport_files_at_exit()
     if args.command != "score" and args.input is None:
         # Checked on every rank alike, so all of them stop here and none waits for the others.
         raise InvalidInputError(
