@@ -60,11 +60,15 @@ Progress lines go to stderr. At the end, stdout gets one table::
     ...
     /dev/shm entries (ours)                     3          3    +0.0%
 
-``first`` is the first sample taken after the warm-up (10% of the run: allocators, ORT's memory
-arenas and the transport arenas reach their working size there), ``last`` the last sample, taken
-at the end of the load. ``growth`` is (last - first) / first. A steady leak shows as growth that
-gets larger with ``--seconds``; up to about 1% in a minute, levelling off, is allocators
-settling (Python's and glibc's heaps in workers that decode).
+``first`` is a process's peak RSS over the first quarter of the run after the warm-up (10% of
+the run: allocators, ORT's memory arenas and the transport arenas reach their working size
+there), ``last`` its peak over the last quarter. ``growth`` is (last - first) / first. Peaks, not
+single samples: workers give freed memory back to the system after a long batch (and run
+without ORT's CPU arena), so one sample may fall after a trim and the next at a batch's height
+(seen: an MLP worker at 213, then 118 MiB, its neighbour at 120, then 140 MiB, in one minute with
+no leak). A leak raises the peak itself. A steady leak shows as growth that gets larger with
+``--seconds``; up to about 1% in a minute, levelling off, is allocators settling (Python's and
+glibc's heaps in workers that decode).
 
 ``/dev/shm entries (ours)`` counts the entries that a process of this run has open or mapped (the
 weights segment of each model, and files derived from it); other programs on the machine may
@@ -688,9 +692,17 @@ def build_report(args, samples: list[Sample], stats: Stats, load_seconds: float,
     warmup = WARMUP_FRACTION * args.seconds
     first = next((s for s in samples if s.t >= warmup), samples[-1])
     last = samples[-1]
+    after = [s for s in samples if s.t >= first.t]
+    quarter = max(1, len(after) // 4)
+    early, late = after[:quarter], after[-quarter:]
+
+    def peak(window: list[Sample], label: str):
+        values = [s.rss_kb[label] for s in window if label in s.rss_kb]
+        return max(values) if values else None
+
     processes = {}
     for label, pid in last.pids.items():
-        a, b = first.rss_kb.get(label), last.rss_kb.get(label)
+        a, b = peak(early, label), peak(late, label)
         processes[label] = {
             "pid": pid,
             "first_kb": a,
