@@ -283,11 +283,10 @@ _HELPER_IR_VERSION = 8  # ORT 1.31 reads IR <= 13; onnx 1.23 would write 14 by d
 
 
 def _onnx_type(ort_type: str) -> int:
+    """ORT's type string ("tensor(float16)") -> onnx.TensorProto's enum (FLOAT16)."""
     from onnx import TensorProto
 
-    name = ort_type[len("tensor(") : -1].upper()
-    names = {"FLOAT": "FLOAT", "FLOAT16": "FLOAT16", "BFLOAT16": "BFLOAT16", "DOUBLE": "DOUBLE"}
-    return getattr(TensorProto, names.get(name, name))
+    return getattr(TensorProto, ort_type[len("tensor(") : -1].upper())
 
 
 def _model(nodes, inputs, outputs):
