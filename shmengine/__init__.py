@@ -11,23 +11,11 @@ import logging
 
 __version__ = "0.1.0"
 
-from .encoder import Encoder  # noqa: E402
-from .engine import Engine  # noqa: E402
-from .errors import (  # noqa: E402
-    DeviceOutOfMemoryError,
-    EngineBrokenError,
-    EngineClosedError,
-    InvalidInputError,
-    ModelLoadError,
-    ShmEngineError,
-    TokenTypeError,
-    WorkerCrashedError,
-    WorkerStartupError,
-)
-from .generator import Generator  # noqa: E402
-from .mpi import MpiInfo  # noqa: E402
-from .options import set_random_seed  # noqa: E402
-from .results import (  # noqa: E402
+from shmengine.api.encoder import Encoder  # noqa: E402
+from shmengine.api.engine import Engine  # noqa: E402
+from shmengine.api.generator import Generator  # noqa: E402
+from shmengine.api.options import set_random_seed  # noqa: E402
+from shmengine.api.results import (  # noqa: E402
     AsyncGenerationResult,
     AsyncScoringResult,
     AsyncTranslationResult,
@@ -38,8 +26,20 @@ from .results import (  # noqa: E402
     ScoringResult,
     TranslationResult,
 )
-from .threads import get_cuda_device_count, parallel_info  # noqa: E402
-from .translator import Translator  # noqa: E402
+from shmengine.api.translator import Translator  # noqa: E402
+from shmengine.errors import (  # noqa: E402
+    DeviceOutOfMemoryError,
+    EngineBrokenError,
+    EngineClosedError,
+    InvalidInputError,
+    ModelLoadError,
+    ShmEngineError,
+    TokenTypeError,
+    WorkerCrashedError,
+    WorkerStartupError,
+)
+from shmengine.runtime.mpi import MpiInfo  # noqa: E402
+from shmengine.runtime.threads import get_cuda_device_count, parallel_info  # noqa: E402
 
 logging.getLogger("shmengine").addHandler(logging.NullHandler())
 
@@ -57,8 +57,8 @@ def get_log_level() -> int:
 
 def contains_model(path) -> bool:
     """Whether ``path`` is a model directory this engine can load (CTranslate2's name)."""
-    from .errors import ModelLoadError
-    from .modeldir import ModelDirectory
+    from shmengine.errors import ModelLoadError
+    from shmengine.model.modeldir import ModelDirectory
 
     for kind in ("seq2seq", "decoder", "encoder"):
         try:
@@ -74,7 +74,7 @@ def get_supported_compute_types(device: str, device_index: int = 0) -> set[str]:
     CTranslate2's function of that name answers: concrete types (``"default"`` and ``"auto"``
     are always accepted besides). Read from the registered model transforms (``transforms.py``);
     ``device_index`` is accepted for CTranslate2 compatibility (every GPU is taken to be alike)."""
-    from .transforms import supported_compute_types
+    from shmengine.model.transforms import supported_compute_types
 
     return supported_compute_types(device)
 

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # models/ as a plain package when not installed
 
 from models.builders import mlp_model, mlp_reference, save_model  # noqa: E402
-from shmengine.sharedmem import SEGMENT_PREFIX, SHM_DIR, SharedSegment, unlink_segment  # noqa: E402
+from shmengine.runtime.sharedmem import SEGMENT_PREFIX, SHM_DIR, SharedSegment, unlink_segment  # noqa: E402
 
 
 class _OurSegments:

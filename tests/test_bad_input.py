@@ -22,8 +22,8 @@ from onnx import TensorProto, helper
 import shmengine
 from shmengine import InvalidInputError, ModelLoadError
 from shmengine.errors import RemoteTraceback, ShmEngineError, WorkerCrashedError
-from shmengine.sharedmem import SharedSegment
-from shmengine.zygote import ForkServer
+from shmengine.runtime.sharedmem import SharedSegment
+from shmengine.runtime.zygote import ForkServer
 
 RTOL = 1e-4
 ATOL = 1e-6
@@ -495,7 +495,7 @@ def test_error_raised_inside_the_worker(reshape_engine):
     assert type(error).__module__.startswith("onnxruntime"), type(error)
     assert not isinstance(error, (ShmEngineError, WorkerCrashedError))
     assert isinstance(error.__cause__, RemoteTraceback)
-    assert "shmengine/engine.py" in error.__cause__.tb and "session.run" in error.__cause__.tb
+    assert "shmengine/api/engine.py" in error.__cause__.tb and "session.run" in error.__cause__.tb
     assert "cannot be reshaped" in error.__cause__.tb
 
     # synchronous calls raise the same

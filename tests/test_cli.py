@@ -12,8 +12,8 @@ from conftest import ROOT
 
 from models.builders import mlp_model, mlp_reference
 from models.train_numbers import number_to_words
-from shmengine.threads import usable_cores
-from shmengine.tuning import candidate_splits
+from shmengine.cli.tuning import candidate_splits
+from shmengine.runtime.threads import usable_cores
 
 
 def shmengine_run(*args, timeout=240, cpus=None):
@@ -88,8 +88,8 @@ def test_run_without_input_runs_synthetic_examples(tmp_path):
     --batch-size batches; the outputs are numpy's for those rows."""
     from onnx import TensorProto
 
-    from shmengine.tuning import synthetic_feeds
-    from shmengine.weights import TensorSpec
+    from shmengine.cli.tuning import synthetic_feeds
+    from shmengine.model.weights import TensorSpec
 
     out = shmengine_run("run", "--examples", "100", "--batch-size", "32", "--seed", "3", "--output", str(tmp_path / "out.npz"))
     assert out.returncode == 0, out.stderr
@@ -151,7 +151,7 @@ def test_verbose_logs_where_each_setting_comes_from():
     loud = subprocess.run([*run, "-v", "translate"], input="1984\n", capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert quiet.returncode == loud.returncode == 0, loud.stderr
     assert quiet.stdout == loud.stdout == "one thousand nine hundred eighty four\n"
-    assert "shmengine.cli: beam_size = 1 (generation_config.json)" in loud.stderr
+    assert "shmengine.cli.main: beam_size = 1 (generation_config.json)" in loud.stderr
     assert "shmengine" not in quiet.stderr.replace("shmengine-run", "")
 
 

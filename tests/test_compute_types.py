@@ -23,8 +23,8 @@ from conftest import ROOT, make_mlp
 from onnx import TensorProto, helper, numpy_helper
 
 import shmengine
-from shmengine import precision, transforms
-from shmengine.steppers import DecoderOnlyStepper
+from shmengine.decode.steppers import DecoderOnlyStepper
+from shmengine.model import precision, transforms
 
 MARIAN = ROOT / "models" / "numbers-marian"
 GPT2 = ROOT / "models" / "numbers-gpt2"
@@ -268,7 +268,7 @@ def test_float16_graph_keeps_logits_float32_and_runs_its_cache_in_float16():
 def test_float16_merged_seq2seq_decoder_translates_on_the_cpu():
     """Optimum's merged decoder (an If with both branches) converts to a valid float16 graph; ORT's
     CPU float16 kernels then translate held-out numbers into the reference words."""
-    from shmengine.steppers import Seq2SeqStepper
+    from shmengine.decode.steppers import Seq2SeqStepper
 
     sessions = {}
     for key in ("encoder_model", "decoder_model_merged"):

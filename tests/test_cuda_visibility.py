@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from shmengine.placement import cuda_visible_devices
+from shmengine.runtime.placement import cuda_visible_devices
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from shmengine.decoding import DecodingOptions, decode
+from shmengine.decode.decoding import DecodingOptions, decode
 
 VOCAB, END = 6, 0
 

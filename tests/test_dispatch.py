@@ -7,10 +7,10 @@ import pytest
 from conftest import wait_until
 
 from shmengine.errors import EngineBrokenError, WorkerCrashedError
-from shmengine.placement import place_workers
-from shmengine.pool import AnyIdleWorker, Lockstep, WorkerPool
-from shmengine.weights import WeightStore
-from shmengine.worker import ProgramSpec
+from shmengine.model.weights import WeightStore
+from shmengine.runtime.placement import place_workers
+from shmengine.runtime.pool import AnyIdleWorker, Lockstep, WorkerPool
+from shmengine.runtime.worker import ProgramSpec
 
 
 @pytest.fixture

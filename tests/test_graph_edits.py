@@ -11,7 +11,7 @@ import pytest
 from conftest import ROOT
 from onnx import TensorProto, helper, numpy_helper
 
-from shmengine.graph_edits import LOGIT_POSITIONS, gather_logit_positions
+from shmengine.model.graph_edits import LOGIT_POSITIONS, gather_logit_positions
 
 HIDDEN, VOCAB = 8, 11
 

@@ -389,7 +389,7 @@ def test_every_option_has_help_and_says_its_default():
                 assert "default" in after, (command, option, after)
     import argparse
 
-    from shmengine.cli import build_parser
+    from shmengine.cli.main import build_parser
 
     subcommands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     missing = [(name, a.option_strings or a.dest) for name, sub in subcommands.choices.items()

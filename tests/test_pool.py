@@ -16,11 +16,11 @@ from conftest import start_chaos, wait_until
 
 import shmengine
 from shmengine.errors import RemoteTraceback
-from shmengine.placement import place_workers
-from shmengine.pool import WorkerPool
-from shmengine.threads import usable_cores
-from shmengine.weights import WeightStore
-from shmengine.worker import ProgramSpec
+from shmengine.model.weights import WeightStore
+from shmengine.runtime.placement import place_workers
+from shmengine.runtime.pool import WorkerPool
+from shmengine.runtime.threads import usable_cores
+from shmengine.runtime.worker import ProgramSpec
 
 
 @pytest.fixture
@@ -175,7 +175,7 @@ def test_full_queue_blocks_the_submitter(chaos_pool, tmp_path):
 
 @pytest.mark.parametrize("setting, expected", [(0, 8), (-1, None), (3, 3)])
 def test_queue_size_settings(setting, expected):
-    from shmengine.pool import resolve_queue_size
+    from shmengine.runtime.pool import resolve_queue_size
 
     assert resolve_queue_size(setting, 2) == expected
 

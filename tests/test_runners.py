@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 
 import shmengine
-from shmengine.runners import HOST, KEEP, LOGITS, BoundRunner, HostRunner
-from shmengine.target import RUNNER_KINDS, WorkerTarget
+from shmengine.decode.runners import HOST, KEEP, LOGITS, BoundRunner, HostRunner
+from shmengine.runtime.target import RUNNER_KINDS, WorkerTarget
 
 ROOT = Path(__file__).resolve().parents[1]
 MARIAN = ROOT / "models" / "numbers-marian"
@@ -220,7 +220,7 @@ def test_bfloat16_logits_come_back_as_float32(bound):
     import onnxruntime as ort
     from onnx import TensorProto
 
-    from shmengine.runners import BoundLogits
+    from shmengine.decode.runners import BoundLogits
 
     x = np.random.default_rng(3).standard_normal((3, 2, 40)).astype(np.float32)
     bits = (x.view(np.uint32) >> 16).astype(np.uint16)

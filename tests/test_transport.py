@@ -9,8 +9,8 @@ from multiprocessing.connection import Connection
 import numpy as np
 import pytest
 
-from shmengine.sharedmem import INITIAL_ARENA, SHRINK_ABOVE, Arena
-from shmengine.transport import SHM_THRESHOLD, recv_message, send_message
+from shmengine.runtime.sharedmem import INITIAL_ARENA, SHRINK_ABOVE, Arena
+from shmengine.runtime.transport import SHM_THRESHOLD, recv_message, send_message
 
 
 @pytest.fixture

@@ -19,11 +19,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 import shmengine
 from models.builders import save_model
-from shmengine.placement import place_workers
-from shmengine.pool import WorkerPool
-from shmengine.sharedmem import ALIGNMENT
-from shmengine.weights import INLINE_LIMIT, WeightStore
-from shmengine.worker import ProgramSpec
+from shmengine.model.weights import INLINE_LIMIT, WeightStore
+from shmengine.runtime.placement import place_workers
+from shmengine.runtime.pool import WorkerPool
+from shmengine.runtime.sharedmem import ALIGNMENT
+from shmengine.runtime.worker import ProgramSpec
 
 RTOL = 1e-4
 ATOL = 1e-6

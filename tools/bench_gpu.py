@@ -346,8 +346,8 @@ import numpy as np
 sys.path.insert(0, sys.argv[1])
 mode, model_dir = sys.argv[2], sys.argv[3]
 import onnxruntime as ort
-from shmengine.weights import WeightStore, storage_dtype
-from shmengine.sessions import SessionSettings, _base_options
+from shmengine.model.weights import WeightStore, storage_dtype
+from shmengine.runtime.sessions import SessionSettings, _base_options
 store = WeightStore.load({"model": model_dir + "/model.onnx"})
 entry = store.catalog["model"]
 import cupy as cp
@@ -395,8 +395,8 @@ def section_reduce(model_dir: Path, notes: list[str]) -> None:
     the runner's device-side reductions (ArgMax for greedy, TopK for beam candidates)."""
     import onnxruntime as ort
 
-    from shmengine.runners import BoundRunner
-    from shmengine.target import WorkerTarget
+    from shmengine.decode.runners import BoundRunner
+    from shmengine.runtime.target import WorkerTarget
 
     print("reduce", flush=True)
     vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
@@ -416,7 +416,7 @@ def section_reduce(model_dir: Path, notes: list[str]) -> None:
     # time includes the GPU's): which reduction costs the milliseconds.
     from onnx import TensorProto, helper
 
-    from shmengine.runners import _model
+    from shmengine.decode.runners import _model
 
     def single(op_nodes, out_type, out_shape, extra_inits=()):
         head = [
@@ -457,7 +457,7 @@ def section_reduce(model_dir: Path, notes: list[str]) -> None:
         print("  " + line, flush=True)
     # Where the helper graph's time goes: ORT's own profiler, node by node, with the provider
     # each node ran on.
-    from shmengine.runners import _top_graph
+    from shmengine.decode.runners import _top_graph
 
     for argmax in (True, False):
         options = ort.SessionOptions()

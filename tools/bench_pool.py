@@ -50,7 +50,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from shmengine import Engine  # noqa: E402
-from shmengine.threads import usable_cores  # noqa: E402
+from shmengine.runtime.threads import usable_cores  # noqa: E402
 
 MIB = 1 << 20
 FORK = multiprocessing.get_context("fork")
@@ -311,7 +311,7 @@ def bench_startup(args, path: Path, weights_mib: float) -> list[Row]:
 def engine_processes(engine: Engine) -> dict[int, str]:
     """pid -> role for the supervisor (this process), its fork server and the fork server's workers."""
     me = os.getpid()
-    servers = [pid for pid in children_of(me) if "shmengine.zygote" in cmdline(pid)]
+    servers = [pid for pid in children_of(me) if "shmengine.runtime.zygote" in cmdline(pid)]
     if len(servers) != 1:
         raise RuntimeError(f"expected one fork server among the children of {me}, found {servers}")
     workers = children_of(servers[0])

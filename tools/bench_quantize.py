@@ -9,8 +9,8 @@ prepacking, interleaved ``--repeats`` times (the machine is shared: compare with
 * ``float32``: the export as it is;
 * ``ort-dynamic``: ``onnxruntime.quantization.quantize_dynamic`` of the export as it is
   (QInt8, per tensor): it leaves Optimum's Gemm projections in float32;
-* ``mmi-tensor`` / ``mmi-channel``: shmengine.quantize, MatMulInteger, per tensor / per channel;
-* ``nbits8-b32`` / ``nbits8-b128``: shmengine.quantize, MatMulNBits 8-bit, accuracy_level 4.
+* ``mmi-tensor`` / ``mmi-channel``: shmengine.model.quantize, MatMulInteger, per tensor / per channel;
+* ``nbits8-b32`` / ``nbits8-b128``: shmengine.model.quantize, MatMulNBits 8-bit, accuracy_level 4.
 
 Prints tokens/s, the ratio to float32, the file size, and how many of the greedy tokens equal
 float32's (on random-init weights that agreement says little; accuracy is tested on the bundled
@@ -36,7 +36,7 @@ def make_variants(model_dir: Path, out: Path) -> dict[str, Path]:
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from shmengine.quantize import QuantizeOptions, quantize_weights
+    from shmengine.model.quantize import QuantizeOptions, quantize_weights
 
     source = model_dir / "model.onnx"
     variants = {"float32": source}

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """From which tensor size is the shared-memory arena faster than pickling through the socket?
 
-A forked echo child speaks ``shmengine.transport`` with this process over a socketpair
-``Connection`` and two :class:`shmengine.sharedmem.Arena`\\ s (one per direction), as a pool
+A forked echo child speaks ``shmengine.runtime.transport`` with this process over a socketpair
+``Connection`` and two :class:`shmengine.runtime.sharedmem.Arena`\\ s (one per direction), as a pool
 worker does. For every size, a float32 array makes the round trip parent -> child -> parent,
 alternately
 
@@ -14,7 +14,7 @@ alternately
 As in the real pool, the echo child receives with ``copy=False`` (a read-only view into the
 arena, sent straight back) and this process receives the result with ``copy=True``. The table
 gives the median round trip of each, their ratio, and the smallest size from which the arena
-wins, next to the current ``shmengine.transport.SHM_THRESHOLD``.
+wins, next to the current ``shmengine.runtime.transport.SHM_THRESHOLD``.
 
 Usage::
 
@@ -53,8 +53,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from shmengine.sharedmem import Arena  # noqa: E402
-from shmengine.transport import SHM_THRESHOLD, recv_message, send_message  # noqa: E402
+from shmengine.runtime.sharedmem import Arena  # noqa: E402
+from shmengine.runtime.transport import SHM_THRESHOLD, recv_message, send_message  # noqa: E402
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     print()
     wins_from, estimate = crossover(results)
-    print(f"SHM_THRESHOLD (shmengine/transport.py) = {fmt_size(SHM_THRESHOLD)}")
+    print(f"SHM_THRESHOLD (shmengine/runtime/transport.py) = {fmt_size(SHM_THRESHOLD)}")
     if wins_from is None:
         print("The arena does not win at the largest size measured: no crossover found.")
     else:

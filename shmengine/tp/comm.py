@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import ShmEngineError
+from shmengine.errors import ShmEngineError
 
 __all__ = ["Communicator", "TensorParallelError", "world"]
 
@@ -33,7 +33,7 @@ class Communicator:
         self.size = self.comm.Get_size()
         self.calls = 0
         if self.size > 1:
-            from ..mpi import remove_transport_files_at_exit
+            from shmengine.runtime.mpi import remove_transport_files_at_exit
 
             remove_transport_files_at_exit()
 

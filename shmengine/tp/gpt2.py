@@ -23,7 +23,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ..errors import ModelLoadError
+from shmengine.errors import ModelLoadError
+
 from .sharding import Shard
 
 __all__ = ["Gpt2Layout", "Gpt2Shard", "load_gpt2_shard"]

@@ -20,7 +20,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..errors import ModelLoadError
+from shmengine.errors import ModelLoadError
+
 from .gpt2 import Segment, _float, _linear, _model, _node_weights, _tensor
 from .sharding import Shard
 

@@ -25,8 +25,9 @@ import weakref
 from concurrent.futures import Future
 from pathlib import Path
 
-from ..decoding import DecodingOptions
-from ..generation import GeneratorProgram, TranslatorProgram
+from shmengine.decode.decoding import DecodingOptions
+from shmengine.decode.programs import GeneratorProgram, TranslatorProgram
+
 from .comm import Communicator, TensorParallelError
 from .gpt2 import load_gpt2_shard
 from .llama import load_llama_shard
@@ -109,7 +110,7 @@ class TensorParallelPool:
         if not future.set_running_or_notify_cancel():
             return future  # cancelled before it ran; every rank's caller made the same call
         if self._closed:
-            from ..errors import EngineClosedError
+            from shmengine.errors import EngineClosedError
 
             future.set_exception(EngineClosedError("the model is closed; create a new one to run more batches"))
             return future
@@ -147,7 +148,7 @@ def load_shard(model_dir: Path, graph: Path, rank: int, ranks: int):
     kind = json.loads((model_dir / "config.json").read_text()).get("model_type")
     loaders = {"gpt2": load_gpt2_shard, "llama": load_llama_shard}
     if kind not in loaders:
-        from ..errors import ModelLoadError
+        from shmengine.errors import ModelLoadError
 
         raise ModelLoadError(
             f"{model_dir}: model_type {kind!r}; tensor parallelism is built for {', '.join(sorted(loaders))} exports so far"
@@ -210,7 +211,7 @@ def attach_translator(translator, *, inter_threads: int, intra_threads: int) -> 
 
     kind = json.loads((model_dir / "config.json").read_text()).get("model_type")
     if kind != "marian":
-        from ..errors import ModelLoadError
+        from shmengine.errors import ModelLoadError
 
         raise ModelLoadError(f"{model_dir}: model_type {kind!r}; tensor-parallel translation is built for Marian so far")
     comm = Communicator()

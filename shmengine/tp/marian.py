@@ -23,7 +23,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..errors import ModelLoadError
+from shmengine.errors import ModelLoadError
+
 from .gpt2 import Segment, _float, _model, _node_weights, _tensor
 from .sharding import Shard
 

@@ -19,8 +19,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from ..decoding import HostLogits
-from ..runners import HOST, LOGITS, HostRunner
+from shmengine.decode.decoding import HostLogits
+from shmengine.decode.runners import HOST, LOGITS, HostRunner
+
 from .comm import Communicator
 from .gpt2 import Segment
 

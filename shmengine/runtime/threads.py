@@ -146,7 +146,7 @@ def get_cuda_device_count() -> int:
 
 
 def _mpi_line() -> str:
-    from .mpi import MpiInfo, launched_by_mpi
+    from shmengine.runtime.mpi import MpiInfo, launched_by_mpi
 
     try:
         import mpi4py
@@ -171,7 +171,7 @@ def parallel_info(engine=None) -> str:
     import numpy
     import onnxruntime
 
-    from . import __version__
+    from shmengine import __version__
 
     cores = usable_cores()
     lines = [

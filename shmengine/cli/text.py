@@ -12,7 +12,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import InvalidInputError
+from shmengine.errors import InvalidInputError
 
 __all__ = ["TextCodec", "read_lines"]
 

@@ -17,8 +17,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ModelLoadError
-from .vocab import Vocabulary
+from shmengine.errors import ModelLoadError
+from shmengine.model.vocab import Vocabulary
 
 __all__ = ["ModelDirectory"]
 

@@ -25,11 +25,19 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
-from .messages import BatchDone, BatchEvent, BatchFailed, RunBatch, StopExamples, WorkerReady, WorkerStartFailed
-from .sessions import SessionSettings, create_session
-from .sharedmem import Arena, SharedSegment
-from .transport import recv_message, send_message
-from .weights import ModelEntry, read_catalog
+from shmengine.model.weights import ModelEntry, read_catalog
+from shmengine.runtime.messages import (
+    BatchDone,
+    BatchEvent,
+    BatchFailed,
+    RunBatch,
+    StopExamples,
+    WorkerReady,
+    WorkerStartFailed,
+)
+from shmengine.runtime.sessions import SessionSettings, create_session
+from shmengine.runtime.sharedmem import Arena, SharedSegment
+from shmengine.runtime.transport import recv_message, send_message
 
 __all__ = ["ProgramSpec", "WorkerConfig", "WorkerContext", "worker_main"]
 
@@ -95,7 +103,7 @@ class WorkerContext:
 
     def create_runner(self):
         """The runner (``runners.py``) this worker's target calls for: where tensors live between steps."""
-        from .runners import create_runner
+        from shmengine.decode.runners import create_runner
 
         return create_runner(self.target, self.session_settings.providers)
 
@@ -202,4 +210,4 @@ def worker_main(data_fd: int, weights_fd: int, arena_in_fd: int, arena_out_fd: i
 
 
 if __name__ == "__main__":  # pragma: no cover - workers are started by the fork server
-    sys.exit("shmengine.worker is started by the fork server, not directly")
+    sys.exit("shmengine.runtime.worker is started by the fork server, not directly")

@@ -24,8 +24,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .graph_edits import LOGIT_POSITIONS
-from .runners import HOST, KEEP, LOGITS, ORT_TYPES, HostRunner, Runner
+from shmengine.decode.runners import HOST, KEEP, LOGITS, ORT_TYPES, HostRunner, Runner
+from shmengine.model.graph_edits import LOGIT_POSITIONS
 
 __all__ = ["DecoderOnlyStepper", "Seq2SeqStepper", "run_encoder", "pad_right"]
 

@@ -8,13 +8,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .batching import BatchFuture, split_future
-from .engine import PooledModel
-from .errors import InvalidInputError
-from .generator import check_constructor_extras
-from .modeldir import ModelDirectory
-from .results import EncoderForwardOutput
-from .worker import ProgramSpec
+from shmengine.api.batching import BatchFuture, split_future
+from shmengine.api.engine import PooledModel
+from shmengine.api.generator import check_constructor_extras
+from shmengine.api.results import EncoderForwardOutput
+from shmengine.errors import InvalidInputError
+from shmengine.model.modeldir import ModelDirectory
+from shmengine.runtime.worker import ProgramSpec
 
 __all__ = ["Encoder"]
 
@@ -48,7 +48,7 @@ class Encoder(PooledModel):
         self.vocabulary = self.model.vocab
         super().__init__(
             self.model.graphs,
-            ProgramSpec("shmengine.generation", "EncoderProgram", {"pad_id": self.model.pad_id}),
+            ProgramSpec("shmengine.decode.programs", "EncoderProgram", {"pad_id": self.model.pad_id}),
             device,
             device_index=device_index,
             inter_threads=inter_threads,

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .engine import Engine
-from .weights import TensorSpec
+from shmengine.api.engine import Engine
+from shmengine.model.weights import TensorSpec
 
 __all__ = ["SplitResult", "candidate_splits", "sweep", "synthetic_feeds", "format_table", "plot"]
 
@@ -104,7 +104,7 @@ def sweep(
     progress=None,
 ) -> list[SplitResult]:
     """Measure every split; ``progress(result)`` is called after each one."""
-    from .threads import usable_cores
+    from shmengine.runtime.threads import usable_cores
 
     cores = cores or usable_cores()
     results = []

@@ -14,13 +14,13 @@ from typing import Any
 import numpy as np
 import onnx
 
-from .errors import InvalidInputError
-from .placement import place_workers
-from .pool import WorkerPool, resolve_queue_size
-from .sharedmem import SHM_DIR
-from .transforms import check_compute_type, prepare_models
-from .weights import TensorSpec, WeightStore
-from .worker import ProgramSpec, WorkerContext
+from shmengine.errors import InvalidInputError
+from shmengine.model.transforms import check_compute_type, prepare_models
+from shmengine.model.weights import TensorSpec, WeightStore
+from shmengine.runtime.placement import place_workers
+from shmengine.runtime.pool import WorkerPool, resolve_queue_size
+from shmengine.runtime.sharedmem import SHM_DIR
+from shmengine.runtime.worker import ProgramSpec, WorkerContext
 
 logger = logging.getLogger("shmengine")
 
@@ -179,7 +179,7 @@ class PooledModel:
         and every slot on that GPU maps its device copy instead of uploading its own
         (``device_weights.py``). Without cupy, or if the holder cannot start, each worker keeps
         its own copy, and a log line says why."""
-        from .device_weights import sharing_available
+        from shmengine.runtime.device_weights import sharing_available
 
         per_device = collections.Counter(s.target.device_index for s in slots)
         shared_devices = sorted(index for index, count in per_device.items() if count > 1)
@@ -196,7 +196,7 @@ class PooledModel:
                 first = next(s for s in slots if s.target.device_index == index)
                 holder = WorkerPool(
                     self._store,
-                    ProgramSpec("shmengine.device_weights", "DeviceWeightsProgram", {"device_index": index}),
+                    ProgramSpec("shmengine.runtime.device_weights", "DeviceWeightsProgram", {"device_index": index}),
                     [first],
                     owns_segment=False,
                 )
@@ -214,7 +214,7 @@ class PooledModel:
         every slot at them, and free the original tensor pages (no worker reads them now)."""
         preparer = WorkerPool(
             self._store,
-            ProgramSpec("shmengine.sessions", "PrepackProgram", {"directory": SHM_DIR, "prefix": self._store.segment.name}),
+            ProgramSpec("shmengine.runtime.sessions", "PrepackProgram", {"directory": SHM_DIR, "prefix": self._store.segment.name}),
             slots[:1],
             owns_segment=False,
         )
@@ -244,7 +244,7 @@ class PooledModel:
         return self._pool.closed
 
     def parallel_info(self) -> str:
-        from .threads import parallel_info
+        from shmengine.runtime.threads import parallel_info
 
         return parallel_info(self)
 
@@ -308,7 +308,7 @@ class Engine(PooledModel):
     """
 
     def __init__(self, model_path: str | os.PathLike, device: str = "cpu", **options):
-        super().__init__({"model": model_path}, ProgramSpec("shmengine.engine", "OnnxProgram"), device, **options)
+        super().__init__({"model": model_path}, ProgramSpec("shmengine.api.engine", "OnnxProgram"), device, **options)
         entry = self._store.catalog["model"]
         self.inputs: list[TensorSpec] = entry.inputs
         self.outputs: list[TensorSpec] = entry.outputs

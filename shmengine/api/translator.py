@@ -8,12 +8,12 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 
-from .errors import InvalidInputError, TokenTypeError
-from .generator import DecodingModel, _iterate_in_chunks, _slice_options, _stream, check_constructor_extras
-from .modeldir import ModelDirectory
-from .options import end_ids_for, search_options, warn_ignored
-from .results import ExecutionStats, GenerationStepResult, ScoringResult, TranslationResult
-from .worker import ProgramSpec
+from shmengine.api.generator import DecodingModel, _iterate_in_chunks, _slice_options, _stream, check_constructor_extras
+from shmengine.api.options import end_ids_for, search_options, warn_ignored
+from shmengine.api.results import ExecutionStats, GenerationStepResult, ScoringResult, TranslationResult
+from shmengine.errors import InvalidInputError, TokenTypeError
+from shmengine.model.modeldir import ModelDirectory
+from shmengine.runtime.worker import ProgramSpec
 
 __all__ = ["Translator"]
 
@@ -84,14 +84,14 @@ class Translator(DecodingModel):
         self.model = ModelDirectory.open(model_path, "seq2seq")
         self.vocabulary = self.model.vocab
         if tensor_parallel:  # split over the ranks of mpirun (shmengine.tp), as Generator's
-            from .tp.local import attach_translator
+            from shmengine.tp.local import attach_translator
 
             attach_translator(self, inter_threads=inter_threads, intra_threads=intra_threads)
             return
         super().__init__(
             self.model.graphs,
             ProgramSpec(
-                "shmengine.generation",
+                "shmengine.decode.programs",
                 "TranslatorProgram",
                 {"pad_id": self.model.pad_id, "decoder_start_id": self.model.decoder_start_id},
             ),

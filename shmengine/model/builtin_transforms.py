@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from onnx import ModelProto, TensorProto
 
-from . import precision, quantize
-from .graph_edits import gather_logit_positions
-from .transforms import NotApplicableError, Transform, TransformTarget, _all_graphs, register
+from shmengine.model import precision, quantize
+from shmengine.model.graph_edits import gather_logit_positions
+from shmengine.model.transforms import NotApplicableError, Transform, TransformTarget, _all_graphs, register
 
 
 def _logit_positions(model: ModelProto, target: TransformTarget) -> None:

@@ -10,9 +10,9 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from .sessions import SessionSettings
-from .target import RUNNER_KINDS, WorkerTarget
-from .threads import ThreadPlan, get_cuda_device_count, plan_threads
+from shmengine.runtime.sessions import SessionSettings
+from shmengine.runtime.target import RUNNER_KINDS, WorkerTarget
+from shmengine.runtime.threads import ThreadPlan, get_cuda_device_count, plan_threads
 
 __all__ = ["Placement", "place_workers", "DEVICES"]
 

@@ -35,8 +35,8 @@ import numpy as np
 import onnx
 from onnx import AttributeProto, GraphProto, TensorProto, numpy_helper
 
-from .errors import ModelLoadError
-from .sharedmem import ALIGNMENT, SharedSegment, align_up
+from shmengine.errors import ModelLoadError
+from shmengine.runtime.sharedmem import ALIGNMENT, SharedSegment, align_up
 
 __all__ = [
     "ModelSource",

@@ -28,9 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from .sharedmem import SHM_DIR
-from .target import WorkerTarget
-from .weights import RAW_ONNX_TYPES, ModelEntry, storage_dtype
+from shmengine.model.weights import RAW_ONNX_TYPES, ModelEntry, storage_dtype
+from shmengine.runtime.sharedmem import SHM_DIR
+from shmengine.runtime.target import WorkerTarget
 
 __all__ = ["SessionSettings", "create_session", "PrepackProgram"]
 
@@ -113,7 +113,7 @@ def create_session(entry: ModelEntry, weights: memoryview, settings: SessionSett
     keep_alive = []
     on_device = set()
     if settings.device_weights is not None:
-        from .device_weights import device_initializers
+        from shmengine.runtime.device_weights import device_initializers
 
         for name, value, view in device_initializers(entry, settings.device_weights):
             options.add_initializer(name, value)

@@ -42,8 +42,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import InvalidInputError, ShmEngineError
-from .mpi import MpiInfo, remove_transport_files_at_exit
+from shmengine.errors import InvalidInputError, ShmEngineError
+from shmengine.runtime.mpi import MpiInfo, remove_transport_files_at_exit
 
 __all__ = ["COMMANDS", "RankFailedError", "SpreadPool", "is_distributed", "run", "attach"]
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .weights import RAW_ONNX_TYPES, ModelEntry, storage_dtype
+from shmengine.model.weights import RAW_ONNX_TYPES, ModelEntry, storage_dtype
 
 __all__ = ["DeviceWeights", "DeviceWeightsProgram", "device_initializers", "sharing_available"]
 

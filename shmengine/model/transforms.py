@@ -44,10 +44,10 @@ from typing import TYPE_CHECKING
 import onnx
 from onnx import ModelProto, TensorProto
 
-from .errors import ModelLoadError
+from shmengine.errors import ModelLoadError
 
 if TYPE_CHECKING:
-    from .weights import ModelSource
+    from shmengine.model.weights import ModelSource
 
 __all__ = [
     "COMPUTE_TYPES",
@@ -374,8 +374,8 @@ def _code_digest(chain: list[Transform]) -> str:
     import sys
 
     digest = hashlib.sha256()
-    for name in sorted({t.apply.__module__ for t in chain} | {"shmengine.quantize", "shmengine.precision",
-                                                             "shmengine.graph_edits", "shmengine.builtin_transforms"}):
+    for name in sorted({t.apply.__module__ for t in chain} | {"shmengine.model.quantize", "shmengine.model.precision",
+                                                             "shmengine.model.graph_edits", "shmengine.model.builtin_transforms"}):
         module = sys.modules.get(name)
         try:
             digest.update(inspect.getsource(module).encode() if module else name.encode())
@@ -385,7 +385,7 @@ def _code_digest(chain: list[Transform]) -> str:
 
 
 def _cache_key(info: _GraphInfo, chain: list[Transform], target: TransformTarget) -> str:
-    from . import __version__
+    from shmengine import __version__
 
     key = {
         "files": info.files,
@@ -412,7 +412,7 @@ def _transformed_file(path: Path, info: _GraphInfo, chain: list[Transform], targ
         if (entry / "DONE").is_file():
             logger.info("compute type %s: using the cached transformed model %s", target.compute_type, result)
             return result
-        from .weights import check_model_file
+        from shmengine.model.weights import check_model_file
 
         check_model_file(path)  # the store's checks on paths and sizes, before onnx reads any data
         full = onnx.load(str(path))  # with its external data: the transforms read the weights
@@ -447,7 +447,7 @@ def prepare_models(
     transform that cannot work on a graph (nothing to quantize, say) is dropped with a logged
     reason, and the model runs at its own compute type.
     """
-    from .weights import ModelSource, resolve_model_file
+    from shmengine.model.weights import ModelSource, resolve_model_file
 
     check_compute_type(compute_type)
 
@@ -538,4 +538,4 @@ def _load_builtin() -> None:
     if _BUILTIN_LOADED:
         return
     _BUILTIN_LOADED = True
-    from . import builtin_transforms  # noqa: F401  (registers on import)
+    from shmengine.model import builtin_transforms  # noqa: F401  (registers on import)

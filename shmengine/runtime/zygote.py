@@ -44,7 +44,7 @@ import subprocess
 import sys
 import traceback
 
-from .messages import KillWorker, ShutdownForkServer, SpawnWorker, WorkerExited, WorkerSpawned
+from shmengine.runtime.messages import KillWorker, ShutdownForkServer, SpawnWorker, WorkerExited, WorkerSpawned
 
 __all__ = ["ForkServer", "serve"]
 
@@ -62,7 +62,7 @@ class ForkServer:
         # The fork server sees the caller's import path, so programs defined in the caller's
         # own modules can run in workers.
         paths = [package_parent] + [p for p in sys.path if p]
-        code = "import sys, json; sys.path[:0] = json.loads(sys.argv[1]); from shmengine.zygote import serve; serve()"
+        code = "import sys, json; sys.path[:0] = json.loads(sys.argv[1]); from shmengine.runtime.zygote import serve; serve()"
         env = dict(os.environ)
         env.update(environment)
         env["SHMENGINE_ZYGOTE_FD"] = str(theirs.fileno())
@@ -135,8 +135,8 @@ def serve() -> None:
     # Preload what every worker imports, once, before any fork; not onnxruntime (module docstring).
     import numpy  # noqa: F401
 
-    from . import worker as worker_module
-    from .sharedmem import unlink_segment
+    from shmengine.runtime import worker as worker_module
+    from shmengine.runtime.sharedmem import unlink_segment
 
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)

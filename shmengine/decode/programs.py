@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .decoding import decode, log_softmax
-from .steppers import DecoderOnlyStepper, Seq2SeqStepper, run_encoder
-from .worker import WorkerContext
+from shmengine.decode.decoding import decode, log_softmax
+from shmengine.decode.steppers import DecoderOnlyStepper, Seq2SeqStepper, run_encoder
+from shmengine.runtime.worker import WorkerContext
 
 __all__ = ["GeneratorProgram", "TranslatorProgram", "EncoderProgram"]
 

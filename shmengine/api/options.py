@@ -1,5 +1,5 @@
 """CTranslate2's decoding arguments: checked in the caller (before anything is queued) and turned
-into :class:`~shmengine.decoding.DecodingOptions` for the workers."""
+into :class:`~shmengine.decode.decoding.DecodingOptions` for the workers."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import threading
 
 import numpy as np
 
-from .decoding import DecodingOptions
-from .errors import InvalidInputError
-from .vocab import Vocabulary
+from shmengine.decode.decoding import DecodingOptions
+from shmengine.errors import InvalidInputError
+from shmengine.model.vocab import Vocabulary
 
 __all__ = ["set_random_seed", "next_seed", "search_options", "end_ids_for", "warn_ignored"]
 

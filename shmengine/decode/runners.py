@@ -34,9 +34,9 @@ from typing import Any
 
 import numpy as np
 
-from .decoding import HostLogits, log_normalizer
-from .errors import DeviceOutOfMemoryError
-from .target import WorkerTarget
+from shmengine.decode.decoding import HostLogits, log_normalizer
+from shmengine.errors import DeviceOutOfMemoryError
+from shmengine.runtime.target import WorkerTarget
 
 __all__ = ["HOST", "KEEP", "LOGITS", "Runner", "HostRunner", "BoundRunner", "BoundLogits", "create_runner", "ORT_TYPES"]
 

@@ -1,7 +1,7 @@
 """Messages between the supervisor and a worker: pickle through a socket, big buffers through an arena.
 
 A message is pickled with protocol 5. Each buffer the pickler meets (a numpy array's data) of at
-least ``SHM_THRESHOLD`` bytes is copied into the sender's :class:`~shmengine.sharedmem.Arena`
+least ``SHM_THRESHOLD`` bytes is copied into the sender's :class:`~shmengine.runtime.sharedmem.Arena`
 instead of into the pickle, and the frame on the socket only says where it lies::
 
     frame = u32 n_buffers | n x (u64 offset, u64 nbytes) | pickle bytes
@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .sharedmem import Arena, align_up
+from shmengine.runtime.sharedmem import Arena, align_up
 
 __all__ = ["send_message", "recv_message", "SHM_THRESHOLD"]
 

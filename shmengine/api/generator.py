@@ -9,15 +9,15 @@ from concurrent.futures import Future
 
 import numpy as np
 
-from .batching import BatchFuture, plan_batches, split_future
-from .decoding import StepEvent, log_softmax
-from .engine import PooledModel
-from .errors import InvalidInputError, TokenTypeError
-from .modeldir import ModelDirectory
-from .options import end_ids_for, search_options, warn_ignored
-from .results import GenerationResult, GenerationStepResult, ScoringResult
-from .transforms import check_compute_type
-from .worker import ProgramSpec
+from shmengine.api.batching import BatchFuture, plan_batches, split_future
+from shmengine.api.engine import PooledModel
+from shmengine.api.options import end_ids_for, search_options, warn_ignored
+from shmengine.api.results import GenerationResult, GenerationStepResult, ScoringResult
+from shmengine.decode.decoding import StepEvent, log_softmax
+from shmengine.errors import InvalidInputError, TokenTypeError
+from shmengine.model.modeldir import ModelDirectory
+from shmengine.model.transforms import check_compute_type
+from shmengine.runtime.worker import ProgramSpec
 
 __all__ = ["Generator", "DecodingModel", "check_constructor_extras"]
 
@@ -153,13 +153,13 @@ class Generator(DecodingModel):
         self.model = ModelDirectory.open(model_path, "decoder")
         self.vocabulary = self.model.vocab
         if tensor_parallel:
-            from .tp.local import attach_generator
+            from shmengine.tp.local import attach_generator
 
             attach_generator(self, inter_threads=inter_threads, intra_threads=intra_threads)
             return
         super().__init__(
             self.model.graphs,
-            ProgramSpec("shmengine.generation", "GeneratorProgram", {"pad_id": self.model.pad_id}),
+            ProgramSpec("shmengine.decode.programs", "GeneratorProgram", {"pad_id": self.model.pad_id}),
             device,
             device_index=device_index,
             inter_threads=inter_threads,
@@ -449,7 +449,7 @@ class Generator(DecodingModel):
 
 
 def _slice_options(options, indices):
-    from .decoding import _replace
+    from shmengine.decode.decoding import _replace
 
     changes = {}
     for name in ("max_new_tokens", "min_new_tokens", "history", "length_offset", "forced", "after_prefix"):
@@ -459,7 +459,7 @@ def _slice_options(options, indices):
     if options.seed is not None:
         # each sub-batch samples with a seed of its own, drawn in submission order: one seed for
         # all of them would give identical prompts in different sub-batches identical samples
-        from .options import next_seed
+        from shmengine.api.options import next_seed
 
         changes["seed"] = next_seed()
     return _replace(options, **changes)

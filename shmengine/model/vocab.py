@@ -12,7 +12,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from .errors import InvalidInputError, ModelLoadError
+from shmengine.errors import InvalidInputError, ModelLoadError
 
 __all__ = ["Vocabulary"]
 
@@ -74,7 +74,7 @@ class Vocabulary:
         A string where the list belongs is refused (``TokenTypeError``, a ``TypeError`` as in
         CTranslate2) rather than read character by character as tokens."""
         if isinstance(tokens, (str, bytes)):
-            from .errors import TokenTypeError
+            from shmengine.errors import TokenTypeError
 
             raise TokenTypeError(f"{where} is a string; pass a list of tokens (split it with the model's tokenizer)")
         ids = []

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
-from .errors import (
+from shmengine.errors import (
     EngineBrokenError,
     EngineClosedError,
     RemoteTraceback,
@@ -55,7 +55,8 @@ from .errors import (
     WorkerStartupError,
     describe_exit,
 )
-from .messages import (
+from shmengine.model.weights import WeightStore
+from shmengine.runtime.messages import (
     BatchDone,
     BatchEvent,
     BatchFailed,
@@ -66,13 +67,12 @@ from .messages import (
     WorkerSpawned,
     WorkerStartFailed,
 )
-from .sessions import SessionSettings
-from .sharedmem import Arena
-from .threads import THREAD_ENV_VARS, thread_environment
-from .transport import recv_message, send_message
-from .weights import WeightStore
-from .worker import ProgramSpec, WorkerConfig
-from .zygote import ForkServer
+from shmengine.runtime.sessions import SessionSettings
+from shmengine.runtime.sharedmem import Arena
+from shmengine.runtime.threads import THREAD_ENV_VARS, thread_environment
+from shmengine.runtime.transport import recv_message, send_message
+from shmengine.runtime.worker import ProgramSpec, WorkerConfig
+from shmengine.runtime.zygote import ForkServer
 
 __all__ = ["WorkerPool", "DispatchPolicy", "AnyIdleWorker", "Lockstep", "resolve_queue_size"]
 
@@ -406,7 +406,7 @@ class WorkerPool:
     def _environment_for(self, settings: SessionSettings) -> dict[str, str]:
         env = thread_environment(settings.intra_threads)
         if settings.target.device == "cuda":
-            from .placement import cuda_visible_devices
+            from shmengine.runtime.placement import cuda_visible_devices
 
             env["CUDA_VISIBLE_DEVICES"] = cuda_visible_devices(settings.target.device_index)
         env.update(self._environment)

@@ -44,7 +44,7 @@ def _bundled():
 
 
 def _version() -> str:
-    from . import __version__
+    from shmengine import __version__
 
     return __version__
 
@@ -68,8 +68,8 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _engine(args, cls=None, default=None):
-    from .distributed import attach
-    from .engine import Engine
+    from shmengine.api.engine import Engine
+    from shmengine.cli.data_parallel import attach
 
     cls = cls or Engine
     notice = _slow_start_notice(args)
@@ -114,14 +114,14 @@ def _model_class(model):
     between), else Engine: what ``info`` starts to show the workers' settings."""
     path = Path(model)
     if path.is_dir() and (path / "encoder_model.onnx").is_file():
-        from .translator import Translator
+        from shmengine.api.translator import Translator
 
         return Translator
     return None
 
 
 def _cmd_info(args) -> int:
-    from .threads import parallel_info
+    from shmengine.runtime.threads import parallel_info
 
     if args.no_engine:
         print(parallel_info())
@@ -141,7 +141,7 @@ def _split_rows(arrays: dict[str, np.ndarray], batch_size: int) -> list[dict[str
 
 
 def _cmd_run(args) -> int:
-    from .tuning import synthetic_feeds
+    from shmengine.cli.tuning import synthetic_feeds
 
     with _engine(args) as engine:
         if args.input:
@@ -169,7 +169,7 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_bench(args) -> int:
-    from .tuning import measure, synthetic_feeds
+    from shmengine.cli.tuning import measure, synthetic_feeds
 
     with _engine(args) as engine:
         feeds = synthetic_feeds(engine.inputs, args.batch_size)
@@ -184,7 +184,7 @@ def _cmd_bench(args) -> int:
 
 
 def _cmd_tune(args) -> int:
-    from . import tuning
+    from shmengine.cli import tuning
 
     model = args.model or _default_model()
     results = tuning.sweep(
@@ -266,7 +266,7 @@ def _model_dir(args) -> Path:
         return _bundled().bundled_model_path("numbers-gpt2" if args.command == "generate" else "numbers-marian")
     path = Path(args.model)
     if not path.exists():
-        from .errors import ModelLoadError
+        from shmengine.errors import ModelLoadError
 
         raise ModelLoadError(f"model path {str(path)!r} does not exist")
     return path
@@ -281,7 +281,7 @@ def _generation_config(model_dir: Path) -> dict | None:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        from .errors import ModelLoadError
+        from shmengine.errors import ModelLoadError
 
         raise ModelLoadError(f"{path} is not readable JSON: {exc}") from None
 
@@ -339,7 +339,7 @@ def _decoding_kwargs(args) -> dict:
               "sampling_temperature": args.sampling_temperature,
               "early_stopping": True if args.early_stopping == "true" else "never"}
     if args.seed is not None:
-        from .options import set_random_seed
+        from shmengine.api.options import set_random_seed
 
         set_random_seed(args.seed)
     return kwargs
@@ -381,7 +381,7 @@ def _checked(tokens: list[str], where: str, limit: int, model, flag: str) -> lis
     if limit and len(tokens) > limit:
         print(f"shmengine-run: warning: {where}: {len(tokens)} tokens, truncated to {limit} ({flag})", file=sys.stderr)
     elif not limit and model.max_positions and len(tokens) > model.max_positions:
-        from .errors import InvalidInputError
+        from shmengine.errors import InvalidInputError
 
         raise InvalidInputError(
             f"{where}: {len(tokens)} tokens, more than the model's {model.max_positions} positions; "
@@ -391,8 +391,8 @@ def _checked(tokens: list[str], where: str, limit: int, model, flag: str) -> lis
 
 
 def _cmd_translate(args) -> int:
-    from .text import TextCodec, read_lines
-    from .translator import Translator
+    from shmengine.api.translator import Translator
+    from shmengine.cli.text import TextCodec, read_lines
 
     model_dir = _model_dir(args)
     codec = TextCodec(model_dir, args.tokenize)
@@ -431,8 +431,8 @@ def _cmd_translate(args) -> int:
 
 
 def _cmd_generate(args) -> int:
-    from .generator import Generator
-    from .text import TextCodec, read_lines
+    from shmengine.api.generator import Generator
+    from shmengine.cli.text import TextCodec, read_lines
 
     model_dir = _model_dir(args)
     codec = TextCodec(model_dir, args.tokenize)
@@ -446,7 +446,7 @@ def _cmd_generate(args) -> int:
             # a decoder starts from its bos token; add it where the tokenizer does not
             tokens = tokens if bos_token is None or tokens[:1] == [bos_token] else [bos_token] + tokens
             if limit and len(tokens) >= limit:
-                from .errors import InvalidInputError
+                from shmengine.errors import InvalidInputError
 
                 raise InvalidInputError(
                     f"{where}: the prompt has {len(tokens)} tokens; the model holds {limit} positions, "
@@ -477,10 +477,10 @@ def _cmd_generate(args) -> int:
 
 
 def _cmd_score(args) -> int:
-    from .errors import InvalidInputError
-    from .generator import _iterate_in_chunks
-    from .text import TextCodec, read_lines
-    from .translator import Translator
+    from shmengine.api.generator import _iterate_in_chunks
+    from shmengine.api.translator import Translator
+    from shmengine.cli.text import TextCodec, read_lines
+    from shmengine.errors import InvalidInputError
 
     model_dir = _model_dir(args)
     codec = TextCodec(model_dir, args.tokenize)
@@ -685,18 +685,18 @@ _interrupts = _Interrupts()
 
 def _run(args) -> int:
     for name, source in resolve_decoding_defaults(args).items():
-        logging.getLogger("shmengine.cli").info("%s = %r (%s)", name, getattr(args, name), source)
+        logging.getLogger("shmengine.cli.main").info("%s = %r (%s)", name, getattr(args, name), source)
     return args.func(args)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
-    from .errors import ShmEngineError
+    from shmengine.errors import ShmEngineError
 
     _interrupts.install()
     try:
-        from . import distributed
+        from shmengine.cli import data_parallel as distributed
 
         if distributed.is_distributed(args):  # one of several MPI ranks: data parallel over the lines
             return distributed.run(args, _run, _interrupts.check)

@@ -1,0 +1,1 @@
+"""The public classes: what a caller constructs, the options it passes, the results it gets back."""

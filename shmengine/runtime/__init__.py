@@ -1,0 +1,1 @@
+"""Processes and memory: the pool, the fork server, workers, messages, placement and threads."""
