@@ -19,6 +19,7 @@ class ChaosProgram:
     ``crash_once`` dies by SIGKILL unless the marker file ``payload`` exists (it creates it first)."""
 
     def __init__(self, context, fail_start: str | None = None):
+        self.context = context
         if fail_start == "raise":
             raise RuntimeError("this program refuses to start")
         if fail_start == "segfault":
@@ -54,4 +55,22 @@ class ChaosProgram:
             return "survived"
         if method == "raise":
             raise KeyError(payload)
+        if method == "device_weights":  # what its session settings say about a GPU's shared weights
+            return self.context.session_settings.device_weights
         raise ValueError(f"unknown method {method!r}")
+
+
+class StandInHolderProgram:
+    """Stands in for a GPU's weight holder (``device_weights.DeviceWeightsProgram``) where no GPU
+    is: its "handle" is its own pid, so a serving worker can tell which holder it was given.
+    Refuses to start while the file ``refuse_if`` exists."""
+
+    def __init__(self, context, refuse_if: str | None = None):
+        if refuse_if and os.path.exists(refuse_if):
+            raise RuntimeError("this holder refuses to start")
+
+    def describe(self) -> dict:
+        return {"device_weights": os.getpid()}
+
+    def run(self, method, payload):
+        raise ValueError("a holder runs no batches")

@@ -161,6 +161,7 @@ class PooledModel:
             placement.slots = [dataclasses.replace(s, prepack_weights=prepack_weights) for s in placement.slots]
         self.prepack_weights = bool(prepack_weights) and placement.device == "cpu"
         self._weight_holders: list[WorkerPool] = []
+        self._holder_watches: list = []  # device_weights.HolderWatch per holder
         try:
             slots = placement.slots
             if prepack_weights and placement.device == "cpu":
@@ -168,6 +169,8 @@ class PooledModel:
             if placement.device == "cuda":
                 slots = self._share_device_weights(slots)
             self._pool = WorkerPool(self._store, program, slots, max_queued_batches=max_queued_batches)
+            for watch in self._holder_watches:
+                watch.serving = self._pool
         except BaseException:
             _close_all(self._weight_holders)
             self._store.close()
@@ -179,7 +182,7 @@ class PooledModel:
         and every slot on that GPU maps its device copy instead of uploading its own
         (``device_weights.py``). Without cupy, or if the holder cannot start, each worker keeps
         its own copy, and a log line says why."""
-        from shmengine.runtime.device_weights import sharing_available
+        from shmengine.runtime.device_weights import HolderWatch, sharing_available
 
         per_device = collections.Counter(s.target.device_index for s in slots)
         shared_devices = sorted(index for index, count in per_device.items() if count > 1)
@@ -193,14 +196,17 @@ class PooledModel:
         found = {}
         try:
             for index in shared_devices:
-                first = next(s for s in slots if s.target.device_index == index)
+                on_device = {n: s for n, s in enumerate(slots) if s.target.device_index == index}
+                watch = HolderWatch(index, on_device)
                 holder = WorkerPool(
                     self._store,
                     ProgramSpec("shmengine.runtime.device_weights", "DeviceWeightsProgram", {"device_index": index}),
-                    [first],
+                    [next(iter(on_device.values()))],
                     owns_segment=False,
+                    observer=watch,
                 )
                 self._weight_holders.append(holder)
+                self._holder_watches.append(watch)
                 found[index] = holder.worker_info(0)["device_weights"]
         except Exception as exc:
             logger.warning("sharing the weights on the GPU failed (%s): each CUDA worker uploads its own copy", exc)

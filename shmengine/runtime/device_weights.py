@@ -16,22 +16,29 @@ So, per GPU::
 
 The holder is a process of its own, not one of the serving workers, so a serving worker that
 crashes (and is respawned) never takes the weights with it; the holder lives as long as the
-model. CUDA is initialised only there and in the workers, never in the supervisor or the fork
+model. If the holder itself dies, its device memory is freed under every mapping of it (CUDA
+calls using an IPC mapping after the exporter freed it undefined), so :class:`HolderWatch`
+stops that GPU's serving workers at once, their batches go back to the queue, the holder's pool
+starts a new holder (a new upload, a new handle), and the workers start again on the new handle.
+If no holder can be started, the model breaks with the reason. CUDA is initialised only there and in the workers, never in the supervisor or the fork
 server. cupy is the optional extra ``shmengine[cuda]``; without it every worker uploads its own
 copy, as before, and the model says so in a log line.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
 from dataclasses import dataclass
 
 import numpy as np
 
+from shmengine.errors import EngineBrokenError, describe_exit
 from shmengine.model.weights import RAW_ONNX_TYPES, ModelEntry, storage_dtype
+from shmengine.runtime.pool import PoolObserver
 
-__all__ = ["DeviceWeights", "DeviceWeightsProgram", "device_initializers", "sharing_available"]
+__all__ = ["DeviceWeights", "DeviceWeightsProgram", "HolderWatch", "device_initializers", "sharing_available"]
 
 logger = logging.getLogger("shmengine")
 
@@ -74,6 +81,40 @@ class DeviceWeightsProgram:
 
     def run(self, method, payload):
         raise ValueError("the device-weights holder runs no batches")
+
+
+class HolderWatch(PoolObserver):
+    """Watches one GPU's holder (from its pool's manager thread) on behalf of the serving pool.
+
+    ``slots`` maps each serving slot on this GPU to its session settings. ``serving`` is set
+    once the serving pool exists; it is reached only through its thread-safe ``hold_slots``,
+    ``resume_slots`` and ``abort``, so no lock is shared between the two pools.
+    """
+
+    def __init__(self, device_index: int, slots: dict):
+        self.device_index = device_index
+        self.slots = dict(slots)
+        self.serving = None
+
+    def worker_exited(self, slot: int, exitcode: int) -> None:
+        if self.serving is not None and not self.serving.closed:
+            self.serving.hold_slots(
+                self.slots,
+                f"the weight holder of GPU {self.device_index} {describe_exit(exitcode)}, and with it the "
+                "device copy of the weights this worker mapped; it restarts on a new copy",
+            )
+
+    def worker_ready(self, slot: int, info: dict, first: bool) -> None:
+        if first or self.serving is None:
+            return  # the first holder's handle is already in the serving slots' settings
+        weights = info["device_weights"]
+        self.serving.resume_slots({s: dataclasses.replace(settings, device_weights=weights) for s, settings in self.slots.items()})
+
+    def pool_broken(self, reason: BaseException) -> None:
+        if self.serving is not None:
+            error = EngineBrokenError(f"the weight holder of GPU {self.device_index} cannot be restarted: {reason}")
+            error.__cause__ = reason
+            self.serving.abort(error)
 
 
 _opened: dict[bytes, object] = {}  # handle -> the worker's mapping, opened once per process

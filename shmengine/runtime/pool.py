@@ -74,7 +74,7 @@ from shmengine.runtime.transport import recv_message, send_message
 from shmengine.runtime.worker import ProgramSpec, WorkerConfig
 from shmengine.runtime.zygote import ForkServer
 
-__all__ = ["WorkerPool", "DispatchPolicy", "AnyIdleWorker", "Lockstep", "resolve_queue_size"]
+__all__ = ["WorkerPool", "DispatchPolicy", "AnyIdleWorker", "Lockstep", "PoolObserver", "resolve_queue_size"]
 
 logger = logging.getLogger("shmengine")
 
@@ -149,6 +149,21 @@ class Lockstep(DispatchPolicy):
         return None
 
 
+class PoolObserver:
+    """What a pool tells its owner about its workers, called in the pool's manager thread (so
+    each call must be quick and must not wait on this pool). The engine watches the GPU weight
+    holders this way: a holder's death invalidates every mapping of its device copy."""
+
+    def worker_ready(self, slot: int, info: dict, first: bool) -> None:
+        """Worker ``slot`` is ready (``first``: for the first time since the pool started)."""
+
+    def worker_exited(self, slot: int, exitcode: int) -> None:
+        """Worker ``slot``'s process exited (a replacement may follow)."""
+
+    def pool_broken(self, reason: BaseException) -> None:
+        """The pool cannot run batches any more."""
+
+
 @dataclass
 class _Worker:
     slot: int
@@ -161,6 +176,7 @@ class _Worker:
     batch: _Batch | None = None
     eof_at: float | None = None  # when its socket read EOF; the exit report is then awaited
     info: dict = field(default_factory=dict)
+    exited: bool = False  # its exit report came (a slot on hold then waits for resume_slots)
 
     @property
     def idle(self) -> bool:
@@ -194,6 +210,7 @@ class WorkerPool:
         start_timeout: float = 600.0,
         owns_segment: bool = True,
         dispatch: DispatchPolicy | None = None,
+        observer: PoolObserver | None = None,
     ):
         if not slot_settings:
             raise ValueError("a pool needs at least one worker")
@@ -217,6 +234,13 @@ class WorkerPool:
         self._broken: BaseException | None = None
         self._ids = itertools.count()
         self._dispatch_policy = dispatch or AnyIdleWorker()
+        self._observer = observer or PoolObserver()
+        # Slots stopped on purpose (hold_slots): their workers are killed, their batches go back
+        # to the queue, and nothing is respawned there until resume_slots.
+        self._held: set[int] = set()
+        self._ever_ready: set[int] = set()
+        # Requests from other threads, run by the manager thread (which alone touches workers).
+        self._requests: collections.deque[Callable[[], None]] = collections.deque()
 
         self._workers: dict[int, _Worker] = {}
         self._start_failures = collections.Counter()
@@ -308,6 +332,46 @@ class WorkerPool:
             waiting = list(self._outstanding)
         done, not_done = wait(waiting, timeout=timeout)
         return not not_done
+
+    def hold_slots(self, slots, reason: str) -> None:
+        """Stop the workers of ``slots`` now and run nothing there until :meth:`resume_slots`:
+        what they were running goes back to the queue (not counted as a failed attempt). For
+        workers whose inputs became invalid under them, e.g. a GPU whose shared device copy of
+        the weights was lost. Returns at once; the manager thread does the work."""
+        slots = set(slots)
+
+        def hold():
+            self._held |= slots
+            for slot in sorted(slots):
+                worker = self._workers.get(slot)
+                if worker is not None and not worker.exited and worker.pid is not None:
+                    logger.warning("stopping worker %d (pid %s): %s", slot, worker.pid, reason)
+                    self._fork_server.kill(worker.pid)
+
+        self._request(hold)
+
+    def resume_slots(self, settings: dict[int, SessionSettings]) -> None:
+        """Give held slots new session settings and start their workers again."""
+
+        def resume():
+            for slot, slot_settings in settings.items():
+                self._slot_settings[slot] = slot_settings
+                self._held.discard(slot)
+                worker = self._workers.get(slot)
+                if worker is None or worker.exited:
+                    self._start_worker(slot)
+                # else: its exit report is still to come, and starts the replacement
+
+        self._request(resume)
+
+    def abort(self, reason: BaseException) -> None:
+        """Break the pool from another thread: every queued and running batch fails with
+        :class:`EngineBrokenError` naming ``reason``, and the workers stop."""
+        self._request(lambda: self._break(reason))
+
+    def _request(self, action: Callable[[], None]) -> None:
+        self._requests.append(action)
+        self._wake()
 
     def worker_pids(self) -> list[int]:
         return [w.pid for w in list(self._workers.values()) if w.pid is not None and w.eof_at is None]
@@ -415,6 +479,8 @@ class WorkerPool:
     def _manage(self) -> None:
         try:
             while True:
+                while self._requests and not self._closed:
+                    self._requests.popleft()()
                 if self._closed:
                     break
                 self._dispatch()
@@ -439,7 +505,7 @@ class WorkerPool:
 
     def _dispatch(self) -> None:
         for worker in self._workers.values():
-            if not worker.idle:
+            if not worker.idle or worker.slot in self._held:
                 continue
             batch = self._next_batch(worker.slot)
             if batch is None:
@@ -486,6 +552,9 @@ class WorkerPool:
             self._start_failures[worker.slot] = 0
             if not self._started.is_set() and all(w.ready for w in self._workers.values()):
                 self._started.set()
+            first = worker.slot not in self._ever_ready
+            self._ever_ready.add(worker.slot)
+            self._notify(self._observer.worker_ready, worker.slot, dict(worker.info), first)
         elif isinstance(message, WorkerStartFailed):
             exc = _rebuild_exception(message.exception, message.traceback)
             worker.info = {"startup_error": exc}
@@ -550,7 +619,17 @@ class WorkerPool:
                 break
             self._on_worker_readable(worker)
         worker.close_channels(self._selector)
+        worker.exited = True
+        self._notify(self._observer.worker_exited, worker.slot, exitcode)
         how = describe_exit(exitcode)
+        if worker.slot in self._held:
+            # stopped on purpose: its batch is retried (not as a failed attempt) by another
+            # worker or by this slot's next one, which resume_slots starts
+            batch, worker.batch = worker.batch, None
+            if batch is not None:
+                batch.attempts -= 1
+                self._retry.appendleft(batch)
+            return
         if not worker.ready:
             error = worker.info.get("startup_error")
             failure = WorkerStartupError(
@@ -601,7 +680,15 @@ class WorkerPool:
         if not self._closed and self._broken is None:
             self._start_worker(worker.slot)
 
+    def _notify(self, callback, *args) -> None:
+        try:
+            callback(*args)
+        except Exception:  # an observer's bug must not take the manager down
+            logger.exception("a pool observer raised")
+
     def _break(self, reason: BaseException) -> None:
+        if self._broken is None:
+            self._notify(self._observer.pool_broken, reason)
         with self._not_full:
             self._broken = reason
             dropped = list(self._pending)
