@@ -38,7 +38,7 @@ def _bundled():
     try:
         import shmengine.models as bundled
     except ImportError:  # running from a source checkout that is not installed
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout: shmengine/cli/main.py
         import models as bundled
     return bundled
 

@@ -58,7 +58,8 @@ class ForkServer:
 
     def __init__(self, owned_segments: list[str], environment: dict[str, str]):
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        # the directory holding the shmengine package (this file is shmengine/runtime/zygote.py)
+        package_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         # The fork server sees the caller's import path, so programs defined in the caller's
         # own modules can run in workers.
         paths = [package_parent] + [p for p in sys.path if p]
