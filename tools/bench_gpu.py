@@ -2,7 +2,7 @@
 """GPU generation: shmengine ``device="cuda"`` against a plain ONNX Runtime IOBinding loop and
 transformers ``generate`` on the same export, in one run, with a correctness gate.
 
-    python3 tools/bench_gpu.py --model DIR [--bundled] [--sections correct,reduce,speed,memory,share] [--out OUT]
+    python3 tools/bench_gpu.py --model DIR [--bundled] [--sections correct,reduce,strategies,speed,memory,share,faults] [--out OUT]
 
 ``DIR`` is an Optimum decoder export (``model.onnx`` + json files; on the device machine, one
 filled by ``shared/device/strip_weights.py``). Sections:
@@ -18,6 +18,9 @@ filled by ``shared/device/strip_weights.py``). Sections:
   ArgMax / TopK reductions, at batch 32.
 * ``memory``: GPU memory of the worker processes (nvidia-smi, per pid) with 1, 2 and 3 workers
   after a batch-32 generation, against the target one worker + (N - 1) x (one worker - weights).
+* ``faults``: on a GPU shared by 2 workers: no CUDA in the supervisor or the fork servers, each
+  worker sees only its GPU, a worker and the weight holder killed mid-run give the same tokens,
+  an out-of-memory batch fails with DeviceOutOfMemoryError and the pool serves on.
 * ``share``: whether ONNX Runtime uses device memory handed to ``SessionOptions.add_initializer``
   (an OrtValue from ``OrtValue.from_dlpack`` over a cupy array) in place, measured as the
   device memory a session takes at creation, against the same session over host weights.
@@ -278,22 +281,34 @@ def section_speed(model_dir: Path, rows: list[dict]) -> None:
             gen.close()
 
 
-STRATEGIES = ("graph", "host")
+# name -> the environment the workers of that Generator get (read when they start)
+STRATEGIES = {
+    "graph": {},  # the default: the step's top-k on the device, one CUDA stream per worker
+    "own-streams": {"SHMENGINE_CUDA_STREAM": "own"},  # each session its own stream, every run synced
+    "host": {"SHMENGINE_DEVICE_REDUCE": "host"},  # the step's logits to the host, reduced by numpy
+}
 
 
 def section_strategies(model_dir: Path, rows: list[dict]) -> None:
-    """shmengine, 1 worker, with the step's logits reduced in the helper graph or on the host,
-    against the plain loop: the comparison that picks the bound runner's default."""
+    """shmengine, 1 worker, in each of STRATEGIES, against the plain loop: the comparison that
+    picks the bound runner's defaults."""
     import shmengine
 
     print("strategies", flush=True)
     vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
     plain = PlainLoop(model_dir)
     gens = {}
-    for strategy in STRATEGIES:
-        os.environ["SHMENGINE_DEVICE_REDUCE"] = strategy  # read by the workers this Generator forks
-        gens[strategy] = shmengine.Generator(str(model_dir), device="cuda")
-    os.environ.pop("SHMENGINE_DEVICE_REDUCE")
+    for strategy, env in STRATEGIES.items():
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)  # read by the workers this Generator forks
+        try:
+            gens[strategy] = shmengine.Generator(str(model_dir), device="cuda")
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k)
+                else:
+                    os.environ[k] = v
     try:
         for beam in (1, 4):
             for batch in (1, 8, 32):
@@ -487,6 +502,69 @@ def section_reduce(model_dir: Path, notes: list[str]) -> None:
         print("  " + line, flush=True)
 
 
+def section_faults(model_dir: Path, notes: list[str]) -> None:
+    """What must hold when things go wrong on a GPU (2 workers sharing one device copy):
+    CUDA is never initialised in the supervisor or the fork servers; each worker sees only its
+    GPU; a worker killed mid-batch and the weight holder killed mid-run both give the same
+    tokens; a CUDA out-of-memory fails that batch naming the device and the rows, and the pool
+    serves on. Run it last: the out-of-memory batch leaves its worker's arena grown."""
+    import signal
+
+    import shmengine
+    from shmengine.runtime.placement import cuda_visible_devices
+
+    print("faults", flush=True)
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    prompts = prompts_for(8, vocab, seed=3)
+
+    def run(gen, batch, asynchronous=False):
+        return gen.generate_batch(batch, max_length=NEW_TOKENS, include_prompt_in_result=False, max_batch_size=8,
+                                  asynchronous=asynchronous)
+
+    def tokens(results):
+        return [(r.result(timeout=300) if hasattr(r, "result") else r).sequences_ids[0] for r in results]
+
+    with shmengine.Generator(str(model_dir), device="cuda", inter_threads=2) as gen:
+        want = tokens(run(gen, prompts))
+        pool, holders = gen._pool, gen._weight_holders
+        check("the two workers share one device copy (a weight holder runs)", len(holders) == 1)
+        usage = gpu_memory_by_pid()
+        cuda_free = {os.getpid(), pool._fork_server.process.pid, *(h._fork_server.process.pid for h in holders)}
+        check("no CUDA context in the supervisor or the fork servers", not cuda_free & set(usage),
+              f"GPU processes {sorted(usage)}, supervisor and fork servers {sorted(cuda_free)}")
+        seen = [pool.worker_info(slot)["environment"].get("CUDA_VISIBLE_DEVICES") for slot in range(pool.size)]
+        check("each worker sees only its GPU", seen == [cuda_visible_devices(0)] * pool.size, str(seen))
+
+        def kill_mid_run(pid_of, what):
+            futures = run(gen, prompts * 4, asynchronous=True)
+            time.sleep(0.3)
+            pid = pid_of()
+            os.kill(pid, signal.SIGKILL)
+            got = tokens(futures)
+            check(f"{what} killed mid-run (pid {pid}): the same tokens", got == want * 4)
+
+        kill_mid_run(lambda: pool.worker_pids()[0], "a GPU worker")
+        kill_mid_run(lambda: holders[0].worker_pids()[0], "the weight holder")
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (len(pool.worker_pids()) == 2 and holders[0].worker_pids()):
+            time.sleep(0.2)
+        check("after the holder's death: the same tokens again", tokens(run(gen, prompts)) == want)
+        usage = gpu_memory_by_pid()
+        mib = {pid: usage.get(pid) for pid in pool.worker_pids() + holders[0].worker_pids()}
+        notes.append(f"faults: GPU MiB per process after the holder's restart (workers, then holder): {mib}")
+
+        rows, length = 4096, 1000
+        try:
+            gen.generate_batch([[1] * length] * rows, max_length=1, max_batch_size=rows, include_prompt_in_result=False)
+            check("a CUDA out-of-memory is a DeviceOutOfMemoryError", False, f"{rows} x {length} ran")
+        except shmengine.DeviceOutOfMemoryError as exc:
+            check("a CUDA out-of-memory is a DeviceOutOfMemoryError naming the device and the rows",
+                  "CUDA device 0" in str(exc) and f"{rows} rows" in str(exc), str(exc)[:200])
+        except Exception as exc:
+            check("a CUDA out-of-memory is a DeviceOutOfMemoryError", False, f"{type(exc).__name__}: {str(exc)[:200]}")
+        check("the pool serves after the out-of-memory: the same tokens", tokens(run(gen, prompts)) == want)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, type=Path)
@@ -510,6 +588,8 @@ def main() -> int:
         section_strategies(args.model, strategy_rows)
     if "speed" in sections:
         section_speed(args.model, rows)
+    if "faults" in sections:
+        section_faults(args.model, notes)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "bench_gpu.json").write_text(

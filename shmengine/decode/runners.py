@@ -122,6 +122,19 @@ class BoundRunner(Runner):
         self.providers = [name for name, _ in providers]
         self.provider_options = [dict(options) for _, options in providers]
         self._helpers: dict[tuple, Any] = {}
+        # One stream for the model and the helper graphs (runtime/cuda_stream.py): a run whose
+        # outputs all stay on the device then skips its end-of-run sync; the helper run that
+        # brings results to the host is ordered after it by the stream and synchronises.
+        self._run_async = None
+        if self.device == "cuda":
+            from shmengine.runtime.cuda_stream import stream_is_shared, with_shared_stream
+
+            self.provider_options = with_shared_stream(self.providers, self.provider_options)
+            if stream_is_shared():
+                import onnxruntime as ort
+
+                self._run_async = ort.RunOptions()
+                self._run_async.add_run_config_entry("disable_synchronize_execution_providers", "1")
 
     def empty(self, meta, batch: int):
         if meta.type == "tensor(bfloat16)":
@@ -147,8 +160,11 @@ class BoundRunner(Runner):
                 binding.bind_output(name, "cpu")
             else:
                 binding.bind_output(name, self.device, self.device_id)
+        run_options = None
+        if self._run_async is not None and HOST not in fetch.values():
+            run_options = self._run_async  # nothing comes to the host: no need to wait for the GPU
         try:
-            session.run_with_iobinding(binding)
+            session.run_with_iobinding(binding, run_options)
         except Exception as exc:
             if self.device == "cuda" and _out_of_memory(exc):
                 rows = next((len(v) for v in feeds.values() if isinstance(v, np.ndarray) and v.ndim >= 1), "?")
@@ -199,7 +215,7 @@ class BoundRunner(Runner):
         binding.bind_cpu_input("rows", rows)
         for i in range(len(values)):
             binding.bind_output(f"y{i}", self.device, self.device_id)
-        session.run_with_iobinding(binding)
+        session.run_with_iobinding(binding, self._run_async)  # its outputs stay on the device
         return list(binding.get_outputs())
 
     def top(self, logits, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

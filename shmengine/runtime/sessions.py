@@ -88,7 +88,10 @@ def _base_options(settings: SessionSettings):
 
 
 def _providers(settings: SessionSettings):
-    return [name for name, _ in settings.providers], [opts for _, opts in settings.providers]
+    from shmengine.runtime.cuda_stream import with_shared_stream
+
+    names = [name for name, _ in settings.providers]
+    return names, with_shared_stream(names, [dict(opts) for _, opts in settings.providers])
 
 
 def create_session(entry: ModelEntry, weights: memoryview, settings: SessionSettings, *, save_prepacked_to: str | None = None):
