@@ -10,7 +10,7 @@ import numpy as np
 
 from shmengine.api.batching import BatchFuture, split_future
 from shmengine.api.engine import PooledModel
-from shmengine.api.generator import check_constructor_extras
+from shmengine.api.model_options import ModelOptions
 from shmengine.api.results import EncoderForwardOutput
 from shmengine.errors import InvalidInputError
 from shmengine.model.modeldir import ModelDirectory
@@ -26,7 +26,9 @@ class Encoder(PooledModel):
         model_path: an Optimum ONNX export of an encoder (``model.onnx`` with ``input_ids``,
             ``attention_mask`` and optionally ``token_type_ids``), with ``config.json`` and the
             tokenizer's ``tokenizer.json`` or ``vocab.json``.
-        Others: as :class:`shmengine.Engine` (``compute_type`` included).
+        Others: as :class:`shmengine.Engine` (``compute_type`` included); ``flash_attention``
+            and ``files`` are accepted as by Generator, and ``tensor_parallel=True`` raises
+            ``NotImplementedError`` (encoders have no tensor-parallel path yet).
     """
 
     def __init__(
@@ -39,26 +41,29 @@ class Encoder(PooledModel):
         inter_threads: int = 1,
         intra_threads: int = 0,
         max_queued_batches: int = 0,
+        flash_attention: bool = False,
+        tensor_parallel: bool = False,
         files=None,
         prepack_weights: bool | None = None,
         graph_optimization_level: str = "all",
     ):
-        check_constructor_extras(compute_type, False)
-        self.model = ModelDirectory.open(model_path, "encoder")
-        self.vocabulary = self.model.vocab
-        super().__init__(
-            self.model.graphs,
-            ProgramSpec("shmengine.decode.programs", "EncoderProgram", {"pad_id": self.model.pad_id}),
-            device,
+        options = ModelOptions(
+            device=device,
             device_index=device_index,
+            compute_type=compute_type,
             inter_threads=inter_threads,
             intra_threads=intra_threads,
             max_queued_batches=max_queued_batches,
+            flash_attention=flash_attention,
+            tensor_parallel=tensor_parallel,
+            files=files,
             prepack_weights=prepack_weights,
             graph_optimization_level=graph_optimization_level,
-            compute_type=compute_type,
-            roles={"model": "encoder"},
         )
+        self.model = ModelDirectory.open(model_path, "encoder")
+        self.vocabulary = self.model.vocab
+        program = ProgramSpec("shmengine.decode.programs", "EncoderProgram", {"pad_id": self.model.pad_id})
+        self._start(self.model.graphs, program, options, roles={"model": "encoder"})
 
     def forward_batch(
         self,

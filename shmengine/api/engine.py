@@ -14,11 +14,12 @@ from typing import Any
 import numpy as np
 import onnx
 
+from shmengine.api.model_options import ModelOptions
 from shmengine.errors import InvalidInputError
-from shmengine.model.transforms import check_compute_type, prepare_models
+from shmengine.model.transforms import prepare_models
 from shmengine.model.weights import TensorSpec, WeightStore
 from shmengine.runtime.placement import place_workers
-from shmengine.runtime.pool import WorkerPool, resolve_queue_size
+from shmengine.runtime.pool import WorkerPool
 from shmengine.runtime.sharedmem import SHM_DIR
 from shmengine.runtime.worker import ProgramSpec, WorkerContext
 
@@ -134,26 +135,48 @@ class PooledModel:
         compute_type: str = "default",
         roles: Mapping[str, str] | None = None,
     ):
-        check_compute_type(compute_type)  # before anything else: a typo should not wait for a GPU probe
-        placement = place_workers(
-            device,
-            device_index,
+        options = ModelOptions(
+            device=device,
+            device_index=device_index,
+            compute_type=compute_type,
             inter_threads=inter_threads,
             intra_threads=intra_threads,
-            prepack_weights=bool(prepack_weights),
+            max_queued_batches=max_queued_batches,
+            prepack_weights=prepack_weights,
             graph_optimization_level=graph_optimization_level,
         )
-        resolve_queue_size(max_queued_batches, len(placement.slots))  # check before loading
+        self._start(graphs, program, options, roles=roles, graph_edits=graph_edits)
+
+    def _start(
+        self,
+        graphs: Mapping[str, str | os.PathLike],
+        program: ProgramSpec,
+        options: ModelOptions,
+        *,
+        roles: Mapping[str, str] | None = None,
+        graph_edits: Mapping[str, Callable[[onnx.ModelProto], object]] | None = None,
+    ) -> None:
+        """Place the workers, transform and pack the graphs, start the pool (``options`` are
+        already checked: :class:`ModelOptions` did it when it was made)."""
+        placement = place_workers(
+            options.device,
+            options.device_index,
+            inter_threads=options.inter_threads,
+            intra_threads=options.intra_threads,
+            prepack_weights=bool(options.prepack_weights),
+            graph_optimization_level=options.graph_optimization_level,
+        )
         self.device = placement.device
         self.device_index = placement.device_indices
-        self.inter_threads = inter_threads
+        self.inter_threads = options.inter_threads
         self.intra_threads = placement.plan.intra_threads
         # The model transforms (graph edits, quantization, casts) run before the weights are
         # packed, so every worker maps the transformed weights from the one segment.
-        prepared = prepare_models(graphs, roles or {}, placement.device, compute_type)
+        prepared = prepare_models(graphs, roles or {}, placement.device, options.compute_type)
         self.compute_type = prepared.compute_type
         self.transforms = prepared.applied
         self._store = WeightStore.load(prepared.models, graph_edits)
+        prepack_weights = options.prepack_weights
         if prepack_weights is None:
             # ORT's int8 CPU kernels run ~2.5x faster on prepacked weights (the speed a
             # CTranslate2 int8 user has); float32 keeps the smaller unpacked default
@@ -168,7 +191,7 @@ class PooledModel:
                 slots = self._prepack_once(slots)
             if placement.device == "cuda":
                 slots = self._share_device_weights(slots)
-            self._pool = WorkerPool(self._store, program, slots, max_queued_batches=max_queued_batches)
+            self._pool = WorkerPool(self._store, program, slots, max_queued_batches=options.max_queued_batches)
             for watch in self._holder_watches:
                 watch.serving = self._pool
         except BaseException:

@@ -11,25 +11,15 @@ import numpy as np
 
 from shmengine.api.batching import BatchFuture, plan_batches, split_future
 from shmengine.api.engine import PooledModel
+from shmengine.api.model_options import ModelOptions
 from shmengine.api.options import end_ids_for, search_options, warn_ignored
 from shmengine.api.results import GenerationResult, GenerationStepResult, ScoringResult
 from shmengine.decode.decoding import StepEvent, log_softmax
 from shmengine.errors import InvalidInputError, TokenTypeError
 from shmengine.model.modeldir import ModelDirectory
-from shmengine.model.transforms import check_compute_type
 from shmengine.runtime.worker import ProgramSpec
 
-__all__ = ["Generator", "DecodingModel", "check_constructor_extras"]
-
-
-def check_constructor_extras(compute_type: str, tensor_parallel: bool) -> None:
-    """CTranslate2 constructor arguments that mean nothing here yet, or are not built yet."""
-    if tensor_parallel:
-        raise NotImplementedError(
-            "tensor_parallel=True is built for Generator (GPT-2, Llama) and Translator (Marian), not for this model "
-            "class yet; run one model per process with inter_threads instead"
-        )
-    check_compute_type(compute_type)
+__all__ = ["Generator", "DecodingModel"]
 
 
 class DecodingModel(PooledModel):
@@ -149,27 +139,29 @@ class Generator(DecodingModel):
         prepack_weights: bool | None = None,
         graph_optimization_level: str = "all",
     ):
-        check_constructor_extras(compute_type, False)
-        self.model = ModelDirectory.open(model_path, "decoder")
-        self.vocabulary = self.model.vocab
-        if tensor_parallel:
-            from shmengine.tp.local import attach_generator
-
-            attach_generator(self, inter_threads=inter_threads, intra_threads=intra_threads)
-            return
-        super().__init__(
-            self.model.graphs,
-            ProgramSpec("shmengine.decode.programs", "GeneratorProgram", {"pad_id": self.model.pad_id}),
-            device,
+        options = ModelOptions(
+            device=device,
             device_index=device_index,
+            compute_type=compute_type,
             inter_threads=inter_threads,
             intra_threads=intra_threads,
             max_queued_batches=max_queued_batches,
+            flash_attention=flash_attention,
+            tensor_parallel=tensor_parallel,
+            files=files,
             prepack_weights=prepack_weights,
             graph_optimization_level=graph_optimization_level,
-            compute_type=compute_type,
-            roles={"model": "decoder"},
+            tensor_parallel_built=True,
         )
+        self.model = ModelDirectory.open(model_path, "decoder")
+        self.vocabulary = self.model.vocab
+        if options.tensor_parallel:
+            from shmengine.tp.local import attach_generator
+
+            attach_generator(self, inter_threads=options.inter_threads, intra_threads=options.intra_threads)
+            return
+        program = ProgramSpec("shmengine.decode.programs", "GeneratorProgram", {"pad_id": self.model.pad_id})
+        self._start(self.model.graphs, program, options, roles={"model": "decoder"})
         if "logits" not in {o.name for o in self._store.catalog["model"].outputs}:
             self.close()
             raise InvalidInputError(f"{self.model.graphs['model']} has no 'logits' output: it is not a generation model")

@@ -8,7 +8,8 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 
-from shmengine.api.generator import DecodingModel, _iterate_in_chunks, _slice_options, _stream, check_constructor_extras
+from shmengine.api.generator import DecodingModel, _iterate_in_chunks, _slice_options, _stream
+from shmengine.api.model_options import ModelOptions
 from shmengine.api.options import end_ids_for, search_options, warn_ignored
 from shmengine.api.results import ExecutionStats, GenerationStepResult, ScoringResult, TranslationResult
 from shmengine.errors import InvalidInputError, TokenTypeError
@@ -80,31 +81,34 @@ class Translator(DecodingModel):
         prepack_weights: bool | None = None,
         graph_optimization_level: str = "all",
     ):
-        check_constructor_extras(compute_type, False)
-        self.model = ModelDirectory.open(model_path, "seq2seq")
-        self.vocabulary = self.model.vocab
-        if tensor_parallel:  # split over the ranks of mpirun (shmengine.tp), as Generator's
-            from shmengine.tp.local import attach_translator
-
-            attach_translator(self, inter_threads=inter_threads, intra_threads=intra_threads)
-            return
-        super().__init__(
-            self.model.graphs,
-            ProgramSpec(
-                "shmengine.decode.programs",
-                "TranslatorProgram",
-                {"pad_id": self.model.pad_id, "decoder_start_id": self.model.decoder_start_id},
-            ),
-            device,
+        options = ModelOptions(
+            device=device,
             device_index=device_index,
+            compute_type=compute_type,
             inter_threads=inter_threads,
             intra_threads=intra_threads,
             max_queued_batches=max_queued_batches,
+            flash_attention=flash_attention,
+            tensor_parallel=tensor_parallel,
+            files=files,
             prepack_weights=prepack_weights,
             graph_optimization_level=graph_optimization_level,
-            compute_type=compute_type,
-            roles={"encoder": "seq2seq_encoder", "decoder": "seq2seq_decoder", "decoder_with_past": "seq2seq_decoder"},
+            tensor_parallel_built=True,
         )
+        self.model = ModelDirectory.open(model_path, "seq2seq")
+        self.vocabulary = self.model.vocab
+        if options.tensor_parallel:  # split over the ranks of mpirun (shmengine.tp), as Generator's
+            from shmengine.tp.local import attach_translator
+
+            attach_translator(self, inter_threads=options.inter_threads, intra_threads=options.intra_threads)
+            return
+        program = ProgramSpec(
+            "shmengine.decode.programs",
+            "TranslatorProgram",
+            {"pad_id": self.model.pad_id, "decoder_start_id": self.model.decoder_start_id},
+        )
+        roles = {"encoder": "seq2seq_encoder", "decoder": "seq2seq_decoder", "decoder_with_past": "seq2seq_decoder"}
+        self._start(self.model.graphs, program, options, roles=roles)
 
     # -- inputs ---------------------------------------------------------------------------------
 

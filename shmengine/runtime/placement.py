@@ -14,7 +14,7 @@ from shmengine.runtime.sessions import SessionSettings
 from shmengine.runtime.target import RUNNER_KINDS, WorkerTarget
 from shmengine.runtime.threads import ThreadPlan, get_cuda_device_count, plan_threads
 
-__all__ = ["Placement", "place_workers", "DEVICES"]
+__all__ = ["Placement", "place_workers", "check_placement_arguments", "DEVICES"]
 
 DEVICES = ("cpu", "cuda", "auto")
 
@@ -35,23 +35,14 @@ def _cuda_available() -> bool:
     return "CUDAExecutionProvider" in onnxruntime.get_available_providers() and get_cuda_device_count() > 0
 
 
-def place_workers(
-    device: str = "cpu",
-    device_index: int | Sequence[int] = 0,
-    *,
-    inter_threads: int = 1,
-    intra_threads: int = 0,
-    prepack_weights: bool = False,
-    graph_optimization_level: str = "all",
-) -> Placement:
-    """Check the device arguments and decide every worker's session settings.
-
-    Raises ``ValueError`` with what to change for an unknown device, a missing GPU, or thread
-    counts that cannot work; this runs before any process starts.
-    """
+def check_placement_arguments(
+    device, device_index, inter_threads, intra_threads, graph_optimization_level
+) -> tuple[str, list[int]]:
+    """The placement arguments checked on their own (no GPU probe): the device in lower case and
+    the device indices as a list, or a ``ValueError`` saying what is wrong. The model classes
+    run it through :class:`shmengine.api.model_options.ModelOptions`, before reading any file."""
     if not isinstance(device, str) or device.lower() not in DEVICES:
         raise ValueError(f"device must be one of {', '.join(map(repr, DEVICES))}, got {device!r}")
-    device = device.lower()
     if isinstance(inter_threads, bool) or not isinstance(inter_threads, int) or inter_threads < 1:
         raise ValueError(f"inter_threads must be an integer >= 1 (the number of parallel workers), got {inter_threads!r}")
     if isinstance(intra_threads, bool) or not isinstance(intra_threads, int) or intra_threads < 0:
@@ -61,6 +52,29 @@ def place_workers(
     indices = [device_index] if isinstance(device_index, int) else list(device_index)
     if not indices or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in indices):
         raise ValueError(f"device_index must be a non-negative int or a non-empty list of them, got {device_index!r}")
+    if device.lower() == "cpu" and indices != [0]:
+        raise ValueError(f"device_index={device_index!r} only has a meaning with device='cuda'")
+    return device.lower(), indices
+
+
+def place_workers(
+    device: str = "cpu",
+    device_index: int | Sequence[int] = 0,
+    *,
+    inter_threads: int = 1,
+    intra_threads: int = 0,
+    prepack_weights: bool = False,
+    graph_optimization_level: str = "all",
+) -> Placement:
+    """Decide every worker's session settings, checking what depends on this machine.
+
+    Raises ``ValueError`` with what to change for a missing GPU or a device index that does not
+    exist, after :func:`check_placement_arguments` (the checks that need no machine); this runs
+    before any process starts.
+    """
+    device, indices = check_placement_arguments(
+        device, device_index, inter_threads, intra_threads, graph_optimization_level
+    )
     if device == "auto":
         device = "cuda" if _cuda_available() else "cpu"
     if device == "cuda":
