@@ -209,8 +209,11 @@ class Generator(DecodingModel):
         returns the tails of prompts longer than the batch's shortest one as if generated (its
         results then depend on how the batch was cut); for prompts of equal length the two agree. ``static_prompt`` is
         prepended to every prompt and left out of the results; ``cache_static_prompt``,
-        ``return_logits_vocab``, ``return_alternatives`` and ``min_alternative_expansion_prob``
-        are accepted and ignored (a warning, once, for each given a non-default value). ``callback(GenerationStepResult)`` sees each token as it is
+        ``return_logits_vocab`` is accepted and ignored (a warning, once).
+        ``return_alternatives`` (CTranslate2's meaning): the ``num_hypotheses`` most likely
+        tokens after the prompt, each continued by the search, in that order (alternatives below
+        ``min_alternative_expansion_prob`` are left out); ``max_length`` then counts from the
+        sequence's start whether or not the prompt is returned, as in CTranslate2. ``callback(GenerationStepResult)`` sees each token as it is
         decoded (greedy and sampling); returning True stops that example. Returns one
         :class:`GenerationResult` per example, or with ``asynchronous=True`` one
         ``concurrent.futures.Future`` per example.
@@ -223,11 +226,7 @@ class Generator(DecodingModel):
         """
         if isinstance(start_tokens, (str, bytes)) or not isinstance(start_tokens, Sequence):
             raise TokenTypeError("start_tokens must be a list of token lists, e.g. [['<s>', 'Hello']]")
-        warn_ignored(
-            "generate_batch", return_logits_vocab=(return_logits_vocab, False),
-            return_alternatives=(return_alternatives, False),
-            min_alternative_expansion_prob=(min_alternative_expansion_prob, 0),
-        )
+        warn_ignored("generate_batch", return_logits_vocab=(return_logits_vocab, False))
         if not start_tokens:
             return []
         if max_length < 1:
@@ -274,7 +273,13 @@ class Generator(DecodingModel):
             sampling_temperature=sampling_temperature,
             callback=callback,
             early_stopping=early_stopping,
+            return_alternatives=return_alternatives,
+            min_alternative_expansion_prob=min_alternative_expansion_prob,
         )
+        if return_alternatives:
+            prompts, options.max_new_tokens, options.min_new_tokens = _alternative_limits(
+                prompts, len(static), include_prompt_in_result, max_length, min_length, self.model.max_positions
+            )
         options.length_offset = offset
         options.end_counts_in_length = True
         options.stream = callback is not None
@@ -293,7 +298,7 @@ class Generator(DecodingModel):
             prefix = (prompt[1:] if starts_with_bos else prompt) if include_prompt_in_result else []
             ids = [prefix + h for h in hyps.ids]
             scores = list(hyps.scores)
-            if max_new[example] == 0 and beam_size > 1 and len(ids) < min(num_hypotheses, beam_size):
+            if max_new[example] == 0 and beam_size > 1 and len(ids) < min(num_hypotheses, beam_size) and not return_alternatives:
                 # a prompt that fills max_length under beam search: CTranslate2 returns it once per
                 # beam, the first beam scored 0 and the others with the dead score of a beam
                 # that was never alive while the prompt was forced
@@ -438,6 +443,27 @@ class Generator(DecodingModel):
                 empty.set_result(ScoringResult(tokens=[], log_probs=[]))
                 futures.append(empty)
         return futures if asynchronous else [f.result() for f in futures]
+
+
+def _alternative_limits(prompts, static: int, include_prompt: bool, max_length: int, min_length: int, positions):
+    """``return_alternatives`` as CTranslate2 counts it (``decode_alternatives``): a returned
+    prompt is a prefix cut to ``max_length`` tokens after its start token; the alternative
+    follows everything fed before it (static prompt included), and ``max_length`` /
+    ``min_length`` count from the sequence's start. Returns the prompts to feed and, per
+    prompt, the new tokens allowed (0: the prompt fills ``max_length``) and required, the
+    alternative being the first."""
+    fed, limits, minimums = [], [], []
+    for ids in prompts:
+        if include_prompt:
+            ids = ids[: static + max_length + 1]
+        prefix = len(ids) - static - 1 if include_prompt else 0
+        limit = 0 if prefix == max_length else 1 + max(0, max_length - len(ids))
+        if positions and limit:
+            limit = max(1, min(limit, positions - len(ids)))
+        fed.append(ids)
+        limits.append(limit)
+        minimums.append(1 + max(0, min_length - len(ids)))
+    return fed, limits, minimums
 
 
 def _slice_options(options, indices):

@@ -89,6 +89,8 @@ def search_options(
     sampling_temperature: float,
     callback=None,
     early_stopping: bool | str = True,
+    return_alternatives: bool = False,
+    min_alternative_expansion_prob: float = 0,
 ) -> DecodingOptions:
     """Check the arguments as CTranslate2 does and build the options (raises InvalidInputError)."""
     if isinstance(beam_size, bool) or not isinstance(beam_size, int) or beam_size < 1:
@@ -98,7 +100,7 @@ def search_options(
     if num_hypotheses < 1:
         raise InvalidInputError(f"num_hypotheses must be >= 1, got {num_hypotheses}")
     sampling = sampling_topk != 1 and sampling_temperature != 0
-    if num_hypotheses > max(1, round(beam_size * patience)) and not (beam_size == 1 and sampling):
+    if num_hypotheses > max(1, round(beam_size * patience)) and not (beam_size == 1 and sampling) and not return_alternatives:
         raise InvalidInputError(
             f"num_hypotheses={num_hypotheses} cannot be greater than beam_size * patience "
             f"({beam_size} x {patience}); raise beam_size, or sample (sampling_topk != 1) for several greedy hypotheses"
@@ -120,6 +122,15 @@ def search_options(
         raise InvalidInputError(f"early_stopping must be True or 'never', got {early_stopping!r}")
     if callback is not None and beam_size != 1:
         raise InvalidInputError("callback only works with greedy search or sampling (beam_size=1)")
+    if return_alternatives and not 0 <= min_alternative_expansion_prob <= 1:
+        raise InvalidInputError(
+            f"min_alternative_expansion_prob must be between 0 and 1, got {min_alternative_expansion_prob}"
+        )
+    if return_alternatives and callback is not None:
+        raise InvalidInputError(
+            "callback (and generate_tokens) cannot be combined with return_alternatives: each alternative is "
+            "continued separately; call without the callback"
+        )
     suppress = []
     for sequence in suppress_sequences or []:
         ids = vocab.to_ids(sequence, where="suppress_sequences")
@@ -147,4 +158,6 @@ def search_options(
         return_end_token=return_end_token,
         seed=next_seed() if sampling else None,
         early_stopping=early_stopping,
+        return_alternatives=bool(return_alternatives),
+        min_alternative_expansion_prob=float(min_alternative_expansion_prob),
     )

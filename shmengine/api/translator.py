@@ -175,10 +175,12 @@ class Translator(DecodingModel):
         """Translate a batch of token lists (CTranslate2's ``translate_batch``).
 
         ``target_prefix`` forces each hypothesis to start with the given tokens (they are part of
-        the result and count towards ``max_decoding_length``). ``coverage_penalty``,
+        the result and count towards ``max_decoding_length``). ``return_alternatives`` (CTranslate2's
+        meaning): the ``num_hypotheses`` most likely tokens at the first position after the
+        target prefix, each continued by the search (``beam_size``), in that order; alternatives
+        below ``min_alternative_expansion_prob`` are left out. ``coverage_penalty``,
         ``prefix_bias_beta`` (a hard prefix is used), ``use_vmap``, ``return_logits_vocab``,
-        ``return_attention``, ``return_alternatives``, ``min_alternative_expansion_prob`` and
-        ``replace_unknowns`` are accepted and have no effect (a warning, once). Returns a :class:`TranslationResult`
+        ``return_attention`` and ``replace_unknowns`` are accepted and have no effect (a warning, once). Returns a :class:`TranslationResult`
         per example, or with ``asynchronous=True`` one ``concurrent.futures.Future`` per example.
         ``early_stopping`` picks when beam search ends an example (transformers' keyword and
         values): ``True``, the default, is CTranslate2's rule: stop once ``round(beam_size *
@@ -190,9 +192,10 @@ class Translator(DecodingModel):
         warn_ignored(
             "translate_batch", coverage_penalty=(coverage_penalty, 0), prefix_bias_beta=(prefix_bias_beta, 0),
             use_vmap=(use_vmap, False), return_logits_vocab=(return_logits_vocab, False),
-            return_attention=(return_attention, False), return_alternatives=(return_alternatives, False),
-            min_alternative_expansion_prob=(min_alternative_expansion_prob, 0), replace_unknowns=(replace_unknowns, False),
+            return_attention=(return_attention, False), replace_unknowns=(replace_unknowns, False),
         )
+        if return_alternatives and prefix_bias_beta > 0:
+            raise InvalidInputError("prefix_bias_beta cannot be combined with return_alternatives (as in CTranslate2)")
         if not source:
             return []
         if max_decoding_length < 1:
@@ -230,6 +233,8 @@ class Translator(DecodingModel):
             sampling_temperature=sampling_temperature,
             callback=callback,
             early_stopping=early_stopping,
+            return_alternatives=return_alternatives,
+            min_alternative_expansion_prob=min_alternative_expansion_prob,
         )
         options.forced = forced if any(forced) else None
         if self.model.model_type == "marian" and self.model.pad_id == self.model.decoder_start_id:
@@ -244,6 +249,13 @@ class Translator(DecodingModel):
         options.end_counts_in_length = True
         options.history = [[] for _ in sources]
         options.stream = callback is not None
+        if return_alternatives:
+            # CTranslate2 cuts the prefix to max_decoding_length; after it, the alternative is
+            # the first new token, and the rest of max_decoding_length and min_decoding_length
+            forced = [f[:max_new] for f in forced]
+            options.forced = forced if any(forced) else None
+            options.max_new_tokens = [0 if len(f) == max_new else max_new - len(f) for f in forced]
+            options.min_new_tokens = [1 + max(0, min_decoding_length - 1 - len(f)) for f in forced]
 
         def convert(hyps, example):
             return TranslationResult(

@@ -135,6 +135,11 @@ class DecodingOptions:
     # Beam search stop rule: True = CTranslate2's (stop once round(beam_size * patience)
     # hypotheses finished); "never" = exact (stop once no live beam can beat the finished ones).
     early_stopping: bool | str = True
+    # CTranslate2's return_alternatives: the num_hypotheses best tokens at the first free
+    # position (after the prompt and any forced prefix), each continued by the search; see
+    # :func:`_alternatives`. max/min_new_tokens then count the alternative as the first new token.
+    return_alternatives: bool = False
+    min_alternative_expansion_prob: float = 0.0
 
     @property
     def sampling(self) -> bool:
@@ -291,6 +296,8 @@ def decode(
     example, as soon as they are chosen, and returns the ``key`` of the examples to stop there
     (CTranslate2's ``callback``, which is synchronous: a stop takes effect at that very token).
     """
+    if options.return_alternatives:
+        return _alternatives(stepper, prompts, options)
     if options.beam_size > 1:
         return _beam_search(stepper, prompts, options)
     if options.num_hypotheses > 1:
@@ -328,6 +335,122 @@ def _replace(options: DecodingOptions, **changes) -> DecodingOptions:
     values = dict(options.__dict__)
     values.update(changes)
     return DecodingOptions(**values)
+
+
+PER_EXAMPLE = ("max_new_tokens", "min_new_tokens", "history", "length_offset", "forced", "after_prefix")
+
+
+def select_examples(options: DecodingOptions, indices: Sequence[int]) -> DecodingOptions:
+    """The options of these examples only (every per-example list cut to them)."""
+    changes = {}
+    for name in PER_EXAMPLE:
+        value = getattr(options, name)
+        if isinstance(value, list):
+            changes[name] = [value[i] for i in indices]
+    return _replace(options, **changes)
+
+
+class _Resumed:
+    """A stepper whose model state is already past the prompt: ``prefill`` hands back the logits
+    it was given (so a search can start from a state built by someone else)."""
+
+    def __init__(self, stepper: Stepper, logits):
+        self.stepper, self.logits = stepper, logits
+
+    def prefill(self, prompts):
+        return self.logits
+
+    def step(self, token_ids):
+        return self.stepper.step(token_ids)
+
+    def select(self, rows):
+        self.stepper.select(rows)
+
+
+def _alternatives(stepper: Stepper, prompts, options: DecodingOptions) -> list[Hypotheses]:
+    """CTranslate2's ``return_alternatives`` (``decode_alternatives`` in its ``decoding.cc``).
+
+    Per example: the prompt and any forced prefix are fed as they are (scored 0, returned); at the
+    first free position the ``num_hypotheses`` most likely tokens are the alternatives (a
+    one-step beam search: end tokens are banned there, the suppressed tokens stay suppressed, the
+    history penalties see no tokens yet), in that order and cut at the first one whose
+    probability is below ``min_alternative_expansion_prob``; each alternative is then continued
+    independently by the search the options ask for (greedy, sampling or a beam of
+    ``beam_size``, one hypothesis each), whose penalties see only the continuation's own tokens.
+    A hypothesis' score is the alternative's log-probability plus the continuation's score
+    (normalised by the continuation's length alone), as CTranslate2 adds them. Hypotheses come
+    in the order of their alternatives, not re-sorted. ``max_new_tokens`` 0 returns the prefix
+    ``num_hypotheses`` times with score 0; 1 returns the alternatives alone.
+
+    CTranslate2 decodes each example alone here; examples decode side by side (a
+    decoder-only stepper left-pads prompts of different lengths; a seq2seq caller groups
+    examples by prefix length, see ``TranslatorProgram``).
+    """
+    batch, wanted = len(prompts), options.num_hypotheses
+    forced = options.forced or [[] for _ in prompts]
+    limits = options.per_example("max_new_tokens", batch)
+    minimums = options.per_example("min_new_tokens", batch)
+    results = [Hypotheses() for _ in range(batch)]
+    for example in range(batch):
+        if limits[example] <= 0:  # the prefix fills the length: it alone, once per hypothesis
+            prefix = list(forced[example])
+            results[example] = Hypotheses([list(prefix) for _ in range(wanted)], [0.0] * wanted, [[0.0] * len(prefix) for _ in range(wanted)])
+    active = [i for i in range(batch) if limits[i] > 0]
+    if not active:
+        return results
+    logits = as_logits(stepper.prefill([list(p) + list(f) for p, f in zip(prompts, forced)]))
+    if len(active) < batch:
+        stepper.select(np.array(active))
+        logits = logits.take(np.array(active))
+
+    # the expansion: CTranslate2 runs it as a beam search of num_hypotheses beams over one step,
+    # with min_length 1 and no history yet
+    expansion = _replace(options, min_new_tokens=1, repetition_penalty=1.0, no_repeat_ngram_size=0)
+    scores = _History([[] for _ in active], logits.vocab_size, expansion).process(logits.array(), 0)
+    log_probs = scores - log_normalizer(scores)
+    count = min(wanted, log_probs.shape[-1])
+    best = np.argsort(-log_probs, axis=-1, kind="stable")[:, :count]
+    rows, tokens, owners = [], [], []
+    for row, example in enumerate(active):
+        prefix = list(forced[example])
+        for token in best[row].tolist():
+            lp = float(log_probs[row, token])
+            if np.exp(np.float32(lp)) < options.min_alternative_expansion_prob or lp == -np.inf:
+                break  # CTranslate2 stops at the first alternative below the threshold
+            result = results[example]
+            result.ids.append(prefix + [token])
+            result.scores.append(lp)
+            result.token_log_probs.append([0.0] * len(prefix) + [lp])
+            if limits[example] > 1:  # room for a continuation
+                rows.append(row)
+                tokens.append(token)
+                owners.append((example, len(result.ids) - 1))
+    if not rows:
+        return results
+
+    stepper.select(np.array(rows))
+    continuing = np.array(tokens, dtype=np.int64)
+    logits = stepper.step(continuing)
+    count = len(rows)
+    suffix_options = _replace(
+        options,
+        return_alternatives=False,
+        num_hypotheses=1,
+        max_new_tokens=[limits[e] - 1 for e, _ in owners],
+        min_new_tokens=[max(0, minimums[e] - 1) for e, _ in owners],
+        history=[[] for _ in range(count)],
+        length_offset=[0] * count,
+        forced=None,
+        after_prefix=None,
+        stream=False,
+    )
+    suffixes = decode(_Resumed(stepper, logits), [[t] for t in tokens], suffix_options)
+    for (example, index), suffix in zip(owners, suffixes):
+        result = results[example]
+        result.ids[index] = result.ids[index] + suffix.ids[0]
+        result.scores[index] += suffix.scores[0]
+        result.token_log_probs[index] = result.token_log_probs[index] + suffix.token_log_probs[0]
+    return results
 
 
 def _greedy(stepper: Stepper, prompts, options: DecodingOptions, on_step) -> list[Hypotheses]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from shmengine.decode.decoding import decode, log_softmax
+from shmengine.decode.decoding import decode, log_softmax, select_examples
 from shmengine.decode.steppers import DecoderOnlyStepper, Seq2SeqStepper, run_encoder
 from shmengine.runtime.worker import WorkerContext
 
@@ -78,6 +78,8 @@ class TranslatorProgram:
     def run(self, method: str, payload):
         if method == "translate":
             sources, options = payload
+            if options.return_alternatives:
+                return self._alternatives(sources, options)
             stepper = self._stepper()
             stepper.encode(sources)
             if options.beam_size == 1 and options.num_hypotheses > 1:
@@ -93,6 +95,24 @@ class TranslatorProgram:
             logits = stepper.prefill(decoder_inputs, all_logits=True)
             return _gather_log_probs(log_softmax(logits), targets, [0] * len(targets))
         raise ValueError(f"unknown method {method!r}")
+
+    def _alternatives(self, sources, options):
+        """``return_alternatives``: the decoder takes each target prefix as one block before the
+        alternatives (decoding.py), and a block of right-padded prefixes of different lengths
+        would read pads, so examples decode in groups of one prefix length (most batches are one
+        group: no prefix, or prefixes of one length)."""
+        lengths = [len(f) for f in options.forced] if options.forced else [0] * len(sources)
+        results = [None] * len(sources)
+        for number, length in enumerate(sorted(set(lengths))):
+            group = [i for i, n in enumerate(lengths) if n == length]
+            group_options = select_examples(options, group)
+            if options.seed is not None:
+                group_options.seed = options.seed + number
+            stepper = self._stepper()
+            stepper.encode([sources[i] for i in group])
+            for i, hyps in zip(group, decode(stepper, [[self.start_id]] * len(group), group_options)):
+                results[i] = hyps
+        return results
 
 
 class EncoderProgram:
