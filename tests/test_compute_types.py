@@ -99,10 +99,10 @@ def test_default_keeps_the_graph_and_records_the_logit_edit(cache_dir):
     with shmengine.Generator(GPT2) as g:
         assert g.compute_type == "float32"
         assert not g.prepack_weights
-        assert g.transforms == {"model": ["logit_positions"]}
+        assert g.transforms == {"model": ["logit_positions", "key_scale"]}
     with shmengine.Translator(MARIAN) as t:
         assert t.compute_type == "float32"
-        assert t.transforms == {"encoder": [], "decoder": []}
+        assert t.transforms == {"encoder": ["key_scale"], "decoder": ["key_scale"]}
     assert not cache_dir.exists()  # nothing to cache: the graph edit runs in memory
 
 
@@ -117,14 +117,14 @@ def test_int8_translator_and_generator_stay_exact_on_held_out_numbers(cache_dir)
     pairs = heldout()
     with shmengine.Translator(MARIAN, compute_type="int8", inter_threads=2, intra_threads=1) as t:
         assert t.compute_type == "int8_float32"
-        assert t.transforms["decoder"] == ["int8_cpu"]
+        assert t.transforms["decoder"] == ["key_scale", "int8_cpu"]
         assert t.prepack_weights  # the default for int8: ORT's int8 kernels want prepacked weights
         results = t.translate_batch([_digits(n) for n, _ in pairs], beam_size=1, max_batch_size=64)
         correct = sum(" ".join(r.hypotheses[0]) == words for r, (_, words) in zip(results, pairs))
         assert correct / len(pairs) >= 0.99, f"int8 translator: exact match {correct}/{len(pairs)}"
     # int8 with ORT's prepacked weights (made once by the helper worker, shared through /dev/shm)
     with shmengine.Generator(GPT2, compute_type="int8_float32", prepack_weights=True, inter_threads=2, intra_threads=1) as g:
-        assert g.transforms["model"] == ["logit_positions", "int8_cpu"]
+        assert g.transforms["model"] == ["logit_positions", "key_scale", "int8_cpu"]
         bos = g.vocabulary.id_to_token[g.model.bos_id]
         results = g.generate_batch([[bos, *n, "="] for n, _ in pairs], max_batch_size=64, max_length=24,
                                    include_prompt_in_result=False)
@@ -350,7 +350,7 @@ def test_a_float16_export_runs_as_float32_on_the_cpu(tmp_path, cache_dir, caplog
     caplog.set_level(logging.INFO, logger=LOG)
     with shmengine.Generator(model) as g:
         assert g.compute_type == "float32"
-        assert g.transforms["model"] == ["logit_positions", "float32"]
+        assert g.transforms["model"] == ["logit_positions", "float32", "key_scale"]
         bos = g.vocabulary.id_to_token[g.model.bos_id]
         out = g.generate_batch([[bos, "1", "9", "8", "4", "="]], max_length=12, include_prompt_in_result=False)
         assert " ".join(out[0].sequences[0]) == "one thousand nine hundred eighty four"
@@ -391,3 +391,58 @@ def test_int8_of_a_model_with_missing_data_says_what_is_missing(tmp_path, cache_
     (mlp.path / "model.onnx.data").unlink()
     with pytest.raises(shmengine.ModelLoadError, match="needs external data file .*model.onnx.data.*missing"):
         shmengine.Engine(mlp.path, compute_type="int8")
+
+
+# -- the key-scale edit (attention.py) ---------------------------------------------------------------
+
+
+def _decoder_feeds(session, ids: np.ndarray) -> dict:
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    for meta in session.get_inputs():
+        if meta.name == "position_ids":
+            feeds[meta.name] = np.tile(np.arange(ids.shape[1]), (len(ids), 1))
+        elif meta.name.startswith("past_key_values"):
+            shape = [len(ids) if a == 0 else (0 if a == 2 else d) for a, d in enumerate(meta.shape)]
+            feeds[meta.name] = np.zeros(shape, np.float32)
+    return feeds
+
+
+def test_key_scale_edit_keeps_the_outputs_and_lets_ort_read_the_key_cache_in_place(tmp_path):
+    from shmengine.model.attention import fold_key_scale
+
+    model = onnx.load(str(GPT2 / "model.onnx"))
+    edited = onnx.load(str(GPT2 / "model.onnx"))
+    layers = sum(1 for i in model.graph.input if i.name.endswith(".key"))
+    assert fold_key_scale(edited) == layers
+    onnx.save(edited, str(tmp_path / "edited.onnx"))
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    after = ort.InferenceSession(str(tmp_path / "edited.onnx"), options, providers=["CPUExecutionProvider"])
+    before = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    ids = np.random.default_rng(0).integers(1, 20, size=(3, 7)).astype(np.int64)
+    names = [o.name for o in before.get_outputs()]
+    for want, got in zip(before.run(names, _decoder_feeds(before, ids)), after.run(names, _decoder_feeds(after, ids))):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # what the edit is for: ORT folds the key transpose into the product (no copy of the cache)
+    optimized = onnx.load(str(tmp_path / "optimized.onnx"))
+    fused = [n for n in optimized.graph.node if n.op_type == "FusedMatMul"
+             and any(a.name == "transB" and a.i == 1 for a in n.attribute)]
+    assert len(fused) == layers
+
+
+def test_key_scale_edit_leaves_a_product_scaled_by_a_vector_alone():
+    from shmengine.model.attention import fold_key_scale
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4])
+    k = helper.make_tensor_value_info("k", TensorProto.FLOAT, [2, 5, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 5])
+    scale = numpy_helper.from_array(np.arange(1, 6, dtype=np.float32), "scale")  # per key position
+    graph = helper.make_graph(
+        [helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 2, 1]),
+         helper.make_node("Mul", ["kt", "scale"], ["kts"]),
+         helper.make_node("MatMul", ["x", "kts"], ["y"])],
+        "g", [x, k], [y], [scale])
+    model = helper.make_model(graph)
+    before = model.SerializeToString()
+    assert fold_key_scale(model) == 0
+    assert model.SerializeToString() == before

@@ -131,6 +131,27 @@ def test_repetition_penalty_and_no_repeat_ngram():
     assert len(bigrams) == len(set(bigrams))
 
 
+def test_repetition_penalty_values_on_a_full_vocabulary():
+    """The penalty, applied to the seen tokens only, equals CTranslate2's rule written over the
+    whole array: a seen token's logit x becomes x * p if x < 0 else x / p; the others stay."""
+    from shmengine.decode.decoding import _History
+
+    rng = np.random.default_rng(0)
+    vocab, penalty = 50257, 1.3
+    histories = [rng.integers(0, vocab, size=n).tolist() for n in (0, 1, 40, 300)]
+    history = _History(histories, vocab, options(repetition_penalty=penalty))
+    logits = (rng.standard_normal((len(histories), vocab)) * 3).astype(np.float32)
+    before = logits.copy()
+    got = history.process(logits, step=5)
+    seen = np.zeros((len(histories), vocab), dtype=bool)
+    for row, tokens in enumerate(histories):
+        seen[row, tokens] = True
+    expected = np.where(seen, np.where(logits < 0, logits * np.float32(penalty), logits / np.float32(penalty)), logits)
+    np.testing.assert_array_equal(got, expected)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(logits, before)  # the caller's array is left as it was
+
+
 def test_forced_prefix_greedy_and_beam():
     toy = ToyStepper(seed=2)
     for beam in (1, 3):

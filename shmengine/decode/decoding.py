@@ -232,9 +232,13 @@ class _History:
         """Apply penalties and bans to raw logits [rows, V] (a copy is made only when needed)."""
         o = self.options
         if self.presence is not None:
+            # only the seen tokens change (a few hundred of a row's 32k-128k): penalising them
+            # alone is 2-6x faster than both branches over the whole array, and numexpr's
+            # threads over the whole array win less (tools/bench_numexpr.py)
             logits = logits.copy()
-            penalised = np.where(logits < 0, logits * o.repetition_penalty, logits / o.repetition_penalty)
-            logits = np.where(self.presence, penalised, logits)
+            rows, ids = np.nonzero(self.presence)
+            seen = logits[rows, ids]
+            logits[rows, ids] = np.where(seen < 0, seen * o.repetition_penalty, seen / o.repetition_penalty)
         banned_rows, banned_ids = [], []
         n = o.no_repeat_ngram_size
         if n > 0:

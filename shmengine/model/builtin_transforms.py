@@ -4,17 +4,19 @@
    It runs first, on the float graph, where the language-model head is still a ``MatMul``.
 2. ``float32`` (a float16 / bfloat16 export asked to run in float32, or quantized on the CPU):
    widen the graph.
-3. ``int8_cpu`` (CPU, ``int8_float32``): ``quantize.py``'s ``INT8_CPU_METHOD``.
-4. ``int8_weights_cuda`` (CUDA, ``int8_float16``): 8-bit ``MatMulNBits`` weights, before the
+3. ``key_scale`` (CPU, every compute type): ``attention.py`` scales the queries instead of the
+   key cache, so that ORT reads the cache in place (on the float graph, before quantizing).
+4. ``int8_cpu`` (CPU, ``int8_float32``): ``quantize.py``'s ``INT8_CPU_METHOD``.
+5. ``int8_weights_cuda`` (CUDA, ``int8_float16``): 8-bit ``MatMulNBits`` weights, before the
    float16 cast below so that their scales are cast with the rest.
-5. ``float16`` (CUDA, ``float16`` and ``int8_float16``), ``bfloat16`` (CUDA, ``bfloat16``).
+6. ``float16`` (CUDA, ``float16`` and ``int8_float16``), ``bfloat16`` (CUDA, ``bfloat16``).
 """
 
 from __future__ import annotations
 
 from onnx import ModelProto, TensorProto
 
-from shmengine.model import precision, quantize
+from shmengine.model import attention, precision, quantize
 from shmengine.model.graph_edits import gather_logit_positions
 from shmengine.model.transforms import NotApplicableError, Transform, TransformTarget, _all_graphs, register
 
@@ -68,6 +70,7 @@ register(
         provides=frozenset({"float32"}),
     )
 )
+register(Transform("key_scale", lambda model, target: attention.fold_key_scale(model), devices=frozenset({"cpu"})))
 _CPU_INT8 = quantize.QuantizeOptions(quantize.INT8_CPU_METHOD)
 register(
     Transform(

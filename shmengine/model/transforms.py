@@ -375,7 +375,8 @@ def _code_digest(chain: list[Transform]) -> str:
 
     digest = hashlib.sha256()
     for name in sorted({t.apply.__module__ for t in chain} | {"shmengine.model.quantize", "shmengine.model.precision",
-                                                             "shmengine.model.graph_edits", "shmengine.model.builtin_transforms"}):
+                                                             "shmengine.model.graph_edits", "shmengine.model.builtin_transforms",
+                                                             "shmengine.model.attention"}):
         module = sys.modules.get(name)
         try:
             digest.update(inspect.getsource(module).encode() if module else name.encode())

@@ -161,13 +161,22 @@ def _mpi_line() -> str:
     )
 
 
+def _numexpr_line() -> str:
+    """numexpr is no dependency (numpy is faster on the decoding loop: tools/bench_numexpr.py);
+    its version is reported when it is installed, since a worker program may use it."""
+    try:
+        import numexpr
+    except ImportError:
+        return "numexpr: not installed (shmengine does not use it)"
+    return f"numexpr {numexpr.__version__}: {numexpr.detect_number_of_cores()} cores detected (not used by shmengine)"
+
+
 def parallel_info(engine=None) -> str:
     """A readable report of the parallel settings, like ``torch.__config__.parallel_info()``.
 
     With an engine (any shmengine model object), its workers' effective settings are listed too:
     each worker reports what it actually runs with, not what was asked.
     """
-    import numexpr
     import numpy
     import onnxruntime
 
@@ -186,7 +195,7 @@ def parallel_info(engine=None) -> str:
         f"  usable cores: {cores}",
         f"CUDA devices: {get_cuda_device_count()}",
         _mpi_line(),
-        f"numexpr {numexpr.__version__}: {numexpr.detect_number_of_cores()} cores detected",
+        _numexpr_line(),
         "Environment:",
     ]
     for name in (*THREAD_ENV_VARS, "OMP_PROC_BIND", "OMP_PLACES", "KMP_AFFINITY", "CUDA_VISIBLE_DEVICES"):

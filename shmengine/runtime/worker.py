@@ -151,15 +151,14 @@ def worker_main(data_fd: int, weights_fd: int, arena_in_fd: int, arena_out_fd: i
     except EOFError:
         return 0
     os.environ.update(config.environment)
-    # numexpr prints an error (into the launcher's summary line) for a thread count above its
-    # limit, on import (from the environment) and on set_num_threads
+    # shmengine itself does not use numexpr (tools/bench_numexpr.py: numpy is faster on the
+    # decoding loop's passes), but a program may import it: it then starts with this worker's
+    # thread count, read from the environment on import. numexpr prints an error (into the
+    # launcher's summary line) for a count above its limit, so the count is capped at it.
     numexpr_limit = int(os.environ.get("NUMEXPR_MAX_THREADS") or 64)
-    if os.environ.get("NUMEXPR_NUM_THREADS", "").isdigit():
-        os.environ["NUMEXPR_NUM_THREADS"] = str(min(int(os.environ["NUMEXPR_NUM_THREADS"]), numexpr_limit))
+    numexpr_threads = min(config.numexpr_threads, numexpr_limit)
+    os.environ["NUMEXPR_NUM_THREADS"] = str(numexpr_threads)
     try:
-        import numexpr
-
-        numexpr.set_num_threads(min(config.numexpr_threads, numexpr_limit))
         segment = SharedSegment.attach(weights_fd, name=config.segment_name)
         context = WorkerContext(config, segment, read_catalog(segment), conn)
         program = config.program.instantiate(context)
@@ -169,7 +168,7 @@ def worker_main(data_fd: int, weights_fd: int, arena_in_fd: int, arena_out_fd: i
             "intra_threads": config.session_settings.intra_threads,
             "allow_spinning": config.session_settings.allow_spinning,
             "providers": [name for name, _ in config.session_settings.providers],
-            "numexpr_threads": numexpr.get_num_threads() if hasattr(numexpr, "get_num_threads") else config.numexpr_threads,
+            "numexpr_threads": numexpr_threads,
             "process_threads": _process_threads(),
             "environment": {k: os.environ.get(k, "") for k in config.environment},
         }
