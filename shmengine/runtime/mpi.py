@@ -10,14 +10,17 @@ environment: MPI has no non-collective call for it.
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 
-__all__ = ["MpiInfo", "launched_by_mpi", "remove_transport_files_at_exit"]
+__all__ = ["MpiInfo", "launched_by_mpi", "local_ranks", "cores_per_rank", "remove_transport_files_at_exit"]
 
 _RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID")
 _SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS")
 _LOCAL_RANK_VARS = ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID")
+# ranks on this host: Open MPI, MPICH/Hydra; Slurm's "2(x3)" per-node list starts with this node's count
+_LOCAL_SIZE_VARS = ("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "SLURM_TASKS_PER_NODE")
 
 
 def _first_int(names, default: int) -> int:
@@ -31,6 +34,34 @@ def _first_int(names, default: int) -> int:
 def launched_by_mpi() -> bool:
     """Whether a launcher (mpirun, srun, hydra) started this process as one of its ranks."""
     return any(os.environ.get(name) is not None for name in _RANK_VARS)
+
+
+def local_ranks() -> int:
+    """How many ranks of this job run on this host (1 when not launched by mpirun)."""
+    if not launched_by_mpi():
+        return 1
+    for name in _LOCAL_SIZE_VARS:
+        digits = "".join(itertools.takewhile(str.isdigit, os.environ.get(name, "").strip()))
+        if digits and int(digits) > 0:
+            return int(digits)
+    return 1
+
+
+def cores_per_rank(cores: int, machine: int | None = None) -> int:
+    """This rank's share of ``cores`` (the cores its affinity mask and cgroup let it use).
+
+    Launchers either bind each rank to its own cores (Open MPI's default for 2 ranks binds each
+    to one core; ``--map-by slot:PE=K`` to K) or leave every rank the whole host
+    (``--bind-to none``, ``--oversubscribe``). In the second case every rank sees all cores,
+    and N ranks each running that many threads would oversubscribe the host N times over
+    (measured here: two ranks of 2 threads each on 2 cores). So a rank counts at most
+    ``machine // local ranks`` cores, and never more than its own mask: a rank bound to its
+    share keeps it, a rank given the whole host takes its fair part of it."""
+    ranks = local_ranks()
+    if ranks <= 1:
+        return cores
+    machine = machine if machine is not None else (os.cpu_count() or cores)
+    return max(1, min(cores, machine // ranks))
 
 
 def _world():

@@ -43,12 +43,18 @@ def _cgroup_cpu_limit() -> float | None:
 
 
 def usable_cores() -> int:
-    """Cores this process may run on: the affinity mask, capped by a cgroup CPU quota."""
+    """Cores this process may run on: the affinity mask, capped by a cgroup CPU quota; under
+    mpirun, this rank's share of them (``mpi.cores_per_rank``: ranks left the whole host
+    divide it among the host's ranks)."""
+    from shmengine.runtime.mpi import cores_per_rank
+
     cores = len(os.sched_getaffinity(0))
+    machine = os.cpu_count() or cores
     limit = _cgroup_cpu_limit()
     if limit is not None:
         cores = min(cores, max(1, int(limit)))
-    return cores
+        machine = min(machine, max(1, int(limit)))
+    return cores_per_rank(cores, machine)
 
 
 def physical_cores() -> int | None:

@@ -27,8 +27,9 @@ def world():
 class Communicator:
     """All-reduces of float32 activations over the ranks of one tensor-parallel group."""
 
-    def __init__(self, comm=None):
+    def __init__(self, comm=None, *, owned: bool = False):
         self.comm = comm if comm is not None else world()
+        self.owned = owned  # a Dup made for this group: free() releases it
         self.rank = self.comm.Get_rank()
         self.size = self.comm.Get_size()
         self.calls = 0
@@ -36,6 +37,17 @@ class Communicator:
             from shmengine.runtime.mpi import remove_transport_files_at_exit
 
             remove_transport_files_at_exit()
+
+    def free(self) -> None:
+        """Release an owned communicator (collective in principle: every rank closes its model
+        at the same point of its script). Nothing once MPI has been finalized."""
+        if not self.owned or self.comm is None:
+            return
+        from mpi4py import MPI
+
+        if not MPI.Is_finalized():
+            self.comm.Free()
+        self.comm = None
 
     def sum(self, partial: np.ndarray) -> np.ndarray:
         """The elementwise sum of every rank's ``partial`` (same shape everywhere), in place."""

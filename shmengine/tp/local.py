@@ -4,15 +4,29 @@ process, behind the pool's ``submit`` interface, every call made collectively.
 Why in the rank's process, not in a forked worker (measured here, Open MPI 5.0.11 + mpi4py
 4.1.2): a child that calls ``MPI_Init`` while its parent rank already initialised MPI kills the
 rank (SIGSEGV in the child's init), and the rank's process initialises MPI as soon as the user's
-script asks ``MpiInfo.getCurRank()``. So MPI belongs to the rank's process; workers of a rank
-(``inter_threads > 1``) would need a relay of their partial sums through it, which is not built
-yet: under tensor parallelism ``inter_threads`` must be 1 here.
+script asks ``MpiInfo.getCurRank()``. So MPI belongs to the rank's process.
 
-Every submitted batch is first agreed on: rank 0's payload is broadcast, each rank compares it
-with its own (mismatched inputs fail on every rank, naming the ranks) and takes rank 0's sampling
-seed, so ``set_random_seed`` on rank 0 alone is enough and an unseeded run still samples the same
-tokens everywhere. Inputs being equal, every rank validates them alike, so a bad input fails on
-every rank before any all-reduce.
+``inter_threads=R`` (CTranslate2: "in mode tensor parallel, inter_threads is always supported")
+gives each rank R **replicas** of its shard: R threads of the rank's process, each with its own
+ORT sessions over the rank's one copy of the shard's weights, its own decoding program and its
+own communicator, a ``Dup`` of ``COMM_WORLD`` made at construction in the same order on every
+rank. Replica i of every rank form one group; their all-reduces never meet another group's. A
+forked worker per replica would have to relay every partial sum through the rank's process
+(MPI cannot be initialised in it); threads need no relay: the decoding loop is Python for 1-3%
+of a step, ORT and mpi4py's MPI calls release the GIL. They need ``MPI_THREAD_MULTIPLE``
+(mpi4py asks for it by default; a clear error says what to do when the MPI gives less).
+
+Batches go to replicas round-robin in submission order: the n-th batch of every rank to replica
+``n % R``. Every rank makes the same calls in the same order, so the n-th batch is the same
+everywhere and lands on the same group, with no message to agree on it. A submitted batch
+cannot be cancelled (it may already run on another rank) and ``close()`` finishes what was
+submitted: dropping a batch on one rank would leave the others waiting in its all-reduce.
+
+Every batch is first agreed on within its group: rank 0's payload is broadcast, each rank
+compares it with its own (mismatched inputs fail on every rank, naming the ranks) and takes rank
+0's sampling seed, so ``set_random_seed`` on rank 0 alone is enough and an unseeded run still
+samples the same tokens everywhere. Inputs being equal, every rank validates them alike, so a bad
+input fails on every rank before any all-reduce.
 """
 
 from __future__ import annotations
@@ -20,7 +34,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import pickle
+import queue
 import sys
+import threading
 import weakref
 from concurrent.futures import Future
 from pathlib import Path
@@ -28,7 +44,7 @@ from pathlib import Path
 from shmengine.decode.decoding import DecodingOptions
 from shmengine.decode.programs import GeneratorProgram, TranslatorProgram
 
-from .comm import Communicator, TensorParallelError
+from .comm import Communicator, TensorParallelError, world
 from .gpt2 import load_gpt2_shard
 from .llama import load_llama_shard
 from .marian import load_marian_shard
@@ -40,7 +56,7 @@ logger = logging.getLogger("shmengine")
 
 
 class _RankContext:
-    """The worker context a program sees, in the rank's own process."""
+    """The worker context a replica's program sees, in the rank's own process."""
 
     def __init__(self, graphs: dict[str, Path], runner):
         self.runner = runner
@@ -67,34 +83,56 @@ def _without_seed(payload):
     return payload
 
 
-class TensorParallelPool:
-    """The pool's interface (``submit`` -> Future) over one program run in this process."""
+class _Replica:
+    """One group member: a program, its context (runner, sessions) and its communicator. With
+    more than one replica per rank it runs its batches in a thread of its own."""
 
-    def __init__(self, program, context: _RankContext, comm: Communicator, shard_text: str):
-        self.program, self.context, self.comm = program, context, comm
-        self.shard_text = shard_text
-        self._closed = False
-        self._pending: list = []  # never anything waits: a call runs when it is submitted
-        self._workers: dict = {}
-
-    size = 1
+    def __init__(self, index: int, program, context: _RankContext, comm: Communicator):
+        self.index, self.program, self.context, self.comm = index, program, context, comm
+        self.batch = None  # (method, future) while a batch runs: Generator.num_active_batches reads it
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.submitted = self.started = 0  # each written by one thread only: the submitter, the replica
+        self.thread: threading.Thread | None = None
 
     @property
-    def closed(self) -> bool:
-        return self._closed
+    def queued(self) -> int:
+        return max(0, self.submitted - self.started)
 
-    def worker_pids(self) -> list[int]:
-        return []
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._serve, name=f"shmengine-tp-replica-{self.index}", daemon=True)
+        self.thread.start()
 
-    def describe(self) -> list[str]:
-        return [f"Tensor parallel: {self.comm.size} MPI ranks, this is {self.shard_text}; "
-                f"{self.comm.calls} all-reduces so far; the shard runs in the rank's own process (1 worker)"]
+    def _serve(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            if isinstance(item, threading.Event):  # drain(): everything before it is done
+                item.set()
+                continue
+            self.started += 1
+            self.run(*item)
+
+    def run(self, method: str, payload, on_event, future: Future) -> None:
+        self.batch = (method, future)
+        try:
+            payload = self._agreed(method, payload) if self.comm.size > 1 else payload
+            self.context.on_event = on_event
+            result = self.program.run(method, payload)
+        except BaseException as exc:  # noqa: BLE001 - the caller's future carries it
+            future.set_exception(exc)
+        else:
+            future.set_result(result)
+        finally:
+            self.context.on_event = None
+            self.batch = None
 
     def _agreed(self, method: str, payload):
+        comm = self.comm.comm
         mine = pickle.dumps((method, _without_seed(payload)), protocol=5)
-        theirs = self.comm.comm.bcast((method, payload) if self.comm.rank == 0 else None, root=0)
+        theirs = comm.bcast((method, payload) if self.comm.rank == 0 else None, root=0)
         same = pickle.dumps((theirs[0], _without_seed(theirs[1])), protocol=5) == mine
-        flags = self.comm.comm.allgather(same)
+        flags = comm.allgather(same)
         if not all(flags):
             ranks = ", ".join(str(r) for r, ok in enumerate(flags) if not ok)
             raise TensorParallelError(
@@ -103,32 +141,105 @@ class TensorParallelPool:
             )
         return theirs[1]  # rank 0's, its sampling seed included
 
+    def stop(self) -> None:
+        if self.thread is not None:
+            self.queue.put(None)
+            if self.thread is not threading.current_thread():
+                self.thread.join()
+            self.thread = None
+
+
+class TensorParallelPool:
+    """The pool's interface (``submit`` -> Future) over this rank's replicas.
+
+    With one replica a batch runs in the caller's thread when it is submitted (the Future comes
+    back done); with more, in replica ``n % R``'s thread, and the Future completes there."""
+
+    def __init__(self, replicas: list[_Replica], shard_text: str):
+        self.replicas = replicas
+        self.comm = replicas[0].comm
+        self.shard_text = shard_text
+        self._closed = False
+        self._count = 0
+        self._lock = threading.Lock()
+        if len(replicas) > 1:
+            for replica in replicas:
+                replica.start()
+
+    @property
+    def size(self) -> int:
+        return len(self.replicas)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def _pending(self) -> list:
+        """Batches waiting for their replica (``Generator.num_queued_batches`` counts them)."""
+        return [None] * sum(r.queued for r in self.replicas)
+
+    @property
+    def _workers(self) -> dict:
+        return dict(enumerate(self.replicas))
+
+    def worker_pids(self) -> list[int]:
+        return []
+
+    def describe(self) -> list[str]:
+        where = ("the shard runs in the rank's own process (1 replica)" if self.size == 1 else
+                 f"{self.size} replicas of the shard run in threads of the rank's process, replica i of every rank "
+                 "one group with its own communicator, batches given to the groups round-robin")
+        counts = " + ".join(str(r.comm.calls) for r in self.replicas)  # per replica: each group got work
+        return [f"Tensor parallel: {self.comm.size} MPI ranks, this is {self.shard_text}; "
+                f"all-reduces so far: {counts}; {where}"]
+
     def submit(self, method: str, payload, *, ping: bool = False, on_event=None, future: Future | None = None) -> Future:
-        """Run the batch now, in this thread (a collective call: every rank runs it together);
-        the Future comes back done."""
+        """Run the batch on its replica (a collective call: every rank runs it together)."""
         future = Future() if future is None else future
+        # Running from here on, so no cancel() can drop it on this rank while another runs it.
         if not future.set_running_or_notify_cancel():
-            return future  # cancelled before it ran; every rank's caller made the same call
+            return future  # cancelled before it was submitted; every rank's caller made the same call
         if self._closed:
             from shmengine.errors import EngineClosedError
 
             future.set_exception(EngineClosedError("the model is closed; create a new one to run more batches"))
             return future
-        try:
-            if ping:
-                future.set_result(payload)
-                return future
-            payload = self._agreed(method, payload) if self.comm.size > 1 else payload
-            self.context.on_event = on_event
-            future.set_result(self.program.run(method, payload))
-        except BaseException as exc:
-            future.set_exception(exc)
-        finally:
-            self.context.on_event = None
+        if ping:
+            future.set_result(payload)
+            return future
+        if self.size == 1:
+            self.replicas[0].run(method, payload, on_event, future)
+            return future
+        with self._lock:
+            replica = self.replicas[self._count % self.size]
+            self._count += 1
+            replica.submitted += 1
+            replica.queue.put((method, payload, on_event, future))
         return future
 
+    def drain(self, *, cancel_queued: bool = False, timeout: float | None = None) -> bool:
+        """Wait until every submitted batch is done. ``cancel_queued`` cannot be honoured: a
+        batch queued here may already run on another rank, which would wait for this one."""
+        if self.size == 1 or self._closed:
+            return True  # one replica runs each batch as it is submitted
+        if any(r.thread is threading.current_thread() for r in self.replicas):
+            raise RuntimeError("close(wait=True) cannot be called from a future's callback; call close() there")
+        markers = []
+        for replica in self.replicas:  # a marker behind each replica's queue
+            markers.append(threading.Event())
+            replica.queue.put(markers[-1])
+        return all(m.wait(timeout) for m in markers)
+
     def close(self) -> None:
+        """Finish every submitted batch, then stop the replicas' threads."""
+        if self._closed:
+            return
         self._closed = True
+        for replica in self.replicas:
+            replica.stop()
+        for replica in self.replicas:
+            replica.comm.free()
 
 
 class TensorParallelStore:
@@ -157,17 +268,71 @@ def load_shard(model_dir: Path, graph: Path, rank: int, ranks: int):
 
 
 def open_generator(model_dir: Path, graph: Path, pad_id: int, *, inter_threads: int, intra_threads: int):
-    """This rank's pool and store for a decoder-only export, sharded over ``COMM_WORLD``."""
-    _check_one_worker(inter_threads)
-    comm = Communicator()
-    shard = load_shard(model_dir, graph, comm.rank, comm.size)
-    runner = TensorParallelRunner(shard, comm, intra_threads=max(1, intra_threads))
-    context = _RankContext({"model": graph}, runner)
-    program = GeneratorProgram(context, pad_id=pad_id)
-    pool = TensorParallelPool(program, context, comm, shard.shard.describe())
-    logger.info("tensor parallel %s: %.1f of %.1f MiB of weights", shard.shard.describe(), shard.nbytes / 2**20,
-                shard.model_nbytes / 2**20)
-    return pool, TensorParallelStore(shard.nbytes, shard.model_nbytes)
+    """This rank's pool and store for a decoder-only export, sharded over ``COMM_WORLD``, with
+    ``inter_threads`` replicas of the shard."""
+    comms = group_communicators(inter_threads)
+    shard = load_shard(model_dir, graph, comms[0].rank, comms[0].size)
+    plan = _plan(comms, intra_threads)
+    replicas = []
+    for index, comm in enumerate(comms):
+        runner = TensorParallelRunner(shard, comm, intra_threads=plan.intra_threads, allow_spinning=plan.allow_spinning)
+        context = _RankContext({"model": graph}, runner)
+        replicas.append(_Replica(index, GeneratorProgram(context, pad_id=pad_id), context, comm))
+    pool = TensorParallelPool(replicas, shard.shard.describe())
+    logger.info("tensor parallel %s: %.1f of %.1f MiB of weights, %d replica(s) x %d intra threads",
+                shard.shard.describe(), shard.nbytes / 2**20, shard.model_nbytes / 2**20, len(replicas),
+                plan.intra_threads)
+    return pool, TensorParallelStore(shard.nbytes, shard.model_nbytes), plan
+
+
+def group_communicators(inter_threads: int) -> list[Communicator]:
+    """One communicator per replica: ``Dup``s of ``COMM_WORLD``, made in the same order on
+    every rank (``Dup`` is collective), so replica i of every rank shares the i-th."""
+    if isinstance(inter_threads, bool) or not isinstance(inter_threads, int) or inter_threads < 1:
+        raise ValueError(f"inter_threads must be an integer >= 1, got {inter_threads!r}")
+    comm = world()
+    if comm.Get_size() > 1:
+        # before anything can fail on one rank only (a model missing on its host): see the hook
+        _abort_on_uncaught_exception()
+    if inter_threads > 1:
+        from mpi4py import MPI
+
+        level = MPI.Query_thread()
+        if level < MPI.THREAD_MULTIPLE:
+            names = {MPI.THREAD_SINGLE: "SINGLE", MPI.THREAD_FUNNELED: "FUNNELED", MPI.THREAD_SERIALIZED: "SERIALIZED"}
+            raise TensorParallelError(
+                f"inter_threads={inter_threads} under tensor parallelism runs {inter_threads} replicas of this rank's "
+                "shard in threads, each making its own MPI calls, which needs MPI_THREAD_MULTIPLE; MPI here was "
+                f"initialised with MPI_THREAD_{names.get(level, level)}. Leave mpi4py.rc.thread_level at its default "
+                "('multiple') and use an MPI library built with thread support, or run inter_threads=1 (one batch at "
+                "a time per rank); to run several batches at once over ranks without a shared model, use data "
+                "parallelism (mpirun -np N shmengine-run ..., each rank its own full model)"
+            )
+    return [Communicator(comm.Dup(), owned=True) for _ in range(inter_threads)]
+
+
+def _plan(comms: list[Communicator], intra_threads: int):
+    """Intra-op threads per replica: by default this rank's share of the host's cores
+    (``runtime.mpi.cores_per_rank``) divided among its replicas, so the ranks of one host never
+    oversubscribe it; a warning when the threads asked for do."""
+    import os
+
+    from shmengine.runtime.mpi import local_ranks
+    from shmengine.runtime.threads import plan_threads
+
+    plan = plan_threads(len(comms), intra_threads)
+    share = (os.cpu_count() or 1) // local_ranks()
+    global _binding_warned
+    if comms[0].size > 1 and len(os.sched_getaffinity(0)) == 1 and share > 1 and not _binding_warned:
+        _binding_warned = True
+        logger.warning(
+            "this rank is bound to one core by the launcher (Open MPI binds each rank to a core by default for 2 "
+            "ranks) while this host has %d cores per rank: run mpirun with --map-by slot:PE=%d (or --bind-to none) "
+            "so that each rank's threads can use them", share, share)
+    return plan
+
+
+_binding_warned = False  # the one-core binding warning, once per process
 
 
 def _abort_on_uncaught_exception() -> None:
@@ -194,17 +359,8 @@ def _abort_on_uncaught_exception() -> None:
     sys.excepthook = hook
 
 
-def _check_one_worker(inter_threads: int) -> None:
-    if inter_threads != 1:
-        raise NotImplementedError(
-            "tensor_parallel=True runs one worker per rank for now (inter_threads=1): the relay that lets several "
-            "workers of a rank all-reduce through it is not built yet"
-        )
-
-
 def attach_translator(translator, *, inter_threads: int, intra_threads: int) -> None:
     """As :func:`attach_generator`, for a :class:`shmengine.Translator` over a Marian export."""
-    _check_one_worker(inter_threads)
     graphs = {key: Path(path) for key, path in translator.model.graphs.items()}
     model_dir = graphs["encoder"].parent
     import json
@@ -214,13 +370,19 @@ def attach_translator(translator, *, inter_threads: int, intra_threads: int) -> 
         from shmengine.errors import ModelLoadError
 
         raise ModelLoadError(f"{model_dir}: model_type {kind!r}; tensor-parallel translation is built for Marian so far")
-    comm = Communicator()
-    shard = load_marian_shard(model_dir, graphs["encoder"], graphs["decoder"], comm.rank, comm.size)
-    runner = Seq2SeqTensorParallelRunner(shard, comm, intra_threads=max(1, intra_threads))
-    context = _RankContext(graphs, runner)
-    program = TranslatorProgram(context, pad_id=translator.model.pad_id, decoder_start_id=translator.model.decoder_start_id)
-    pool = TensorParallelPool(program, context, comm, shard.shard.describe())
-    _attach(translator, pool, TensorParallelStore(shard.nbytes, shard.model_nbytes), intra_threads)
+    comms = group_communicators(inter_threads)
+    shard = load_marian_shard(model_dir, graphs["encoder"], graphs["decoder"], comms[0].rank, comms[0].size)
+    plan = _plan(comms, intra_threads)
+    replicas = []
+    for index, comm in enumerate(comms):
+        runner = Seq2SeqTensorParallelRunner(shard, comm, intra_threads=plan.intra_threads,
+                                             allow_spinning=plan.allow_spinning)
+        context = _RankContext(graphs, runner)
+        program = TranslatorProgram(context, pad_id=translator.model.pad_id,
+                                    decoder_start_id=translator.model.decoder_start_id)
+        replicas.append(_Replica(index, program, context, comm))
+    pool = TensorParallelPool(replicas, shard.shard.describe())
+    _attach(translator, pool, TensorParallelStore(shard.nbytes, shard.model_nbytes), plan)
 
 
 def attach_generator(generator, *, inter_threads: int, intra_threads: int) -> None:
@@ -228,17 +390,15 @@ def attach_generator(generator, *, inter_threads: int, intra_threads: int) -> No
     in place of a worker pool: everything above the pool (options, batching, results) is the
     same code as without tensor parallelism."""
     graph = Path(generator.model.graphs["model"])
-    pool, store = open_generator(graph.parent, graph, generator.model.pad_id,
-                                 inter_threads=inter_threads, intra_threads=intra_threads)
-    _attach(generator, pool, store, intra_threads)
+    pool, store, plan = open_generator(graph.parent, graph, generator.model.pad_id,
+                                       inter_threads=inter_threads, intra_threads=intra_threads)
+    _attach(generator, pool, store, plan)
 
 
-def _attach(generator, pool: TensorParallelPool, store: TensorParallelStore, intra_threads: int) -> None:
+def _attach(generator, pool: TensorParallelPool, store: TensorParallelStore, plan) -> None:
     generator._tensor_parallel = True
     generator._pool, generator._store, generator._weight_holders = pool, store, []
     generator.device, generator.device_index = "cpu", [0]
-    generator.inter_threads, generator.intra_threads = 1, max(1, intra_threads)
+    generator.inter_threads, generator.intra_threads = pool.size, plan.intra_threads
     generator.compute_type, generator.transforms = "float32", ()
     generator._finalizer = weakref.finalize(generator, pool.close)
-    if pool.comm.size > 1:
-        _abort_on_uncaught_exception()

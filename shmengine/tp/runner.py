@@ -64,13 +64,17 @@ class GraphSignature:
         return ["CPUExecutionProvider"]
 
 
-def create_session(segment: Segment, intra_threads: int):
-    """An ORT session over ``segment`` whose weights are the segment's arrays, used in place."""
+def create_session(segment: Segment, intra_threads: int, allow_spinning: bool = False):
+    """An ORT session over ``segment`` whose weights are the segment's arrays, used in place.
+    ``allow_spinning``: ORT's pool threads spin for work between ops (``threads.plan_threads``
+    allows it only where a rank's threads fit its cores: spinning threads would otherwise take
+    the CPU from the rank's other replicas, or from the rank they wait for)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = intra_threads
     options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
     options.log_severity_level = 3
     # prepacking would give the session a private copy of every MatMul weight
     options.add_session_config_entry("session.disable_prepacking", "1")
@@ -87,12 +91,13 @@ def create_session(segment: Segment, intra_threads: int):
 class TensorParallelRunner(HostRunner):
     """Runs one rank's shard (GPT-2 or Llama) for a :class:`steppers.DecoderOnlyStepper`."""
 
-    def __init__(self, shard, comm: Communicator, intra_threads: int = 1):
+    def __init__(self, shard, comm: Communicator, intra_threads: int = 1, allow_spinning: bool = False):
         self.shard = shard
         self.comm = comm
-        self.attention = [create_session(s, intra_threads) for s in shard.attention]
-        self.mlp = [create_session(s, intra_threads) for s in shard.mlp]
-        self.head = create_session(shard.head, intra_threads)
+        session = lambda segment: create_session(segment, intra_threads, allow_spinning)  # noqa: E731
+        self.attention = [session(s) for s in shard.attention]
+        self.mlp = [session(s) for s in shard.mlp]
+        self.head = session(shard.head)
         self.min = np.finfo(np.float32).min
 
     def empty(self, meta, batch: int):
@@ -138,16 +143,15 @@ class Seq2SeqTensorParallelRunner(HostRunner):
     """Runs one rank's Marian shard for a :class:`steppers.Seq2SeqStepper`: the encoder
     signature's runs go to the encoder segments, the decoder's to the decoder segments."""
 
-    def __init__(self, shard, comm: Communicator, intra_threads: int = 1):
+    def __init__(self, shard, comm: Communicator, intra_threads: int = 1, allow_spinning: bool = False):
         from .marian import layer_norm
 
         self.shard, self.comm, self.norm = shard, comm, layer_norm
-        self.encoder = [(create_session(x.attention, intra_threads), x.attention_norm,
-                         create_session(x.ffn, intra_threads), x.ffn_norm) for x in shard.encoder]
-        self.decoder = [(create_session(x.attention, intra_threads), x.attention_norm, create_session(x.cross_kv, intra_threads),
-                         create_session(x.cross, intra_threads), x.cross_norm, create_session(x.ffn, intra_threads), x.ffn_norm)
-                        for x in shard.decoder]
-        self.head = create_session(shard.head, intra_threads)
+        session = lambda segment: create_session(segment, intra_threads, allow_spinning)  # noqa: E731
+        self.encoder = [(session(x.attention), x.attention_norm, session(x.ffn), x.ffn_norm) for x in shard.encoder]
+        self.decoder = [(session(x.attention), x.attention_norm, session(x.cross_kv), session(x.cross), x.cross_norm,
+                         session(x.ffn), x.ffn_norm) for x in shard.decoder]
+        self.head = session(shard.head)
         self.min = np.finfo(np.float32).min
 
     def empty(self, meta, batch: int):
