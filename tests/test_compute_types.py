@@ -446,3 +446,28 @@ def test_key_scale_edit_leaves_a_product_scaled_by_a_vector_alone():
     before = model.SerializeToString()
     assert fold_key_scale(model) == 0
     assert model.SerializeToString() == before
+
+
+def test_int8_gemm_takes_the_activations_unflattened(monkeypatch):
+    """HF's Conv1D exports as Reshape(x, [-1, K]) -> Gemm -> Reshape(back): the int8 product
+    takes x as it is, the two reshapes and their shape arithmetic go, the outputs stay."""
+    from shmengine.model import quantize
+
+    rewritten = onnx.load(str(GPT2 / "model.onnx"))
+    gemms = sum(n.op_type == "Gemm" for n in rewritten.graph.node)
+    assert gemms
+    quantize.quantize_weights(rewritten)
+    monkeypatch.setattr(quantize._GraphView, "flattened_product", lambda self, gemm, columns: None)
+    plain = onnx.load(str(GPT2 / "model.onnx"))
+    quantize.quantize_weights(plain)
+    def reshapes(model):
+        return sum(n.op_type == "Reshape" for n in model.graph.node)
+
+    assert reshapes(plain) - reshapes(rewritten) == 2 * gemms  # the one before and the one after each
+    assert len(rewritten.graph.node) <= len(plain.graph.node) - 6 * gemms  # and their shape arithmetic
+    before = ort.InferenceSession(plain.SerializeToString(), providers=["CPUExecutionProvider"])
+    after = ort.InferenceSession(rewritten.SerializeToString(), providers=["CPUExecutionProvider"])
+    ids = np.random.default_rng(1).integers(1, 20, size=(4, 9)).astype(np.int64)
+    names = [o.name for o in before.get_outputs()]
+    for want, got in zip(before.run(names, _decoder_feeds(before, ids)), after.run(names, _decoder_feeds(after, ids))):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -82,6 +82,83 @@ def _attr(node, name, default):
     return default
 
 
+class _GraphView:
+    """Producers and readers of one graph's values (a value made in a graph is read only there
+    and in the graphs nested in it; the branches of a merged decoder reuse each other's names)."""
+
+    def __init__(self, graph: GraphProto):
+        self.producers = {o: n for n in graph.node for o in n.output}
+        self.uses: dict[str, int] = {}
+        for g in _graphs(graph):
+            for n in g.node:
+                for i in n.input:
+                    self.uses[i] = self.uses.get(i, 0) + 1
+            for o in g.output:
+                self.uses[o.name] = self.uses.get(o.name, 0) + 1
+        self.readers: dict[str, list] = {}
+        for n in graph.node:
+            for i in n.input:
+                self.readers.setdefault(i, []).append(n)
+
+    def constant(self, name: str) -> np.ndarray | None:
+        node = self.producers.get(name)
+        if node is None or node.op_type != "Constant":
+            return None
+        value = _attr(node, "value", None)
+        return None if value is None else numpy_helper.to_array(value)
+
+    def _is(self, name: str, op_type: str):
+        node = self.producers.get(name)
+        return node if node is not None and node.op_type == op_type else None
+
+    def flattened_product(self, gemm, columns: int):
+        """``(x, after)`` when ``gemm`` is ``Reshape(Reshape(x, [-1, K]) @ W, x.shape[:-1] + [N])``
+        with nothing else reading the two intermediate values, else None.
+
+        ``after``'s shape must be read off ``x``'s own shape, dimension by dimension, with the
+        product's column count last; then ``x``'s last dimension is ``K`` (the element counts
+        agree) and ``x @ W`` is the same tensor without either reshape."""
+        before = self._is(gemm.input[0], "Reshape")
+        if before is None or self.uses.get(gemm.input[0]) != 1 or self.uses.get(gemm.output[0]) != 1:
+            return None
+        readers = self.readers.get(gemm.output[0], [])
+        after = readers[0] if len(readers) == 1 and readers[0].op_type == "Reshape" else None
+        if after is None or after.input[0] != gemm.output[0] or _attr(after, "allowzero", 0):
+            return None
+        x = before.input[0]
+        concat = self._is(after.input[1], "Concat")
+        if concat is None or _attr(concat, "axis", 0) != 0 or len(concat.input) < 2:
+            return None
+        last = self.constant(concat.input[-1])
+        if last is None or last.reshape(-1).tolist() != [columns]:
+            return None
+        for axis, part in enumerate(concat.input[:-1]):
+            unsqueeze = self._is(part, "Unsqueeze")
+            gather = unsqueeze is not None and self._is(unsqueeze.input[0], "Gather")
+            shape = gather and self._is(gather.input[0], "Shape")
+            if not shape or shape.input[0] != x or shape.attribute or _attr(gather, "axis", 0) != 0:
+                return None
+            index = self.constant(gather.input[1])
+            axes = self.constant(unsqueeze.input[1]) if len(unsqueeze.input) > 1 else None
+            if index is None or index.shape != () or int(index) != axis or axes is None or axes.reshape(-1).tolist() != [0]:
+                return None
+        return x, after
+
+
+def _remove_dead_nodes(graph: GraphProto) -> None:
+    """Drop nodes of ``graph`` whose outputs nothing reads (ONNX nodes have no side effects)."""
+    while True:
+        read = {o.name for o in graph.output}
+        for g in _graphs(graph):
+            for n in g.node:
+                read.update(n.input)
+        keep = [n for n in graph.node if any(o and o in read for o in n.output)]
+        if len(keep) == len(graph.node):
+            return
+        del graph.node[:]
+        graph.node.extend(keep)
+
+
 class _Quantizer:
     def __init__(self, model: ModelProto, options: QuantizeOptions):
         self.model = model
@@ -92,13 +169,6 @@ class _Quantizer:
         for g in _graphs(model.graph):
             for t in g.initializer:
                 self.initializers.setdefault(t.name, t)
-        self.uses: dict[str, int] = {}
-        for g in _graphs(model.graph):
-            for n in g.node:
-                for i in n.input:
-                    self.uses[i] = self.uses.get(i, 0) + 1
-            for o in g.output:
-                self.uses[o.name] = self.uses.get(o.name, 0) + 1
         self.quantized: dict[str, list[str]] = {}  # float weight name -> names of its quantized tensors
         self.new_initializers: list[TensorProto] = []
         self.count = 0
@@ -137,15 +207,19 @@ class _Quantizer:
 
     def _graph(self, graph: GraphProto) -> None:
         nodes = list(graph.node)
+        view = _GraphView(graph)
         out = []
+        dropped: set[int] = set()  # ids of the reshapes a flattened Gemm no longer needs
         for node in nodes:
+            if id(node) in dropped:
+                continue
             replacement = None
             if node.op_type == "MatMul" and node.domain in ("", "ai.onnx"):
                 w = self.weight(node.input[1])
                 if w is not None:
                     replacement = self._matmul(node, node.input[0], node.input[1], w, None, node.output[0])
             elif node.op_type == "Gemm" and node.domain in ("", "ai.onnx"):
-                replacement = self._gemm(node)
+                replacement = self._gemm(node, view, dropped)
             elif node.op_type == "Gather" and node.domain in ("", "ai.onnx") and _attr(node, "axis", 0) == 0:
                 w = self.weight(node.input[0])
                 if w is not None:
@@ -157,8 +231,10 @@ class _Quantizer:
                 self.count += 1
         del graph.node[:]
         graph.node.extend(out)
+        if dropped:
+            _remove_dead_nodes(graph)
 
-    def _gemm(self, node):
+    def _gemm(self, node, view: "_GraphView", dropped: set[int]):
         if _attr(node, "alpha", 1.0) != 1.0 or _attr(node, "transA", 0):
             return None
         w = self.weight(node.input[1])
@@ -170,7 +246,16 @@ class _Quantizer:
         if _attr(node, "transB", 0):
             w = np.ascontiguousarray(w.T)
         key = node.input[1] + ("/T" if _attr(node, "transB", 0) else "")
-        return self._matmul(node, node.input[0], key, w, bias, node.output[0])
+        a, output = node.input[0], node.output[0]
+        unflatten = view.flattened_product(node, w.shape[1])
+        if unflatten is not None:
+            # MatMulInteger takes the N-D activations as they are: the flattening Reshape before
+            # the Gemm and the one that undoes it after (HF's Conv1D, 12 small nodes a product
+            # with their shape arithmetic) go, and so does their per-step cost in ORT.
+            a, after = unflatten
+            output = after.output[0]
+            dropped.add(id(after))
+        return self._matmul(node, a, key, w, bias, output)
 
     def _matmul(self, node, a: str, key: str, w: np.ndarray, bias: str | None, output: str):
         base = (node.name or output).replace("/", "_")
