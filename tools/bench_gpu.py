@@ -130,6 +130,21 @@ def timed(fn, repeats: int) -> float:
     return (time.perf_counter() - start) / repeats
 
 
+def race(contenders: dict, rounds: int) -> dict[str, float]:
+    """Median seconds per call of each contender, timed in interleaved rounds (A B C A B C ...)
+    after one warm-up call each, so that a drift of the machine (clocks, another process) falls
+    on every contender alike rather than on whichever ran last."""
+    for fn in contenders.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(rounds):
+        for name, fn in contenders.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
 def shm_generate(gen, prompts, beam: int, copies: int = 1) -> int:
     """Submit ``copies`` batches at once (so several workers can share them); returns tokens decoded."""
     futures = []
@@ -255,25 +270,29 @@ def section_speed(model_dir: Path, rows: list[dict]) -> None:
         for beam in (1, 4):
             for batch in (1, 8, 32):
                 prompts = prompts_for(batch, vocab)
-                repeats = 6 if batch < 32 else 3
                 row = {"batch": batch, "search": "greedy" if beam == 1 else "beam 4"}
+                contenders, tokens = {}, {}
                 if beam == 1:
-                    row["plain"] = batch * NEW_TOKENS / timed(lambda p=prompts: plain.generate(p, NEW_TOKENS), repeats)
+                    contenders["plain"] = lambda p=prompts: plain.generate(p, NEW_TOKENS)
+                    tokens["plain"] = batch * NEW_TOKENS
                 for name, model in hf.items():
-                    row[f"hf-{name}"] = batch * NEW_TOKENS / timed(
-                        lambda m=model, p=prompts, b=beam: hf_generate(m, p, b), repeats
-                    )
+                    contenders[f"hf-{name}"] = lambda m=model, p=prompts, b=beam: hf_generate(m, p, b)
+                    tokens[f"hf-{name}"] = batch * NEW_TOKENS
+                boxes = {}
                 for name, gen in gens.items():
-                    box = {}
+                    box = boxes[f"shm{name}"] = {}
                     copies = 2 * gen.num_workers
 
                     def go(g=gen, box=box, p=prompts, b=beam, copies=copies):
                         box["tokens"] = shm_generate(g, p, b, copies=copies)
 
-                    seconds = timed(go, repeats)
-                    row[f"shm{name}"] = box["tokens"] / seconds
-                    if box["tokens"] != copies * batch * NEW_TOKENS:
-                        print(f"  note: shm{name} decoded {box['tokens']} tokens, not {copies * batch * NEW_TOKENS} (an end token)")
+                    contenders[f"shm{name}"] = go
+                    tokens[f"shm{name}"] = copies * batch * NEW_TOKENS
+                seconds = race(contenders, rounds=7 if batch < 32 else 5)
+                for name, t in seconds.items():
+                    row[name] = tokens[name] / t
+                    if name in boxes and boxes[name]["tokens"] != tokens[name]:
+                        print(f"  note: {name} decoded {boxes[name]['tokens']} tokens, not {tokens[name]} (an end token)")
                 rows.append(row)
                 print("  " + json.dumps({k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
     finally:
@@ -283,8 +302,8 @@ def section_speed(model_dir: Path, rows: list[dict]) -> None:
 
 # name -> the environment the workers of that Generator get (read when they start)
 STRATEGIES = {
-    "graph": {},  # the default: the step's top-k on the device, one CUDA stream per worker
-    "own-streams": {"SHMENGINE_CUDA_STREAM": "own"},  # each session its own stream, every run synced
+    "graph": {},  # the default: the step's top-k on the device, a CUDA stream per session
+    "shared-stream": {"SHMENGINE_CUDA_STREAM": "shared"},  # one stream per worker, device-only runs unsynced
     "host": {"SHMENGINE_DEVICE_REDUCE": "host"},  # the step's logits to the host, reduced by numpy
 }
 
@@ -314,18 +333,15 @@ def section_strategies(model_dir: Path, rows: list[dict]) -> None:
             for batch in (1, 8, 32):
                 prompts = prompts_for(batch, vocab)
                 row = {"batch": batch, "search": "greedy" if beam == 1 else "beam 4"}
-                if beam == 1:
-                    row["plain"] = batch * NEW_TOKENS / timed(lambda p=prompts: plain.generate(p, NEW_TOKENS), 4)
-                elif batch == 1:
+                if beam != 1 and batch == 1:
                     continue  # a beam at batch 1 is dominated by the step itself
+                contenders = {}
+                if beam == 1:
+                    contenders["plain"] = lambda p=prompts: plain.generate(p, NEW_TOKENS)
                 for strategy, gen in gens.items():
-                    box = {}
-
-                    def go(g=gen, box=box, p=prompts, b=beam):
-                        box["tokens"] = shm_generate(g, p, b, copies=2)
-
-                    seconds = timed(go, 4)
-                    row[f"shm-{strategy}"] = box["tokens"] / seconds
+                    contenders[f"shm-{strategy}"] = lambda g=gen, p=prompts, b=beam: shm_generate(g, p, b, copies=2)
+                for name, t in race(contenders, rounds=9).items():
+                    row[name] = (batch if name == "plain" else 2 * batch) * NEW_TOKENS / t
                 rows.append(row)
                 print("  " + json.dumps({k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
     finally:
@@ -507,7 +523,8 @@ def section_faults(model_dir: Path, notes: list[str]) -> None:
     CUDA is never initialised in the supervisor or the fork servers; each worker sees only its
     GPU; a worker killed mid-batch and the weight holder killed mid-run both give the same
     tokens; a CUDA out-of-memory fails that batch naming the device and the rows, and the pool
-    serves on. Run it last: the out-of-memory batch leaves its worker's arena grown."""
+    serves on. Run it in a process of its own (``--sections faults``): the CUDA-free check needs
+    a supervisor that has not used the GPU itself, as the other sections do."""
     import signal
 
     import shmengine
@@ -553,15 +570,25 @@ def section_faults(model_dir: Path, notes: list[str]) -> None:
         mib = {pid: usage.get(pid) for pid in pool.worker_pids() + holders[0].worker_pids()}
         notes.append(f"faults: GPU MiB per process after the holder's restart (workers, then holder): {mib}")
 
-        rows, length = 4096, 1000
+        # Fill the GPU from this process (the CUDA-free check is done) but for ~3 GiB: a batch of
+        # 512 x 900 tokens then needs more than is left. (A batch big enough to exhaust 139 GiB on
+        # its own trips ORT's 2^31-element limits first, which is another error.)
+        import cupy
+
+        free, _ = cupy.cuda.runtime.memGetInfo()
+        hog = cupy.empty(max(free - (3 << 30), 0), dtype=cupy.uint8)
+        rows, length = 512, 900
         try:
             gen.generate_batch([[1] * length] * rows, max_length=1, max_batch_size=rows, include_prompt_in_result=False)
             check("a CUDA out-of-memory is a DeviceOutOfMemoryError", False, f"{rows} x {length} ran")
         except shmengine.DeviceOutOfMemoryError as exc:
             check("a CUDA out-of-memory is a DeviceOutOfMemoryError naming the device and the rows",
-                  "CUDA device 0" in str(exc) and f"{rows} rows" in str(exc), str(exc)[:200])
+                  "CUDA device 0" in str(exc) and f"{rows} rows" in str(exc), str(exc)[:300])
         except Exception as exc:
-            check("a CUDA out-of-memory is a DeviceOutOfMemoryError", False, f"{type(exc).__name__}: {str(exc)[:200]}")
+            check("a CUDA out-of-memory is a DeviceOutOfMemoryError", False, f"{type(exc).__name__}: {str(exc)[:300]}")
+        finally:
+            del hog
+            cupy.get_default_memory_pool().free_all_blocks()
         check("the pool serves after the out-of-memory: the same tokens", tokens(run(gen, prompts)) == want)
 
 

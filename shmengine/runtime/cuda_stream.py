@@ -9,8 +9,14 @@ the stream itself, and the CPU prepares the helper's run while the GPU still com
 The helper's run, whose results come to the host, synchronises as before.
 
 The stream is made by cupy (the ``shmengine[cuda]`` extra) as a *blocking* stream, so copies
-ONNX Runtime makes in the legacy default stream stay ordered with it. Without cupy, or with
-``SHMENGINE_CUDA_STREAM=own``, each session keeps its own stream and every run synchronises.
+ONNX Runtime makes in the legacy default stream stay ordered with it.
+
+It is opt-in (``SHMENGINE_CUDA_STREAM=shared``): measured on an H200 (``tools/bench_gpu.py
+--sections strategies``, GPT-2-124M, 1 worker, interleaved medians of 9 rounds, tok/s shared /
+own): greedy batch 1 193 / 181, batch 8 1411 / 1741, batch 32 5447 / 6613; beam 4 batch 8
+1362 / 1489, batch 32 5329 / 4749. A second run had the same pattern: the shared stream wins at
+batch 1 and for beam 4 at batch 32, loses at batch 8 and for greedy at 32. So by default each
+session keeps its own stream and every run synchronises, as ONNX Runtime does.
 Only worker processes call this: CUDA is never initialised in the supervisor or the fork server.
 """
 
@@ -26,7 +32,7 @@ _stream = None  # this process's stream, made on first use
 
 def stream_is_shared() -> bool:
     """Whether this worker's CUDA sessions share one stream (and runs may skip their sync)."""
-    if os.environ.get("SHMENGINE_CUDA_STREAM", "shared") != "shared":
+    if os.environ.get("SHMENGINE_CUDA_STREAM", "own") != "shared":
         return False
     return importlib.util.find_spec("cupy") is not None
 
