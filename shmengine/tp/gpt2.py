@@ -62,8 +62,20 @@ class Segment:
         return graph
 
 
+class EvenHeads:
+    """For shards whose key/value heads are their query heads (no GQA): the cache's shape."""
+
+    @property
+    def head_dim(self) -> int:
+        return self.layout.hidden // self.layout.heads
+
+    @property
+    def cache_heads(self) -> int:
+        return len(self.shard.heads)
+
+
 @dataclass
-class Gpt2Shard:
+class Gpt2Shard(EvenHeads):
     """One rank's GPT-2: replicated arrays, and per layer the segment graphs of its shard."""
 
     layout: Gpt2Layout
@@ -78,23 +90,36 @@ class Gpt2Shard:
     @property
     def nbytes(self) -> int:
         """Weight bytes this rank holds (each array once; the tied head is the embedding)."""
-        arrays = {id(a): a for seg in (*self.attention, *self.mlp, self.head) for a in seg.weights.values()}
-        arrays[id(self.wte)], arrays[id(self.wpe)] = self.wte, self.wpe
-        return sum(a.nbytes for a in arrays.values())
-
-    @property
-    def head_dim(self) -> int:
-        return self.layout.hidden // self.layout.heads
-
-    @property
-    def cache_heads(self) -> int:
-        return len(self.shard.heads)
+        return held_nbytes([*self.attention, *self.mlp, self.head], self.wte, self.wpe)
 
     def embed(self, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
         return self.wte[ids] + self.wpe[positions]
 
     def attention_feeds(self, positions: np.ndarray) -> dict:
         return {}
+
+
+def held_nbytes(segments: list[Segment], *arrays: np.ndarray) -> int:
+    """Bytes of the segments' weights and of ``arrays``, each array counted once (segments share
+    arrays: a tied head is the embedding itself)."""
+    held = {id(a): a for segment in segments for a in segment.weights.values()}
+    held.update((id(a), a) for a in arrays)
+    return sum(a.nbytes for a in held.values())
+
+
+def read_weights(graph: Path) -> tuple[dict[str, tuple], int]:
+    """The export's weights by node name (:func:`_node_weights`) and the weight bytes of the
+    whole graph (what one plain process holds)."""
+    model = onnx.load(str(graph))
+    model_nbytes = sum(numpy_helper.to_array(i).nbytes for i in model.graph.initializer)
+    return _node_weights(model), model_nbytes
+
+
+def layer_segments(layers: int, prefix: str, attention, mlp) -> tuple[list[Segment], list[Segment]]:
+    """Each layer's attention and MLP segments: ``attention(i, p)`` and ``mlp(i, p)``, ``p``
+    being layer i's node-name prefix (``prefix`` + i)."""
+    pairs = [(attention(i, f"{prefix}{i}"), mlp(i, f"{prefix}{i}")) for i in range(layers)]
+    return [a for a, _ in pairs], [m for _, m in pairs]
 
 
 def _node_weights(model: onnx.ModelProto) -> dict[str, tuple]:
@@ -290,21 +315,16 @@ def load_gpt2_shard(model_dir: Path, graph: Path, rank: int, ranks: int) -> Gpt2
     """Rank ``rank``'s share of the GPT-2 export ``graph`` (in ``model_dir``)."""
     layout = read_layout(model_dir)
     shard = Shard.of(rank, ranks, heads=layout.heads, kv_heads=layout.heads, hidden=layout.inner)
-    model = onnx.load(str(graph))
-    model_nbytes = sum(numpy_helper.to_array(i).nbytes for i in model.graph.initializer)
-    found = _node_weights(model)
-    del model
+    found, model_nbytes = read_weights(graph)
     wte = np.ascontiguousarray(found["/transformer/wte/Gather"][1][0], dtype=np.float32)
     wpe = found["/transformer/wpe/Gather"][1][0]
-    attention, mlp = [], []
-    for i in range(layout.layers):
-        p = f"/transformer/h.{i}"
-        attention.append(_attention_graph(i, layout, shard, _norm(found, f"{p}/ln_1/LayerNormalization"),
-                                          _linear(found, f"{p}/attn/c_attn/Gemm"), _linear(found, f"{p}/attn/c_proj/Gemm")))
-        mlp.append(_mlp_graph(i, layout, shard, _norm(found, f"{p}/ln_2/LayerNormalization"),
-                              _linear(found, f"{p}/mlp/c_fc/Gemm"), _linear(found, f"{p}/mlp/c_proj/Gemm")))
+    attention, mlp = layer_segments(
+        layout.layers, "/transformer/h.",
+        lambda i, p: _attention_graph(i, layout, shard, _norm(found, f"{p}/ln_1/LayerNormalization"),
+                                      _linear(found, f"{p}/attn/c_attn/Gemm"), _linear(found, f"{p}/attn/c_proj/Gemm")),
+        lambda i, p: _mlp_graph(i, layout, shard, _norm(found, f"{p}/ln_2/LayerNormalization"),
+                                _linear(found, f"{p}/mlp/c_fc/Gemm"), _linear(found, f"{p}/mlp/c_proj/Gemm")))
     lm_head, _ = _linear(found, "/lm_head/MatMul")
     tied = lm_head.shape == wte.T.shape and np.array_equal(lm_head, wte.T)
     head = _head_graph(layout, _norm(found, "/transformer/ln_f/LayerNormalization"), wte if tied else lm_head, tied)
-    del found
     return Gpt2Shard(layout, shard, wte, np.ascontiguousarray(wpe, dtype=np.float32), attention, mlp, head, model_nbytes)

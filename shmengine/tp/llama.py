@@ -17,12 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from shmengine.errors import ModelLoadError
 
-from .gpt2 import Segment, _float, _linear, _model, _node_weights, _tensor
+from .gpt2 import Segment, _float, _linear, _model, _tensor, held_nbytes, layer_segments, read_weights
 from .sharding import Shard
 
 __all__ = ["LlamaLayout", "LlamaShard", "load_llama_shard"]
@@ -60,9 +59,7 @@ class LlamaShard:
 
     @property
     def nbytes(self) -> int:
-        arrays = {id(a): a for seg in (*self.attention, *self.mlp, self.head) for a in seg.weights.values()}
-        arrays[id(self.embedding)] = self.embedding
-        return sum(a.nbytes for a in arrays.values())
+        return held_nbytes([*self.attention, *self.mlp, self.head], self.embedding)
 
     def embed(self, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
         return self.embedding[ids]
@@ -205,19 +202,14 @@ def _weight_of(found, name: str) -> np.ndarray:
 def load_llama_shard(model_dir: Path, graph: Path, rank: int, ranks: int) -> LlamaShard:
     layout = read_layout(model_dir)
     shard = Shard.of(rank, ranks, heads=layout.heads, kv_heads=layout.kv_heads, hidden=layout.inner)
-    model = onnx.load(str(graph))
-    model_nbytes = sum(numpy_helper.to_array(i).nbytes for i in model.graph.initializer)
-    found = _node_weights(model)
-    del model
+    found, model_nbytes = read_weights(graph)
     embedding = np.ascontiguousarray(_weight_of(found, "/model/embed_tokens/Gather"), dtype=np.float32)
-    attention, mlp = [], []
-    for i in range(layout.layers):
-        p = f"/model/layers.{i}"
-        linear = lambda name, p=p: _linear(found, f"{p}/{name}/MatMul")[0]  # noqa: E731
-        attention.append(_attention_graph(i, layout, shard, _weight_of(found, f"{p}/input_layernorm/Mul_1"),
-                                          linear("self_attn/q_proj"), linear("self_attn/k_proj"),
-                                          linear("self_attn/v_proj"), linear("self_attn/o_proj")))
-        mlp.append(_mlp_graph(i, layout, shard, _weight_of(found, f"{p}/post_attention_layernorm/Mul_1"),
-                              linear("mlp/gate_proj"), linear("mlp/up_proj"), linear("mlp/down_proj")))
+    linear = lambda name: _linear(found, f"{name}/MatMul")[0]  # noqa: E731
+    attention, mlp = layer_segments(
+        layout.layers, "/model/layers.",
+        lambda i, p: _attention_graph(i, layout, shard, _weight_of(found, f"{p}/input_layernorm/Mul_1"),
+                                      *(linear(f"{p}/self_attn/{x}_proj") for x in "qkvo")),
+        lambda i, p: _mlp_graph(i, layout, shard, _weight_of(found, f"{p}/post_attention_layernorm/Mul_1"),
+                                *(linear(f"{p}/mlp/{x}_proj") for x in ("gate", "up", "down"))))
     head = _head_graph(layout, _weight_of(found, "/model/norm/Mul_1"), _linear(found, "/lm_head/MatMul")[0])
     return LlamaShard(layout, shard, embedding, attention, mlp, head, model_nbytes)

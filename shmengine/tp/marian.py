@@ -20,12 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from shmengine.errors import ModelLoadError
 
-from .gpt2 import Segment, _float, _model, _node_weights, _tensor
+from .gpt2 import EvenHeads, Segment, _float, _model, _tensor, held_nbytes, read_weights
 from .sharding import Shard
 
 __all__ = ["MarianShard", "load_marian_shard"]
@@ -196,7 +195,7 @@ class _DecoderLayer:
 
 
 @dataclass
-class MarianShard:
+class MarianShard(EvenHeads):
     layout: MarianLayout
     shard: Shard
     embedding: np.ndarray
@@ -206,14 +205,6 @@ class MarianShard:
     decoder: list[_DecoderLayer]
     head: Segment
     model_nbytes: int
-
-    @property
-    def head_dim(self) -> int:
-        return self.layout.hidden // self.layout.heads
-
-    @property
-    def cache_heads(self) -> int:
-        return len(self.shard.heads)
 
     def segments(self) -> list[Segment]:
         found = [self.head]
@@ -225,12 +216,10 @@ class MarianShard:
 
     @property
     def nbytes(self) -> int:
-        arrays = {id(a): a for seg in self.segments() for a in seg.weights.values()}
-        for extra in (self.embedding, self.encoder_positions, self.decoder_positions):
-            arrays[id(extra)] = extra
         norms = [n for layer in self.encoder for n in (layer.attention_norm, layer.ffn_norm)]
         norms += [n for layer in self.decoder for n in (layer.attention_norm, layer.cross_norm, layer.ffn_norm)]
-        return sum(a.nbytes for a in arrays.values()) + sum(g.nbytes + b.nbytes for g, b in norms)
+        return held_nbytes(self.segments(), self.embedding, self.encoder_positions, self.decoder_positions,
+                           *(array for norm in norms for array in norm))
 
 
 def read_layout(model_dir: Path) -> MarianLayout:
@@ -252,14 +241,8 @@ def read_layout(model_dir: Path) -> MarianLayout:
 def load_marian_shard(model_dir: Path, encoder_graph: Path, decoder_graph: Path, rank: int, ranks: int) -> MarianShard:
     layout = read_layout(model_dir)
     shard = Shard.of(rank, ranks, heads=layout.heads, kv_heads=layout.heads, hidden=layout.inner)
-    model_nbytes = 0
-    found = {}
-    for graph, prefix in ((encoder_graph, "enc"), (decoder_graph, "dec")):
-        model = onnx.load(str(graph))
-        model_nbytes += sum(numpy_helper.to_array(i).nbytes for i in model.graph.initializer)
-        found[prefix] = _node_weights(model)
-        del model
-    enc, dec = found["enc"], found["dec"]
+    (enc, encoder_nbytes), (dec, decoder_nbytes) = read_weights(encoder_graph), read_weights(decoder_graph)
+    model_nbytes = encoder_nbytes + decoder_nbytes
     embedding = _weight(dec, "/model/decoder/shared/Gather")
     encoder = []
     for i in range(layout.encoder_layers):
