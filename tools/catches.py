@@ -70,8 +70,8 @@ BREAKS = [
     ),
     Break(
         "one-seed-per-call", "4", "shmengine/api/generator.py",
-        "        changes[\"seed\"] = next_seed()\n",
-        "        pass  # BREAK: every sub-batch of a call samples with the call's seed\n",
+        "    return select_examples(options, indices, seed=next_seed() if options.seed is not None else None)\n",
+        "    return select_examples(options, indices)  # BREAK: every sub-batch of a call samples with the call's seed\n",
         ["tests/test_generation.py::test_sampling_is_reproducible_with_set_random_seed"],
     ),
     Break(
@@ -88,8 +88,8 @@ BREAKS = [
     ),
     Break(
         "prefix-ignored", "weaker list", "shmengine/api/translator.py",
-        "        options.forced = forced if any(forced) else None\n",
-        "        options.forced = None  # BREAK: target_prefix not forced\n",
+        "            forced=forced if any(forced) else None,\n",
+        "            forced=None,  # BREAK: target_prefix not forced\n",
         ["tests/test_generation.py::test_target_prefix_is_kept_and_continued"],
     ),
     Break(

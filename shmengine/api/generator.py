@@ -14,7 +14,7 @@ from shmengine.api.engine import PooledModel
 from shmengine.api.model_options import ModelOptions
 from shmengine.api.options import end_ids_for, search_options, warn_ignored
 from shmengine.api.results import GenerationResult, GenerationStepResult, ScoringResult
-from shmengine.decode.decoding import StepEvent, log_softmax
+from shmengine.decode.decoding import StepEvent, log_softmax, select_examples
 from shmengine.errors import InvalidInputError, TokenTypeError
 from shmengine.model.modeldir import ModelDirectory
 from shmengine.runtime.worker import ProgramSpec
@@ -254,11 +254,16 @@ class Generator(DecodingModel):
         max_new = [max(0, max_length - o) for o in offset]
         if self.model.max_positions:
             max_new = [min(m, self.model.max_positions - len(p)) for m, p in zip(max_new, prompts)]
+        new_tokens, least_new = max_new, [max(0, min_length - o) for o in offset]
+        if return_alternatives:
+            prompts, new_tokens, least_new = _alternative_limits(
+                prompts, len(static), include_prompt_in_result, max_length, min_length, self.model.max_positions
+            )
         options = search_options(
             vocab=self.vocabulary,
             end_ids=end_ids_for(end_token, self.vocabulary, self.model.eos_ids),
-            max_new_tokens=max_new,
-            min_new_tokens=[max(0, min_length - o) for o in offset],
+            max_new_tokens=new_tokens,
+            min_new_tokens=least_new,
             beam_size=beam_size,
             patience=patience,
             num_hypotheses=num_hypotheses,
@@ -275,17 +280,12 @@ class Generator(DecodingModel):
             early_stopping=early_stopping,
             return_alternatives=return_alternatives,
             min_alternative_expansion_prob=min_alternative_expansion_prob,
+            length_offset=offset,
+            end_counts_in_length=True,
+            # a returned prompt is a prefix of the hypothesis: CTranslate2 decodes it constrained
+            after_prefix=[0 if include_prompt_in_result and len(p) - len(static) > 1 else None for p in prompts],
+            history=[p[1 + len(static) :] if include_prompt_in_result else [] for p in prompts],
         )
-        if return_alternatives:
-            prompts, options.max_new_tokens, options.min_new_tokens = _alternative_limits(
-                prompts, len(static), include_prompt_in_result, max_length, min_length, self.model.max_positions
-            )
-        options.length_offset = offset
-        options.end_counts_in_length = True
-        options.stream = callback is not None
-        # a returned prompt is a prefix of the hypothesis: CTranslate2 decodes it constrained
-        options.after_prefix = [0 if include_prompt_in_result and len(p) - len(static) > 1 else None for p in prompts]
-        options.history = [p[1 + len(static) :] if include_prompt_in_result else [] for p in prompts]
 
         def convert(hyps, example):
             # CTranslate2 returns the prompt without its start token (the bos token, when the
@@ -467,20 +467,12 @@ def _alternative_limits(prompts, static: int, include_prompt: bool, max_length: 
 
 
 def _slice_options(options, indices):
-    from shmengine.decode.decoding import _replace
+    """The options of one sub-batch: its examples' entries, and a seed of its own when sampling
+    (drawn in submission order: one seed for all sub-batches would give identical prompts in
+    different sub-batches identical samples)."""
+    from shmengine.api.options import next_seed
 
-    changes = {}
-    for name in ("max_new_tokens", "min_new_tokens", "history", "length_offset", "forced", "after_prefix"):
-        value = getattr(options, name)
-        if isinstance(value, list):
-            changes[name] = [value[i] for i in indices]
-    if options.seed is not None:
-        # each sub-batch samples with a seed of its own, drawn in submission order: one seed for
-        # all of them would give identical prompts in different sub-batches identical samples
-        from shmengine.api.options import next_seed
-
-        changes["seed"] = next_seed()
-    return _replace(options, **changes)
+    return select_examples(options, indices, seed=next_seed() if options.seed is not None else None)
 
 
 def _callback_router(callback, indices, vocabulary):

@@ -91,8 +91,17 @@ def search_options(
     early_stopping: bool | str = True,
     return_alternatives: bool = False,
     min_alternative_expansion_prob: float = 0,
+    history: list[list[int]] | None = None,
+    length_offset: list[int] | None = None,
+    forced: list[list[int]] | None = None,
+    after_prefix: list[int | None] | None = None,
+    end_counts_in_length: bool = False,
+    always_suppress: tuple[int, ...] = (),
 ) -> DecodingOptions:
-    """Check the arguments as CTranslate2 does and build the options (raises InvalidInputError)."""
+    """Check the arguments as CTranslate2 does and build the options, complete (raises
+    InvalidInputError). The public arguments are CTranslate2's; the others are what the calling
+    class knows about its examples (see :class:`~shmengine.decode.decoding.DecodingOptions`),
+    and ``always_suppress`` are ids the model must never emit, added to the suppressed ones."""
     if isinstance(beam_size, bool) or not isinstance(beam_size, int) or beam_size < 1:
         raise InvalidInputError(f"beam_size must be an integer >= 1 (1 = greedy search), got {beam_size!r}")
     if patience <= 0:
@@ -141,6 +150,7 @@ def search_options(
         suppress.extend(ids)
     if disable_unk and vocab.unk_id is not None:
         suppress.append(vocab.unk_id)
+    suppress.extend(i for i in always_suppress if i not in suppress)
     return DecodingOptions(
         max_new_tokens=max_new_tokens,
         end_ids=end_ids,
@@ -160,4 +170,10 @@ def search_options(
         early_stopping=early_stopping,
         return_alternatives=bool(return_alternatives),
         min_alternative_expansion_prob=float(min_alternative_expansion_prob),
+        history=history,
+        length_offset=length_offset,
+        forced=forced,
+        stream=callback is not None,
+        after_prefix=after_prefix,
+        end_counts_in_length=end_counts_in_length,
     )

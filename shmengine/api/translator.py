@@ -214,11 +214,26 @@ class Translator(DecodingModel):
         max_new = max_decoding_length
         if self.model.max_positions:
             max_new = min(max_new, self.model.max_positions)
+        # CTranslate2 decodes a batch that holds any target prefix in prefix mode, where every
+        # example's first free step (step 0 for one without a prefix) gets the issue #277 rule
+        # (see decoding.py); a batch with none skips it
+        after_prefix = [len(f) for f in forced] if any(forced) else [None] * len(forced)
+        new_tokens, least_new = [max_new] * len(sources), [min_decoding_length] * len(sources)
+        if return_alternatives:
+            # CTranslate2 cuts the prefix to max_decoding_length; after it, the alternative is
+            # the first new token, and the rest of max_decoding_length and min_decoding_length
+            forced = [f[:max_new] for f in forced]
+            new_tokens = [0 if len(f) == max_new else max_new - len(f) for f in forced]
+            least_new = [1 + max(0, min_decoding_length - 1 - len(f)) for f in forced]
+        # Marian's <pad> only starts the decoder: transformers bans it (bad_words_ids) and
+        # CTranslate2's converter drops it from the vocabulary, so neither ever emits it; here
+        # min_decoding_length, which bans the end token, made beam search pick it
+        marian_pad = self.model.model_type == "marian" and self.model.pad_id == self.model.decoder_start_id
         options = search_options(
             vocab=self.vocabulary,
             end_ids=end_ids_for(end_token, self.vocabulary, self.model.eos_ids),
-            max_new_tokens=[max_new] * len(sources),
-            min_new_tokens=[min_decoding_length] * len(sources),
+            max_new_tokens=new_tokens,
+            min_new_tokens=least_new,
             beam_size=beam_size,
             patience=patience,
             num_hypotheses=num_hypotheses,
@@ -235,27 +250,12 @@ class Translator(DecodingModel):
             early_stopping=early_stopping,
             return_alternatives=return_alternatives,
             min_alternative_expansion_prob=min_alternative_expansion_prob,
+            forced=forced if any(forced) else None,
+            after_prefix=after_prefix,
+            end_counts_in_length=True,
+            history=[[] for _ in sources],
+            always_suppress=(self.model.pad_id,) if marian_pad else (),
         )
-        options.forced = forced if any(forced) else None
-        if self.model.model_type == "marian" and self.model.pad_id == self.model.decoder_start_id:
-            # Marian's <pad> only starts the decoder: transformers bans it (bad_words_ids) and
-            # CTranslate2's converter drops it from the vocabulary, so neither ever emits it; here
-            # min_decoding_length, which bans the end token, made beam search pick it
-            options.suppress_ids = tuple({*options.suppress_ids, self.model.pad_id})
-        # CTranslate2 decodes a batch that holds any target prefix in prefix mode, where every
-        # example's first free step (step 0 for one without a prefix) gets the issue #277 rule
-        # (see decoding.py); a batch with none skips it
-        options.after_prefix = [len(f) for f in forced] if any(forced) else [None] * len(forced)
-        options.end_counts_in_length = True
-        options.history = [[] for _ in sources]
-        options.stream = callback is not None
-        if return_alternatives:
-            # CTranslate2 cuts the prefix to max_decoding_length; after it, the alternative is
-            # the first new token, and the rest of max_decoding_length and min_decoding_length
-            forced = [f[:max_new] for f in forced]
-            options.forced = forced if any(forced) else None
-            options.max_new_tokens = [0 if len(f) == max_new else max_new - len(f) for f in forced]
-            options.min_new_tokens = [1 + max(0, min_decoding_length - 1 - len(f)) for f in forced]
 
         def convert(hyps, example):
             return TranslationResult(

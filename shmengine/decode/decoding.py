@@ -30,7 +30,7 @@ tokens and scores:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import numpy as np
@@ -99,9 +99,12 @@ class Stepper(Protocol):
     def select(self, rows: np.ndarray) -> None: ...
 
 
-@dataclass
+@dataclass(frozen=True)
 class DecodingOptions:
-    """What to decode and how; built by the public classes from CTranslate2's arguments."""
+    """What to decode and how; built complete, in one call, by the public classes from
+    CTranslate2's arguments (``api/options.search_options``). Frozen: a variant (a sub-batch's
+    examples, another seed) is a new object, from :func:`select_examples` or
+    ``dataclasses.replace``."""
 
     max_new_tokens: int | list[int]  # one limit for all, or one per example
     end_ids: tuple[int, ...]
@@ -307,11 +310,8 @@ def decode(
     if options.num_hypotheses > 1:
         # several independent samples per example: run the batch repeated, then regroup
         repeated = [p for p in prompts for _ in range(options.num_hypotheses)]
-        opts = _replace(options, num_hypotheses=1)
-        for name in ("history", "length_offset", "forced", "max_new_tokens", "min_new_tokens", "after_prefix"):
-            per_example = getattr(options, name)
-            if isinstance(per_example, list):
-                setattr(opts, name, [x for x in per_example for _ in range(options.num_hypotheses)])
+        rows = [i for i in range(len(prompts)) for _ in range(options.num_hypotheses)]
+        opts = select_examples(options, rows, num_hypotheses=1)
 
         def regroup_events(events: list[StepEvent]):
             for event in events:
@@ -335,23 +335,18 @@ def decode(
     return _greedy(stepper, prompts, options, on_step)
 
 
-def _replace(options: DecodingOptions, **changes) -> DecodingOptions:
-    values = dict(options.__dict__)
-    values.update(changes)
-    return DecodingOptions(**values)
-
-
+# The fields that may hold one entry per example (a list) instead of one value for all.
 PER_EXAMPLE = ("max_new_tokens", "min_new_tokens", "history", "length_offset", "forced", "after_prefix")
 
 
-def select_examples(options: DecodingOptions, indices: Sequence[int]) -> DecodingOptions:
-    """The options of these examples only (every per-example list cut to them)."""
-    changes = {}
+def select_examples(options: DecodingOptions, indices: Sequence[int], **changes) -> DecodingOptions:
+    """The options of the examples at ``indices`` (in that order, repeats allowed): every
+    per-example list cut to them; ``changes`` replace other fields, as in ``dataclasses.replace``."""
     for name in PER_EXAMPLE:
         value = getattr(options, name)
         if isinstance(value, list):
-            changes[name] = [value[i] for i in indices]
-    return _replace(options, **changes)
+            changes.setdefault(name, [value[i] for i in indices])
+    return replace(options, **changes)
 
 
 class _Resumed:
@@ -409,7 +404,7 @@ def _alternatives(stepper: Stepper, prompts, options: DecodingOptions) -> list[H
 
     # the expansion: CTranslate2 runs it as a beam search of num_hypotheses beams over one step,
     # with min_length 1 and no history yet
-    expansion = _replace(options, min_new_tokens=1, repetition_penalty=1.0, no_repeat_ngram_size=0)
+    expansion = replace(options, min_new_tokens=1, repetition_penalty=1.0, no_repeat_ngram_size=0)
     scores = _History([[] for _ in active], logits.vocab_size, expansion).process(logits.array(), 0)
     log_probs = scores - log_normalizer(scores)
     count = min(wanted, log_probs.shape[-1])
@@ -436,7 +431,7 @@ def _alternatives(stepper: Stepper, prompts, options: DecodingOptions) -> list[H
     continuing = np.array(tokens, dtype=np.int64)
     logits = stepper.step(continuing)
     count = len(rows)
-    suffix_options = _replace(
+    suffix_options = replace(
         options,
         return_alternatives=False,
         num_hypotheses=1,

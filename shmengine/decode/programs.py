@@ -105,9 +105,8 @@ class TranslatorProgram:
         results = [None] * len(sources)
         for number, length in enumerate(sorted(set(lengths))):
             group = [i for i, n in enumerate(lengths) if n == length]
-            group_options = select_examples(options, group)
-            if options.seed is not None:
-                group_options.seed = options.seed + number
+            seed = None if options.seed is None else options.seed + number
+            group_options = select_examples(options, group, seed=seed)
             stepper = self._stepper()
             stepper.encode([sources[i] for i in group])
             for i, hyps in zip(group, decode(stepper, [[self.start_id]] * len(group), group_options)):
