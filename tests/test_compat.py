@@ -160,3 +160,45 @@ def test_async_generate_tokens_and_score_iterable(generator):
     futures = generator.generate_batch([prompt], asynchronous=True)
     assert isinstance(futures[0], shmengine.AsyncGenerationResult)
     futures[0].result()
+
+
+def test_return_attention_on_the_bundled_model(translator):
+    """One vector over the source per hypothesis token, each a distribution (the parity suite
+    checks the values against CTranslate2's); replace_unknowns on a model that emits no unknown
+    token changes nothing."""
+    import numpy as np
+
+    sources = [digits(n) for n in (7, 45, 1984)]
+    plain = translator.translate_batch(sources, beam_size=2)
+    results = translator.translate_batch(sources, beam_size=2, return_attention=True, replace_unknowns=True)
+    for source, result, expected in zip(sources, results, plain):
+        assert result.hypotheses == expected.hypotheses
+        attention = np.array(result.attention[0])
+        assert attention.shape == (len(result.hypotheses[0]), len(source))
+        np.testing.assert_allclose(attention.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_return_attention_on_a_decoder_without_attention_raises(tmp_path):
+    """A decoder whose cross-attention cannot be found gets a clear error for return_attention
+    and replace_unknowns, never a silent empty attention; plain translation still works."""
+    import shutil
+
+    import onnx
+
+    model_dir = tmp_path / "marian"
+    shutil.copytree(ROOT / "models" / "numbers-marian", model_dir)
+    decoder = onnx.load(model_dir / "decoder_model_merged.onnx")
+    graphs = [decoder.graph] + [a.g for n in decoder.graph.node for a in n.attribute if a.g.node]
+    renamed = 0
+    for graph in graphs:
+        for node in graph.node:
+            if node.name.endswith("encoder_attn/Softmax"):
+                node.name = node.name.replace("encoder_attn", "cross")  # a graph built by another exporter
+                renamed += 1
+    assert renamed
+    onnx.save(decoder, model_dir / "decoder_model_merged.onnx")
+    with shmengine.Translator(model_dir, intra_threads=1) as translator:
+        for setting in ("return_attention", "replace_unknowns"):
+            with pytest.raises(ValueError, match=f"{setting}=True needs the decoder's cross-attention"):
+                translator.translate_batch([digits(5)], **{setting: True})
+        assert translator.translate_batch([digits(5)], beam_size=1)[0].hypotheses[0] == ["five"]

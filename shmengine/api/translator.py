@@ -52,6 +52,33 @@ def _pairs(source: Iterable, target: Iterable) -> Iterator[tuple]:
         yield s, t
 
 
+def _source_attention(attention, length: int, original: int) -> list[list[list[float]]]:
+    """Per hypothesis and token, the attention over the source as CTranslate2 returns it: cut to
+    the source's real length (not the batch's padding), then padded with zeros to the length of
+    the source as given (it differs when max_input_length truncated it)."""
+    out = []
+    for vectors in attention:
+        rows = []
+        for vector in vectors:
+            row = [float(x) for x in vector[:length]]
+            rows.append(row + [0.0] * (original - len(row)) if original > len(row) else row[:original])
+        out.append(rows)
+    return out
+
+
+def _replace_unknowns(hypotheses, attention, source_tokens, source_given, unk_token) -> None:
+    """CTranslate2's replace_unknowns: each unknown target token becomes the source token it
+    attends to most (the first of equals), as the caller gave it."""
+    if unk_token is None:
+        return
+    for hypothesis, vectors in zip(hypotheses, attention):
+        for t, token in enumerate(hypothesis):
+            if token == unk_token and t < len(vectors) and vectors[t]:
+                position = max(range(len(vectors[t])), key=lambda j: (vectors[t][j], -j))
+                given = source_given[position]
+                hypothesis[t] = given if isinstance(given, str) else source_tokens[position]
+
+
 class Translator(DecodingModel):
     """Translation (and any text-to-text task) with an encoder-decoder model (Marian, T5, BART...).
 
@@ -178,9 +205,14 @@ class Translator(DecodingModel):
         the result and count towards ``max_decoding_length``). ``return_alternatives`` (CTranslate2's
         meaning): the ``num_hypotheses`` most likely tokens at the first position after the
         target prefix, each continued by the search (``beam_size``), in that order; alternatives
-        below ``min_alternative_expansion_prob`` are left out. ``coverage_penalty``,
-        ``prefix_bias_beta`` (a hard prefix is used), ``use_vmap``, ``return_logits_vocab``,
-        ``return_attention`` and ``replace_unknowns`` are accepted and have no effect (a warning, once). Returns a :class:`TranslationResult`
+        below ``min_alternative_expansion_prob`` are left out. ``return_attention`` (CTranslate2's
+        meaning: per hypothesis token, the attention probabilities over the source tokens of the
+        last decoder layer's first cross-attention head, the one its converter picks for
+        alignment) and ``replace_unknowns`` (an unknown target token becomes the source token it
+        attends to most) need a decoder that exposes that attention (shmengine adds it to Optimum
+        seq2seq exports; otherwise they raise). ``coverage_penalty``, ``prefix_bias_beta`` (a
+        hard prefix is used), ``use_vmap`` and ``return_logits_vocab`` are accepted and have no
+        effect (a warning, once). Returns a :class:`TranslationResult`
         per example, or with ``asynchronous=True`` one ``concurrent.futures.Future`` per example.
         ``early_stopping`` picks when beam search ends an example (transformers' keyword and
         values): ``True``, the default, is CTranslate2's rule: stop once ``round(beam_size *
@@ -192,8 +224,10 @@ class Translator(DecodingModel):
         warn_ignored(
             "translate_batch", coverage_penalty=(coverage_penalty, 0), prefix_bias_beta=(prefix_bias_beta, 0),
             use_vmap=(use_vmap, False), return_logits_vocab=(return_logits_vocab, False),
-            return_attention=(return_attention, False), replace_unknowns=(replace_unknowns, False),
         )
+        attention = bool(return_attention or replace_unknowns)  # replace_unknowns reads it too
+        if attention:
+            self._check_attention("return_attention" if return_attention else "replace_unknowns")
         if return_alternatives and prefix_bias_beta > 0:
             raise InvalidInputError("prefix_bias_beta cannot be combined with return_alternatives (as in CTranslate2)")
         if not source:
@@ -250,6 +284,7 @@ class Translator(DecodingModel):
             early_stopping=early_stopping,
             return_alternatives=return_alternatives,
             min_alternative_expansion_prob=min_alternative_expansion_prob,
+            return_attention=attention,
             forced=forced if any(forced) else None,
             after_prefix=after_prefix,
             end_counts_in_length=True,
@@ -258,9 +293,18 @@ class Translator(DecodingModel):
         )
 
         def convert(hyps, example):
+            hypotheses = [self.vocabulary.to_tokens(h) for h in hyps.ids]
+            vectors = []
+            if attention:
+                original = filled[example]
+                vectors = _source_attention(hyps.attention, len(sources[original]), len(source[original]))
+                if replace_unknowns:
+                    _replace_unknowns(hypotheses, vectors, self.vocabulary.to_tokens(self.vocabulary.to_ids(source[original])),
+                                      list(source[original]), self.vocabulary.unk_token)
             return TranslationResult(
-                hypotheses=[self.vocabulary.to_tokens(h) for h in hyps.ids],
+                hypotheses=hypotheses,
                 scores=list(hyps.scores) if return_scores else [],
+                attention=vectors if return_attention else [],
             )
 
         # An empty source translates to an empty hypothesis, with no trip to a worker (the
@@ -281,6 +325,20 @@ class Translator(DecodingModel):
             for i, future in zip(filled, submitted):
                 futures[i] = future
         return futures if asynchronous else [f.result() for f in futures]
+
+    def _check_attention(self, setting: str) -> None:
+        """Raise unless the decoder graphs output the alignment attention (model/alignment.py)."""
+        from shmengine.model.alignment import ALIGNMENT
+
+        store = getattr(self, "_store", None)
+        graphs = [key for key in ("decoder", "decoder_with_past") if store is not None and key in store.catalog]
+        if not graphs or any(ALIGNMENT not in {o.name for o in store.catalog[key].outputs} for key in graphs):
+            raise InvalidInputError(
+                f"{setting}=True needs the decoder's cross-attention, and this model's decoder does not expose it: "
+                "shmengine adds it to Optimum seq2seq exports whose last decoder layer has a Softmax named "
+                "'.../layers.N/encoder_attn/Softmax' (tensor-parallel translators do not have it yet); "
+                f"call without {setting}"
+            )
 
     @property
     def num_translators(self) -> int:

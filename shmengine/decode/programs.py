@@ -81,6 +81,7 @@ class TranslatorProgram:
             if options.return_alternatives:
                 return self._alternatives(sources, options)
             stepper = self._stepper()
+            stepper.want_alignment = options.return_attention
             stepper.encode(sources)
             if options.beam_size == 1 and options.num_hypotheses > 1:
                 # decode() runs each example num_hypotheses times, side by side: the encoder
@@ -108,6 +109,7 @@ class TranslatorProgram:
             seed = None if options.seed is None else options.seed + number
             group_options = select_examples(options, group, seed=seed)
             stepper = self._stepper()
+            stepper.want_alignment = options.return_attention
             stepper.encode([sources[i] for i in group])
             for i, hyps in zip(group, decode(stepper, [[self.start_id]] * len(group), group_options)):
                 results[i] = hyps

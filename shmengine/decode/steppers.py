@@ -25,6 +25,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from shmengine.decode.runners import HOST, KEEP, LOGITS, ORT_TYPES, HostRunner, Runner
+from shmengine.model.alignment import ALIGNMENT
 from shmengine.model.graph_edits import LOGIT_POSITIONS
 
 __all__ = ["DecoderOnlyStepper", "Seq2SeqStepper", "run_encoder", "pad_right"]
@@ -170,6 +171,10 @@ class Seq2SeqStepper:
         # encoder states and cross-attention caches, so a select() that keeps this mapping (a
         # beam reorder) leaves those tensors as they are and moves only the self-attention caches.
         self.row_source = np.zeros(0, dtype=np.int64)
+        # return_attention: fetch the alignment output (model/alignment.py) with every run;
+        # ``alignment`` then holds the last run's [rows, positions, source] probabilities
+        self.want_alignment = False
+        self.alignment: np.ndarray | None = None
 
     def encode(self, sources: Sequence[Sequence[int]]) -> None:
         feeds, mask = _encoder_feeds(_inputs(self.encoder), sources, self.pad_id)
@@ -199,7 +204,11 @@ class Seq2SeqStepper:
         wanted = [p for p in self.past_names if _present(p) in outputs and (first or ".encoder." not in p)]
         if not all_logits:
             fetch.update({_present(p): KEEP for p in wanted})
+        if self.want_alignment:
+            fetch[ALIGNMENT] = HOST
         results = self.runner.run(session, self._feeds(inputs, input_ids, first), fetch)
+        if self.want_alignment:
+            self.alignment = np.asarray(results[ALIGNMENT], dtype=np.float32)
         if not all_logits:
             self.state.update({p: results[_present(p)] for p in wanted})
         return results["logits"]

@@ -2,6 +2,8 @@
 
 1. ``logit_positions`` (every device and compute type, a Generator's graph): ``graph_edits.py``.
    It runs first, on the float graph, where the language-model head is still a ``MatMul``.
+   ``alignment`` (a Translator's decoder): ``alignment.py`` adds the cross-attention output that
+   ``return_attention`` and ``replace_unknowns`` read (computed only when fetched).
 2. ``float32`` (a float16 / bfloat16 export asked to run in float32, or quantized on the CPU):
    widen the graph.
 3. ``key_scale`` (CPU, every compute type): ``attention.py`` scales the queries instead of the
@@ -14,11 +16,15 @@
 
 from __future__ import annotations
 
+import logging
+
 from onnx import ModelProto, TensorProto
 
-from shmengine.model import attention, precision, quantize
+from shmengine.model import alignment, attention, precision, quantize
 from shmengine.model.graph_edits import gather_logit_positions
 from shmengine.model.transforms import NotApplicableError, Transform, TransformTarget, _all_graphs, register
+
+logger = logging.getLogger("shmengine")
 
 
 def _logit_positions(model: ModelProto, target: TransformTarget) -> None:
@@ -59,7 +65,17 @@ def _quantizer(options: quantize.QuantizeOptions):
     return apply
 
 
+def _alignment(model: ModelProto, target: TransformTarget) -> None:
+    # never refuses (a refusal would also stop the weight transforms of the chain): a decoder it
+    # does not recognise runs without the output, and return_attention then says so
+    try:
+        alignment.expose_alignment(model)
+    except alignment.NoAlignmentError as exc:
+        logger.info("no alignment attention output added: %s", exc)
+
+
 register(Transform("logit_positions", _logit_positions, roles=frozenset({"decoder"})))
+register(Transform("alignment", _alignment, roles=frozenset({"seq2seq_decoder"})))
 register(
     Transform(
         "float32",
