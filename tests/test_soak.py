@@ -1,4 +1,4 @@
-"""Soak: ``tools/soak.py`` for 60 s; no errors, no wrong results, no memory or /dev/shm growth."""
+"""Soak: ``tools/soak.py`` for 60 s; no errors, no wrong results, no sustained memory growth, no /dev/shm growth."""
 
 from __future__ import annotations
 
@@ -33,5 +33,9 @@ def test_soak_60s(tmp_path):
     assert "supervisor" in processes and any("worker" in label for label in processes)
     for label, p in processes.items():
         if label == "supervisor" or "worker" in label:
-            assert p["growth_pct"] is not None and p["growth_pct"] < 5, f"{label}: {p}"
+            # a leak grows over the run and still over its second half; a one-time step (a
+            # worker's first meeting with some mix of batches) only over the run: see soak.py
+            # (tools/catches.py soak-worker-leak proves that 16 KiB per batch fails here)
+            assert p["growth_pct"] is not None and p["second_half_pct"] is not None, f"{label}: {p}"
+            assert not (p["growth_pct"] >= 5 and p["second_half_pct"] >= 2.5), f"{label} grows: {p}"
     assert report["shm"]["last"] <= report["shm"]["first"], report["shm"]

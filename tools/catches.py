@@ -227,7 +227,16 @@ BREAKS = [
         "recv_message(worker.conn, worker.arena_out, copy=False)",
         ["tests/test_pool.py::test_large_tensors_cross_through_the_arena"],
     ),
+    Break(
+        # a leak the soak must see: every worker keeps 16 KiB per batch it ran (a per-batch
+        # record appended to a module-level list that is never cleared)
+        "soak-worker-leak", "soak", "shmengine/runtime/worker.py",
+        "        del reply, result\n",
+        "        del reply, result\n        globals().setdefault(\"_LEAKED\", []).append(bytearray(16384))  # BREAK: 16 KiB kept per batch\n",
+        ["tests/test_soak.py"],
+    ),
 ]
+
 
 
 def _copy_tree(dest: Path) -> None:
