@@ -152,6 +152,26 @@ def test_repetition_penalty_values_on_a_full_vocabulary():
     np.testing.assert_array_equal(logits, before)  # the caller's array is left as it was
 
 
+@pytest.mark.parametrize("rows", [2, 33, 128])
+def test_log_normalizer_equals_numpy_log_sum_exp(rows):
+    """The row log-sum-exp, small (one pass) and large (a block of rows at a time), is numpy's
+    max-shifted formula over the whole array to the bit, and the float64 value to float32's
+    precision; -inf logits (banned tokens) count as zero probability."""
+    from shmengine.decode.decoding import log_normalizer
+
+    rng = np.random.default_rng(rows)
+    logits = (rng.standard_normal((rows, 50257)) * 4).astype(np.float32)
+    logits[0, :1000] = -np.inf
+    peak = logits.max(axis=-1, keepdims=True)
+    expected = peak + np.log(np.exp(logits - peak).sum(axis=-1, keepdims=True))
+    got = log_normalizer(logits)
+    assert got.shape == (rows, 1) and got.dtype == np.float32
+    np.testing.assert_array_equal(got, expected)
+    wide = logits.astype(np.float64)
+    exact = np.log(np.exp(wide - wide.max(-1, keepdims=True)).sum(-1, keepdims=True)) + wide.max(-1, keepdims=True)
+    np.testing.assert_allclose(got, exact, rtol=1e-6)
+
+
 def test_forced_prefix_greedy_and_beam():
     toy = ToyStepper(seed=2)
     for beam in (1, 3):
