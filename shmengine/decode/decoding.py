@@ -143,6 +143,10 @@ class DecodingOptions:
     # :func:`_alternatives`. max/min_new_tokens then count the alternative as the first new token.
     return_alternatives: bool = False
     min_alternative_expansion_prob: float = 0.0
+    # Keep, per hypothesis token, the attention vector the stepper reports for the step that
+    # chose it (``stepper.alignment``: a seq2seq decoder's alignment output, CTranslate2's
+    # return_attention).
+    return_attention: bool = False
 
     @property
     def sampling(self) -> bool:
@@ -160,6 +164,8 @@ class Hypotheses:
     ids: list[list[int]] = field(default_factory=list)
     scores: list[float] = field(default_factory=list)
     token_log_probs: list[list[float]] = field(default_factory=list)
+    # with return_attention: per hypothesis, one attention vector (np.ndarray [source]) per token
+    attention: list[list[np.ndarray]] = field(default_factory=list)
 
 
 @dataclass
@@ -220,6 +226,16 @@ def _log_normalizer_blocked(logits: np.ndarray) -> np.ndarray:
         np.exp(work, out=work)
         out[start : start + len(chunk)] = peak + np.log(np.sum(work, axis=-1, keepdims=True))
     return out
+
+
+def _alignment(stepper, options: DecodingOptions) -> np.ndarray | None:
+    """The attention of the stepper's last run at its last position [rows, source], when asked."""
+    if not options.return_attention:
+        return None
+    values = getattr(stepper, "alignment", None)
+    if values is None:
+        raise ValueError("return_attention: this model's decoder reports no attention")
+    return values[:, -1, :]
 
 
 class _History:
@@ -356,6 +372,7 @@ def decode(
                     [group[j].ids[0] for j in order],
                     [group[j].scores[0] for j in order],
                     [group[j].token_log_probs[0] for j in order],
+                    [group[j].attention[0] for j in order] if options.return_attention else [],
                 )
             )
         return results
@@ -392,6 +409,10 @@ class _Resumed:
     def select(self, rows):
         self.stepper.select(rows)
 
+    @property
+    def alignment(self):
+        return getattr(self.stepper, "alignment", None)
+
 
 def _alternatives(stepper: Stepper, prompts, options: DecodingOptions) -> list[Hypotheses]:
     """CTranslate2's ``return_alternatives`` (``decode_alternatives`` in its ``decoding.cc``).
@@ -417,14 +438,29 @@ def _alternatives(stepper: Stepper, prompts, options: DecodingOptions) -> list[H
     limits = options.per_example("max_new_tokens", batch)
     minimums = options.per_example("min_new_tokens", batch)
     results = [Hypotheses() for _ in range(batch)]
+    active = [i for i in range(batch) if limits[i] > 0]
+    if not active and not options.return_attention:
+        for example in range(batch):  # every prefix fills the length
+            prefix = list(forced[example])
+            results[example] = Hypotheses([list(prefix) for _ in range(wanted)], [0.0] * wanted, [[0.0] * len(prefix) for _ in range(wanted)])
+        return results
+    fed = [list(p) + list(f) for p, f in zip(prompts, forced)]
+    logits = as_logits(stepper.prefill(fed))
+    # the prefix tokens' attention: position j of the fed block chose token j + 1 (all fed
+    # blocks have one length here: a seq2seq caller groups them, a decoder-only one has none)
+    block = stepper.alignment if options.return_attention else None
+    prefix_attention = [list(block[e, len(fed[e]) - 1 - len(forced[e]) : len(fed[e]) - 1]) if block is not None else []
+                        for e in range(batch)]
     for example in range(batch):
         if limits[example] <= 0:  # the prefix fills the length: it alone, once per hypothesis
             prefix = list(forced[example])
-            results[example] = Hypotheses([list(prefix) for _ in range(wanted)], [0.0] * wanted, [[0.0] * len(prefix) for _ in range(wanted)])
-    active = [i for i in range(batch) if limits[i] > 0]
+            results[example] = Hypotheses(
+                [list(prefix) for _ in range(wanted)], [0.0] * wanted, [[0.0] * len(prefix) for _ in range(wanted)],
+                [list(prefix_attention[example]) for _ in range(wanted)] if block is not None else [],
+            )
     if not active:
         return results
-    logits = as_logits(stepper.prefill([list(p) + list(f) for p, f in zip(prompts, forced)]))
+    expansion_attention = block[np.array(active), -1] if block is not None else None
     if len(active) < batch:
         stepper.select(np.array(active))
         logits = logits.take(np.array(active))
@@ -447,6 +483,8 @@ def _alternatives(stepper: Stepper, prompts, options: DecodingOptions) -> list[H
             result.ids.append(prefix + [token])
             result.scores.append(lp)
             result.token_log_probs.append([0.0] * len(prefix) + [lp])
+            if expansion_attention is not None:
+                result.attention.append(prefix_attention[example] + [expansion_attention[row]])
             if limits[example] > 1:  # room for a continuation
                 rows.append(row)
                 tokens.append(token)
@@ -476,6 +514,8 @@ def _alternatives(stepper: Stepper, prompts, options: DecodingOptions) -> list[H
         result.ids[index] = result.ids[index] + suffix.ids[0]
         result.scores[index] += suffix.scores[0]
         result.token_log_probs[index] = result.token_log_probs[index] + suffix.token_log_probs[0]
+        if options.return_attention:
+            result.attention[index] = result.attention[index] + suffix.attention[0]
     return results
 
 
@@ -485,10 +525,11 @@ def _greedy(stepper: Stepper, prompts, options: DecodingOptions, on_step) -> lis
     end_ids = np.array(options.end_ids, dtype=np.int64)
     offsets = options.length_offset or [0] * batch
     limits = options.per_example("max_new_tokens", batch)
-    results = [Hypotheses([[]], [0.0], [[]]) for _ in range(batch)]
+    results = [Hypotheses([[]], [0.0], [[]], [[]] if options.return_attention else []) for _ in range(batch)]
     ended = [False] * batch
     alive = np.array([i for i in range(batch) if limits[i] > 0], dtype=np.int64)
     logits = as_logits(stepper.prefill(prompts))
+    attention = _alignment(stepper, options)
     history = _History(options.history or [list(p) for p in prompts], logits.vocab_size, options)
     if len(alive) < batch:
         if not len(alive):
@@ -496,6 +537,8 @@ def _greedy(stepper: Stepper, prompts, options: DecodingOptions, on_step) -> lis
         stepper.select(alive)
         history.select(alive)
         logits = logits.take(alive)
+        if attention is not None:
+            attention = attention[alive]
     forced = options.forced
     for step in range(max(limits)):
         if options.sampling:
@@ -521,6 +564,8 @@ def _greedy(stepper: Stepper, prompts, options: DecodingOptions, on_step) -> lis
             result = results[example]
             if not is_end or options.return_end_token:
                 result.ids[0].append(token)
+                if attention is not None:
+                    result.attention[0].append(attention[row])
             ended[example] = is_end
             result.token_log_probs[0].append(lp)
             result.scores[0] += lp
@@ -544,6 +589,7 @@ def _greedy(stepper: Stepper, prompts, options: DecodingOptions, on_step) -> lis
             chosen = chosen[rows]
         history.append(chosen)
         logits = as_logits(stepper.step(chosen))
+        attention = _alignment(stepper, options)
     return _finish_greedy(results, offsets, options, ended)
 
 
@@ -620,20 +666,26 @@ def _beam_search(stepper: Stepper, prompts, options: DecodingOptions) -> list[Hy
     offsets = options.length_offset or [0] * batch
     limits = options.per_example("max_new_tokens", batch)
     finished: list[list[tuple[float, list[int], list[float], int]]] = [[] for _ in range(batch)]
+    finished_attention: list[list[list[np.ndarray]]] = [[] for _ in range(batch)]  # beside finished
 
     logits = as_logits(stepper.prefill(prompts))  # [batch, V]: only the first beam exists before step 0
+    attention = _alignment(stepper, options)
     vocab = logits.vocab_size
     history = _History(options.history or [list(p) for p in prompts], vocab, options)
     alive = np.array([i for i in range(batch) if limits[i] > 0], dtype=np.int64)  # in state order
     for example in set(range(batch)) - set(alive.tolist()):
         finished[example].append((0.0, [], [], 0))  # no budget left: the prompt alone
+        finished_attention[example].append([])
     if len(alive) < batch and len(alive):
         stepper.select(alive)
         history.select(alive)
         logits = logits.take(alive)
+        if attention is not None:
+            attention = attention[alive]
     beam_scores = np.zeros((len(alive), 1), dtype=np.float32)
     sequences = [[[]] for _ in alive]  # per live example, per beam: tokens so far
     seq_lps = [[[]] for _ in alive]
+    seq_attention = [[[]] for _ in alive]  # with return_attention: per beam, a vector per token
     top_finished = np.zeros(batch, dtype=bool)
 
     for step in range(max(limits, default=0) if len(alive) else 0):
@@ -681,7 +733,7 @@ def _beam_search(stepper: Stepper, prompts, options: DecodingOptions) -> list[Hy
                             token[i, c], top_scores[i, c] = 0, DEAD_SCORE
 
         next_rows, next_tokens, next_scores, keep_examples = [], [], [], []
-        new_sequences, new_lps = [], []
+        new_sequences, new_lps, new_attention = [], [], []
         for i, example in enumerate(alive.tolist()):
             last_step = step + 1 >= limits[example]
             chosen: list[int | None] = []  # candidate index of each beam that continues (None: dead)
@@ -693,9 +745,12 @@ def _beam_search(stepper: Stepper, prompts, options: DecodingOptions) -> list[Hy
                     if slot == 0:
                         top_finished[example] = True
                     src = int(origin[i, c])
-                    hyp = sequences[i][src] + ([t] if (t not in end_set or options.return_end_token) else [])
+                    kept = t not in end_set or options.return_end_token
+                    hyp = sequences[i][src] + ([t] if kept else [])
                     lps = seq_lps[i][src] + [log_prob(i * width + src, t)]
                     finished[example].append((float(top_scores[i, c]), hyp, lps, _hidden_end(t in end_set, options)))
+                    if attention is not None:
+                        finished_attention[example].append(seq_attention[i][src] + ([attention[i * width + src]] if kept else []))
                     # refill this beam from the next candidate that is not an end token
                     c = None
                     while secondary < k:
@@ -726,7 +781,7 @@ def _beam_search(stepper: Stepper, prompts, options: DecodingOptions) -> list[Hy
             if done:
                 continue
             keep_examples.append(i)
-            beams_seq, beams_lp = [], []
+            beams_seq, beams_lp, beams_attention = [], [], []
             for c in chosen:
                 src, t = int(origin[i, c or 0]), int(token[i, c or 0])
                 dead = c is None or t in end_set
@@ -735,28 +790,33 @@ def _beam_search(stepper: Stepper, prompts, options: DecodingOptions) -> list[Hy
                 next_scores.append(NEG_INF if dead else top_scores[i, c])
                 beams_seq.append(sequences[i][src] + [t])
                 beams_lp.append(seq_lps[i][src] + [log_prob(i * width + src, t)])
+                if attention is not None:
+                    beams_attention.append(seq_attention[i][src] + [attention[i * width + src]])
             new_sequences.append(beams_seq)
             new_lps.append(beams_lp)
+            new_attention.append(beams_attention)
         if not keep_examples:
             break
         rows = np.array(next_rows)
         alive = alive[np.array(keep_examples)]
-        sequences, seq_lps = new_sequences, new_lps
+        sequences, seq_lps, seq_attention = new_sequences, new_lps, new_attention
         beam_scores = np.array(next_scores, dtype=np.float32).reshape(len(alive), beam)
         stepper.select(rows)
         history.select(rows)
         tokens = np.array(next_tokens, dtype=np.int64)
         history.append(tokens)
         logits = as_logits(stepper.step(tokens))
+        attention = _alignment(stepper, options)
 
     results = []
     for example in range(batch):
         ranked = sorted(
             (
-                (_normalise(score, len(hyp) + offsets[example] + hidden, options.length_penalty), hyp, lps)
-                for score, hyp, lps, hidden in finished[example]
+                (_normalise(score, len(hyp) + offsets[example] + hidden, options.length_penalty), hyp, lps, k)
+                for k, (score, hyp, lps, hidden) in enumerate(finished[example])
             ),
             key=lambda item: -item[0],
         )[: options.num_hypotheses]
-        results.append(Hypotheses([h for _, h, _ in ranked], [s for s, _, _ in ranked], [lp for _, _, lp in ranked]))
+        kept_attention = [finished_attention[example][k] for *_, k in ranked] if options.return_attention else []
+        results.append(Hypotheses([h for _, h, _, _ in ranked], [s for s, *_ in ranked], [lp for _, _, lp, _ in ranked], kept_attention))
     return results
