@@ -5,6 +5,13 @@
     python3 tools/bench_numexpr.py --threads 1,2,4,8,16  # a 16-core machine
     python3 tools/bench_numexpr.py --quick               # a smoke run (a few seconds)
 
+On the device machine (16 cores, Python 3.12, no numexpr: its wheel travels in .whl, made here by
+``pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp
+--platform manylinux_2_28_x86_64 -d .whl numexpr==2.14.2``), in one call carrying ``.whl``:
+
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/numexpr-*.whl &&
+    PYTHONPATH=/tmp/site python3 tools/bench_numexpr.py --threads 1,2,4,8,16
+
 The passes are those of ``shmengine/decode/decoding.py`` over [rows, vocabulary] float32 logits:
 
 - ``log-sum-exp``: ``log_normalizer`` (every beam step, every greedy step that reports scores,
@@ -17,8 +24,11 @@ Shapes: 1, 8, 32 and 128 rows (batch 32 x beam 4) by 32,000 (Llama-2 / Marian-si
 50,257 (GPT-2) and 128,256 (Llama-3) tokens. numexpr runs at each ``--threads`` count (a
 worker's ``intra_threads``; numpy's ufuncs use one thread whatever it is).
 
-"other numpy" is numpy written differently, to see whether numexpr's gain (if any) needs numexpr:
-for the log-sum-exp, blocks of rows that fit the cache; for the penalty, only the seen tokens.
+"numpy" is the straightforward pass (what decoding.py ran when numexpr was decided against);
+"other numpy" is numpy written differently, to see whether numexpr's gain (if any) needs
+numexpr: for the log-sum-exp, blocks of rows that fit the cache (what ``log_normalizer`` now
+runs above 4 MiB of logits); for the penalty, only the seen tokens (what ``_History.process``
+now runs).
 
 Robust on a loaded machine: each round runs numpy and every numexpr variant back to back, in an
 order that rotates from round to round, and the ratio is taken per round (numpy / numexpr, > 1:
@@ -50,7 +60,7 @@ VOCABS = (32000, 50257, 128256)
 PENALTY = np.float32(1.2)
 
 
-# ---- numpy: the code of shmengine/decode/decoding.py as it is (the baseline) ----
+# ---- numpy: the straightforward passes (the baseline) ----
 
 
 def lse_numpy(x):
