@@ -102,7 +102,8 @@ def test_default_keeps_the_graph_and_records_the_logit_edit(cache_dir):
         assert g.transforms == {"model": ["logit_positions", "key_scale"]}
     with shmengine.Translator(MARIAN) as t:
         assert t.compute_type == "float32"
-        assert t.transforms == {"encoder": ["key_scale"], "decoder": ["key_scale"]}
+        # the decoder also gets the alignment output (return_attention), a graph edit too
+        assert t.transforms == {"encoder": ["key_scale"], "decoder": ["alignment", "key_scale"]}
     assert not cache_dir.exists()  # nothing to cache: the graph edit runs in memory
 
 
@@ -117,7 +118,7 @@ def test_int8_translator_and_generator_stay_exact_on_held_out_numbers(cache_dir)
     pairs = heldout()
     with shmengine.Translator(MARIAN, compute_type="int8", inter_threads=2, intra_threads=1) as t:
         assert t.compute_type == "int8_float32"
-        assert t.transforms["decoder"] == ["key_scale", "int8_cpu"]
+        assert t.transforms["decoder"] == ["alignment", "key_scale", "int8_cpu"]
         assert t.prepack_weights  # the default for int8: ORT's int8 kernels want prepacked weights
         results = t.translate_batch([_digits(n) for n, _ in pairs], beam_size=1, max_batch_size=64)
         correct = sum(" ".join(r.hypotheses[0]) == words for r, (_, words) in zip(results, pairs))
