@@ -23,6 +23,13 @@ is asked for exactly ``--new-tokens`` tokens (min_length = max_length); tokens/s
 tokens each engine actually decoded (best hypothesis of each example) and warns if that differs
 from what was asked. Rows: model x compute type x inter_threads (1, 2; intra 1) x batch size
 (1, 8, 32) x search (greedy, beam 4).
+
+``--before DIR`` also runs the shmengine engines from another checkout (a ``git worktree`` of
+an older commit), alternating with this one's in the same run: the ``before`` columns.
+
+Beside each wall-clock ratio, ``cpu`` is the same ratio in tokens per CPU-second of the engine's
+whole process tree (shmengine's workers included): on a machine other jobs load, it shows the
+work each engine does, where wall-clock rates also measure what the others left free.
 """
 
 from __future__ import annotations
@@ -39,13 +46,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# name -> (engine, compute_type, prepack_weights)
+# name -> (engine, compute_type, prepack_weights; None: the engine's default)
 ENGINES = {
     "ct2": ("ct2", "float32", False),
     "shm": ("shm", "float32", False),
     "shm-pp": ("shm", "float32", True),
     "ct2-int8": ("ct2", "int8", False),
-    "shm-int8": ("shm", "int8", False),
+    "shm-int8": ("shm", "int8", None),  # the engine's default for int8: prepacked, as shm-int8-pp
+    "shm-int8-np": ("shm", "int8", False),  # int8 without ORT's prepacking (about half the speed)
     "shm-int8-pp": ("shm", "int8", True),
 }
 SHAPES = {
@@ -138,6 +146,22 @@ def _shared_objects(pid: int, seen: dict) -> None:
         seen[(st.st_dev, st.st_ino)] = st.st_blocks * 512 // 1024
 
 
+def tree_cpu_seconds(pid: int | None = None) -> float:
+    """CPU time (user + system) used so far by ``pid`` (default: this process), its threads and
+    its live descendants (shmengine's fork server and workers). On a machine other jobs load,
+    tokens per CPU-second compare engines' work where wall-clock rates mostly compare luck."""
+    pid = pid or os.getpid()
+    ticks = 0
+    for p in (pid, *_descendants(pid)):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime
+        except (OSError, ValueError, IndexError):
+            continue
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def _memory_kib(pids: list[int]) -> int:
     """The whole tree's memory: each process's PSS less its shared-memory part, plus every
     /dev/shm file and memfd the tree holds (open or mapped), once, at its allocated size.
@@ -174,13 +198,17 @@ def _count_tokens(results, kind: str) -> int:
     return sum(len(r.hypotheses[0]) for r in results)
 
 
+def _engine(name: str) -> tuple[str, str, bool | None]:
+    return ENGINES[name.removesuffix("@before")]
+
+
 def child(args) -> None:
     """Runs inside the subprocess: one engine, one model, one inter_threads; prints JSON rows,
     then waits for a line on stdin so that the parent can measure the tree after generating."""
     import numpy as np
 
     kind, engine, inter = args.kind, args.engine, args.inter
-    side, compute_type, prepack = ENGINES[engine]
+    side, compute_type, prepack = _engine(engine)
     model_dir = Path(args.model_dir)
     rng = np.random.default_rng(0)
     vocab = SHAPES[kind]["vocab"]
@@ -192,7 +220,7 @@ def child(args) -> None:
         model = cls(str(model_dir / "ct2"), device="cpu", inter_threads=inter, intra_threads=1,
                     compute_type=compute_type, max_queued_batches=args.max_queued_batches)
     else:
-        sys.path.insert(0, str(ROOT))
+        sys.path.insert(0, args.tree or str(ROOT))
         import shmengine
 
         cls = shmengine.Generator if kind == "gpt2" else shmengine.Translator
@@ -211,12 +239,12 @@ def child(args) -> None:
                 run = lambda p, b=beam, bs=batch: model.translate_batch(  # noqa: E731
                     p, max_batch_size=bs, beam_size=b, max_decoding_length=new, min_decoding_length=new)
             run(prompts[: min(len(prompts), batch)])  # warm-up
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), tree_cpu_seconds()
             results = run(prompts)
-            elapsed = time.perf_counter() - start
+            elapsed, cpu = time.perf_counter() - start, tree_cpu_seconds() - cpu
             decoded = _count_tokens(results, kind)
             rows.append({"batch": batch, "beam": beam, "tokens": decoded, "asked": examples * new,
-                         "tokens_per_s": decoded / elapsed})
+                         "tokens_per_s": decoded / elapsed, "tokens_per_cpu_s": decoded / max(cpu, 1e-3)})
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     print(json.dumps(rows), flush=True)
     sys.stdin.readline()  # the parent measures memory now, with the model loaded and warm
@@ -228,6 +256,8 @@ def run_child(kind: str, engine: str, inter: int, model_dir: Path, opts) -> tupl
            "--model-dir", str(model_dir), "--new-tokens", str(opts.new_tokens), "--prompt-length", str(opts.prompt_length),
            "--batches-per-row", str(opts.batches_per_row), "--batch-sizes", ",".join(map(str, opts.batches)),
            "--max-queued-batches", str(opts.max_queued_batches)]
+    if engine.endswith("@before"):
+        cmd += ["--tree", str(opts.before)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     stop, box = threading.Event(), {}
@@ -259,22 +289,23 @@ def run_child(kind: str, engine: str, inter: int, model_dir: Path, opts) -> tupl
     return rows, box.get("peak_mib", 0.0), after
 
 
-def _prepare_int8(model_dir: Path, kind: str) -> None:
+def _prepare_int8(model_dir: Path, kind: str, tree: Path = ROOT) -> None:
     """Quantize once before any measured child, so no child's peak holds the quantization (the
-    cache beside the model makes every later start read the int8 file)."""
-    sys.path.insert(0, str(ROOT))
-    import shmengine
-
-    cls = shmengine.Generator if kind == "gpt2" else shmengine.Translator
-    with cls(model_dir / "onnx", compute_type="int8", inter_threads=1, intra_threads=1) as model:
-        assert model.compute_type == "int8_float32", model.compute_type
+    cache beside the model makes every later start read the int8 file). In a subprocess: each
+    tree quantizes with its own code."""
+    code = (f"import sys; sys.path.insert(0, {str(tree)!r}); import shmengine\n"
+            f"cls = shmengine.{'Generator' if kind == 'gpt2' else 'Translator'}\n"
+            f"with cls({str(model_dir / 'onnx')!r}, compute_type='int8', inter_threads=1, intra_threads=1) as m:\n"
+            "    assert m.compute_type == 'int8_float32', m.compute_type\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="batch 1 and 8, fewer tokens (a smoke run)")
     parser.add_argument("--models", default="gpt2,marian")
-    parser.add_argument("--engines", default=",".join(ENGINES), help=f"any of {', '.join(ENGINES)}")
+    parser.add_argument("--engines", default="ct2,shm,shm-pp,ct2-int8,shm-int8", help=f"any of {', '.join(ENGINES)}")
+    parser.add_argument("--before", type=Path, help="another checkout whose shmengine engines run too (the 'before' columns)")
     parser.add_argument("--inter", default="1,2", help="inter_threads values")
     parser.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "shmengine-bench-models"))
     parser.add_argument("--new-tokens", type=int, default=32)
@@ -290,6 +321,7 @@ def main() -> int:
     parser.add_argument("--kind", help=argparse.SUPPRESS)
     parser.add_argument("--engine", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--tree", help=argparse.SUPPRESS)
     opts = parser.parse_args()
     opts.batches = [int(b) for b in opts.batch_sizes.split(",")]
     if opts.child:
@@ -302,13 +334,17 @@ def main() -> int:
     unknown = [e for e in engines if e not in ENGINES]
     if unknown:
         parser.error(f"unknown engine {unknown[0]!r}; choose from {', '.join(ENGINES)}")
+    if opts.before:
+        engines += [f"{e}@before" for e in engines if ENGINES[e][0] == "shm"]
     inters = [int(i) for i in opts.inter.split(",")]
     table = []
     for kind in opts.models.split(","):
         print(f"building/reusing {kind} in {opts.cache} ...", file=sys.stderr, flush=True)
         model_dir = build(kind, Path(opts.cache))
-        if any(ENGINES[e][0] == "shm" and ENGINES[e][1] == "int8" for e in engines):
+        if any(_engine(e)[0] == "shm" and _engine(e)[1] == "int8" for e in engines):
             _prepare_int8(model_dir, kind)
+            if opts.before:
+                _prepare_int8(model_dir, kind, opts.before)
         results = {}
         for round_ in range(opts.rounds):
             for inter in inters:
@@ -320,27 +356,32 @@ def main() -> int:
                     rows, peak, after = measured
                     if (engine, inter) in results:  # best of the rounds: other load on the machine only slows
                         best = results[engine, inter][0]
-                        rows = [r if r["tokens_per_s"] >= b["tokens_per_s"] else b for r, b in zip(rows, best)]
+                        rows = [dict(r if r["tokens_per_s"] >= b["tokens_per_s"] else b,
+                                     tokens_per_cpu_s=max(r["tokens_per_cpu_s"], b["tokens_per_cpu_s"]))
+                                for r, b in zip(rows, best)]
                         peak, after = max(peak, results[engine, inter][1]), max(after, results[engine, inter][2])
                     results[engine, inter] = (rows, peak, after)
         for compute in ("float32", "int8"):
             ct2 = f"ct2{'-int8' if compute == 'int8' else ''}"
             shm, pp = ("shm-int8", "shm-int8-pp") if compute == "int8" else ("shm", "shm-pp")
+            pre = shm + "@before"
             if not any((e, inters[0]) in results for e in (ct2, shm, pp)):
                 continue
             for inter in inters:
-                rows = {e: results[e, inter][0] for e in (ct2, shm, pp) if (e, inter) in results}
+                rows = {e: results[e, inter][0] for e in (ct2, shm, pp, pre) if (e, inter) in results}
                 if not rows:
                     continue
                 some = next(iter(rows.values()))
                 for i, r in enumerate(some):
                     rate = {e: rows[e][i]["tokens_per_s"] for e in rows}
+                    cpu_rate = {e: rows[e][i]["tokens_per_cpu_s"] for e in rows}
                     mem = {e: results[e, inter][2] for e in rows}
                     peak = {e: results[e, inter][1] for e in rows}
                     table.append((kind, compute, inter, r["batch"], "greedy" if r["beam"] == 1 else f"beam {r['beam']}",
-                                  rate, mem, peak, ct2, shm, pp))
-    header = (f"{'model':<7}{'type':<8}{'inter':>6}{'batch':>6}  {'search':<8}{'ct2 tok/s':>10}{'shm':>8}{'shm/ct2':>8}"
-              f"{'shm-pp':>8}{'pp/ct2':>8}{'ct2 MiB':>9}{'shm MiB':>9}{'pp MiB':>8}{'peak ct2/shm/pp':>17}")
+                                  rate, mem, peak, ct2, shm, pp, pre, cpu_rate))
+    before = " before bef/ct2 bef MiB cpu/bef" if opts.before else ""
+    header = (f"{'model':<7}{'type':<8}{'inter':>6}{'batch':>6}  {'search':<8}{'ct2 tok/s':>10}{'shm':>8}{'shm/ct2':>8}{'cpu':>7}"
+              f"{'shm-pp':>8}{'pp/ct2':>8}{'ct2 MiB':>9}{'shm MiB':>9}{'pp MiB':>8}{'peak ct2/shm/pp':>17}{before}")
     print(header)
     print("-" * len(header))
 
@@ -350,11 +391,13 @@ def main() -> int:
     def ratio(rate, e, base):
         return f"{rate[e] / rate[base]:.2f}x" if base in rate and e in rate else "-"
 
-    for kind, compute, inter, batch, search, rate, mem, peak, ct2, shm, pp in table:
+    for kind, compute, inter, batch, search, rate, mem, peak, ct2, shm, pp, pre, cpu_rate in table:
         peaks = "/".join(cell(peak, e, ".0f") for e in (ct2, shm, pp))
         print(f"{kind:<7}{compute:<8}{inter:>6}{batch:>6}  {search:<8}{cell(rate, ct2, '.1f'):>10}{cell(rate, shm, '.1f'):>8}"
-              f"{ratio(rate, shm, ct2):>8}{cell(rate, pp, '.1f'):>8}{ratio(rate, pp, ct2):>8}{cell(mem, ct2, '.0f'):>9}{cell(mem, shm, '.0f'):>9}"
-              f"{cell(mem, pp, '.0f'):>8}{peaks:>17}")
+              f"{ratio(rate, shm, ct2):>8}{ratio(cpu_rate, shm, ct2):>7}{cell(rate, pp, '.1f'):>8}{ratio(rate, pp, ct2):>8}{cell(mem, ct2, '.0f'):>9}{cell(mem, shm, '.0f'):>9}"
+              f"{cell(mem, pp, '.0f'):>8}{peaks:>17}"
+              + (f"{cell(rate, pre, '.1f'):>7}{ratio(rate, pre, ct2):>8}{cell(mem, pre, '.0f'):>8}" if opts.before else "")
+              + (f"{ratio(cpu_rate, shm, pre):>9}" if opts.before else ""))
     return 0
 
 
