@@ -330,9 +330,9 @@ class Translator(DecodingModel):
         """Raise unless the decoder graphs output the alignment attention (model/alignment.py)."""
         from shmengine.model.alignment import ALIGNMENT
 
-        store = getattr(self, "_store", None)
-        graphs = [key for key in ("decoder", "decoder_with_past") if store is not None and key in store.catalog]
-        if not graphs or any(ALIGNMENT not in {o.name for o in store.catalog[key].outputs} for key in graphs):
+        catalog = getattr(getattr(self, "_store", None), "catalog", None) or {}  # a tensor-parallel store has none
+        graphs = [key for key in ("decoder", "decoder_with_past") if key in catalog]
+        if not graphs or any(ALIGNMENT not in {o.name for o in catalog[key].outputs} for key in graphs):
             raise InvalidInputError(
                 f"{setting}=True needs the decoder's cross-attention, and this model's decoder does not expose it: "
                 "shmengine adds it to Optimum seq2seq exports whose last decoder layer has a Softmax named "
