@@ -310,10 +310,10 @@ def test_bfloat16_graph_types_and_values():
     assert not any(t.data_type == TensorProto.FLOAT16 for t in model.graph.initializer)
     decoder = onnx.load(str(MARIAN / "decoder_model_merged.onnx"))
     precision.cast_to_bfloat16(decoder)
-    typed = {v.name: v.type.tensor_type.elem_type for g in precision._graphs(decoder.graph)
+    typed = {v.name: v.type.tensor_type.elem_type for g in transforms.all_graphs(decoder.graph)
              for v in [*g.value_info, *g.input, *g.output]}
-    casts = {n.output[0]: n for g in precision._graphs(decoder.graph) for n in g.node if n.op_type == "Cast"}
-    for g in precision._graphs(decoder.graph):  # comparisons have no bfloat16 kernel: float32 inputs
+    casts = {n.output[0]: n for g in transforms.all_graphs(decoder.graph) for n in g.node if n.op_type == "Cast"}
+    for g in transforms.all_graphs(decoder.graph):  # comparisons have no bfloat16 kernel: float32 inputs
         for node in g.node:
             if node.op_type == "Equal":
                 for i in node.input:

@@ -24,7 +24,7 @@ from collections import Counter
 import numpy as np
 from onnx import GraphProto, ModelProto, helper, numpy_helper
 
-from shmengine.model.transforms import _all_graphs
+from shmengine.model.transforms import all_graphs
 
 __all__ = ["fold_key_scale"]
 
@@ -84,13 +84,13 @@ class _Graph:
 def fold_key_scale(model: ModelProto) -> int:
     """Move the key side's scalar scale onto the queries (see the module docstring), in place;
     returns how many products were edited."""
-    initializers = {t.name: t for g in _all_graphs(model.graph) for t in g.initializer}
+    initializers = {t.name: t for g in all_graphs(model.graph) for t in g.initializer}
     edited = 0
-    for g in list(_all_graphs(model.graph)):
+    for g in list(all_graphs(model.graph)):
         # a value made in g is read only in g and the graphs nested in it (the two branches of
         # an Optimum merged decoder reuse each other's names: they must not be counted together)
         uses: Counter = Counter()
-        for inner in _all_graphs(g):
+        for inner in all_graphs(g):
             for n in inner.node:
                 uses.update(i for i in n.input if i)
             uses.update(o.name for o in inner.output)

@@ -22,7 +22,7 @@ from onnx import ModelProto, TensorProto
 
 from shmengine.model import alignment, attention, precision, quantize
 from shmengine.model.graph_edits import gather_logit_positions
-from shmengine.model.transforms import NotApplicableError, Transform, TransformTarget, _all_graphs, register
+from shmengine.model.transforms import NotApplicableError, Transform, TransformTarget, all_graphs, register
 
 logger = logging.getLogger("shmengine")
 
@@ -33,7 +33,7 @@ def _logit_positions(model: ModelProto, target: TransformTarget) -> None:
 
 def _has_half_floats(model: ModelProto) -> bool:
     halves = (TensorProto.FLOAT16, TensorProto.BFLOAT16)
-    for g in _all_graphs(model.graph):
+    for g in all_graphs(model.graph):
         if any(t.data_type in halves for t in g.initializer):
             return True
         if any(v.type.tensor_type.elem_type in halves for v in [*g.input, *g.output]):
@@ -44,11 +44,11 @@ def _has_half_floats(model: ModelProto) -> bool:
 def _quantizable(model: ModelProto, target: TransformTarget) -> None:
     """Raise NotApplicableError unless some MatMul/Gemm has a 2-D float32 weight worth quantizing."""
     weights = {}
-    for g in _all_graphs(model.graph):
+    for g in all_graphs(model.graph):
         for t in g.initializer:
             if t.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16) and len(t.dims) == 2:
                 weights[t.name] = t.dims[0] * t.dims[1]
-    for g in _all_graphs(model.graph):
+    for g in all_graphs(model.graph):
         for n in g.node:
             if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and weights.get(n.input[1], 0) >= 4096:
                 return

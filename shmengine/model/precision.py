@@ -17,6 +17,8 @@ from __future__ import annotations
 import numpy as np
 from onnx import AttributeProto, ModelProto, TensorProto, helper, numpy_helper
 
+from shmengine.model.transforms import all_graphs
+
 __all__ = ["cast_to_float16", "cast_to_bfloat16", "cast_to_float32", "is_cache_name", "float32_to_bfloat16_bits"]
 
 _FLOATS = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
@@ -25,17 +27,6 @@ _FLOATS = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorP
 def is_cache_name(name: str) -> bool:
     """Whether a graph input/output is the KV cache (Optimum's names)."""
     return name.startswith("past_key_values") or name.startswith("present")
-
-
-def _graphs(graph):
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == AttributeProto.GRAPH:
-                yield from _graphs(attr.g)
-            elif attr.type == AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    yield from _graphs(g)
 
 
 # Comparisons have no bfloat16 kernel on ORT 1.31's CUDA or CPU providers (seen on the H200:
@@ -74,7 +65,7 @@ def _float32_boundary(model: ModelProto, half: int) -> None:
         if t.elem_type != half or is_cache_name(value.name):
             continue
         inner = value.name + "/shmengine_half"
-        for g in _graphs(graph):
+        for g in all_graphs(graph):
             for node in g.node:
                 for i, name in enumerate(node.input):
                     if name == value.name:
@@ -122,7 +113,7 @@ def _bfloat16_tensor(name: str, values: np.ndarray) -> TensorProto:
 
 
 def _retype_values(model: ModelProto, source: int, dest: int) -> None:
-    for g in _graphs(model.graph):
+    for g in all_graphs(model.graph):
         for v in [*g.input, *g.output, *g.value_info]:
             if v.type.tensor_type.elem_type == source:
                 v.type.tensor_type.elem_type = dest
@@ -131,7 +122,7 @@ def _retype_values(model: ModelProto, source: int, dest: int) -> None:
 def cast_to_bfloat16(model: ModelProto) -> None:
     """Convert ``model`` (with its weights loaded) to bfloat16 in place (see the module docstring)."""
     originals = {}
-    for g in _graphs(model.graph):
+    for g in all_graphs(model.graph):
         for t in g.initializer:
             if t.data_type == TensorProto.FLOAT:
                 originals[t.name] = numpy_helper.to_array(t)
@@ -143,7 +134,7 @@ def cast_to_bfloat16(model: ModelProto) -> None:
             values = numpy_helper.to_array(t).astype(np.float32)
         return _bfloat16_tensor(t.name, values)
 
-    for g in _graphs(model.graph):
+    for g in all_graphs(model.graph):
         for t in g.initializer:
             if t.data_type == TensorProto.FLOAT16:
                 t.CopyFrom(to_bf16(t))
@@ -179,7 +170,7 @@ def _compare_in_float32(model: ModelProto) -> None:
 
     # Branches of one If reuse value names with other types (Optimum's merged decoders): each
     # graph is read with its own names first, then the main graph's (its outer scope).
-    pairs = list(zip(_graphs(inferred.graph), _graphs(model.graph)))
+    pairs = list(zip(all_graphs(inferred.graph), all_graphs(model.graph)))
     outer = {**declared(pairs[0][1]), **declared(pairs[0][0])}
     # innermost first: rebuilding a graph's node list copies its nodes, and with them the
     # branches already edited, whereas an edit made after that would land in a discarded copy
@@ -211,7 +202,7 @@ def cast_to_float32(model: ModelProto) -> None:
             values = numpy_helper.to_array(t).astype(np.float32)
         return numpy_helper.from_array(values, t.name)
 
-    for g in _graphs(model.graph):
+    for g in all_graphs(model.graph):
         for t in g.initializer:
             if t.data_type in halves:
                 t.CopyFrom(widened(t))

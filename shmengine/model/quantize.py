@@ -28,11 +28,12 @@ quantized product plus an ``Add`` of the bias.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
-from onnx import AttributeProto, GraphProto, ModelProto, TensorProto, helper, numpy_helper
+from onnx import GraphProto, ModelProto, TensorProto, helper, numpy_helper
+
+from shmengine.model.transforms import all_graphs
 
 __all__ = ["QuantizeOptions", "NotQuantizableError", "quantize_weights", "INT8_CPU_METHOD"]
 
@@ -64,17 +65,6 @@ class QuantizeOptions:
             raise ValueError(f"unknown quantization method {self.method!r}")
 
 
-def _graphs(graph: GraphProto) -> Iterator[GraphProto]:
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == AttributeProto.GRAPH:
-                yield from _graphs(attr.g)
-            elif attr.type == AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    yield from _graphs(g)
-
-
 def _attr(node, name, default):
     for a in node.attribute:
         if a.name == name:
@@ -89,7 +79,7 @@ class _GraphView:
     def __init__(self, graph: GraphProto):
         self.producers = {o: n for n in graph.node for o in n.output}
         self.uses: dict[str, int] = {}
-        for g in _graphs(graph):
+        for g in all_graphs(graph):
             for n in g.node:
                 for i in n.input:
                     self.uses[i] = self.uses.get(i, 0) + 1
@@ -149,7 +139,7 @@ def _remove_dead_nodes(graph: GraphProto) -> None:
     """Drop nodes of ``graph`` whose outputs nothing reads (ONNX nodes have no side effects)."""
     while True:
         read = {o.name for o in graph.output}
-        for g in _graphs(graph):
+        for g in all_graphs(graph):
             for n in g.node:
                 read.update(n.input)
         keep = [n for n in graph.node if any(o and o in read for o in n.output)]
@@ -166,7 +156,7 @@ class _Quantizer:
         # Weights may sit in the main graph and be read from a subgraph (Optimum's merged
         # decoders share one set of weights between both branches): look them up everywhere.
         self.initializers: dict[str, TensorProto] = {}
-        for g in _graphs(model.graph):
+        for g in all_graphs(model.graph):
             for t in g.initializer:
                 self.initializers.setdefault(t.name, t)
         self.quantized: dict[str, list[str]] = {}  # float weight name -> names of its quantized tensors
@@ -186,18 +176,18 @@ class _Quantizer:
         return name
 
     def run(self) -> int:
-        for g in _graphs(self.model.graph):
+        for g in all_graphs(self.model.graph):
             self._graph(g)
         if not self.count:
             return 0
         self.model.graph.initializer.extend(self.new_initializers)
         # float weights no longer read by anything go, or the store would still pack them
         still_used = set()
-        for g in _graphs(self.model.graph):
+        for g in all_graphs(self.model.graph):
             for n in g.node:
                 still_used.update(n.input)
             still_used.update(o.name for o in g.output)
-        for g in _graphs(self.model.graph):
+        for g in all_graphs(self.model.graph):
             keep = [t for t in g.initializer if t.name in still_used]
             del g.initializer[:]
             g.initializer.extend(keep)

@@ -63,6 +63,7 @@ __all__ = [
     "model_compute_type",
     "prepare_models",
     "cache_root",
+    "all_graphs",
 ]
 
 logger = logging.getLogger("shmengine")
@@ -179,7 +180,7 @@ def model_compute_type(model: ModelProto) -> str:
     """The compute type a graph already has: its weight products' (MatMul, Gemm, Conv) weight
     type, ``int8_<float>`` when it is quantized. Weights stored in float16 behind a ``Cast`` to
     float32 compute in float32."""
-    initializers = {t.name: t.data_type for g in _all_graphs(model.graph) for t in g.initializer}
+    initializers = {t.name: t.data_type for g in all_graphs(model.graph) for t in g.initializer}
     counts: dict[int, int] = {}
     quantized = False
     for node in _all_nodes(model.graph):
@@ -279,7 +280,7 @@ def cache_root(model_file: Path) -> Path:
 
 def _source_files(path: Path, model: ModelProto) -> list[Path]:
     files = {path}
-    for g in _all_graphs(model.graph):
+    for g in all_graphs(model.graph):
         for t in g.initializer:
             if t.data_location == TensorProto.EXTERNAL:
                 for e in t.external_data:
@@ -514,19 +515,21 @@ def prepare_models(
     return PreparedModels(out, final, applied)
 
 
-def _all_graphs(graph):
+def all_graphs(graph):
+    """``graph`` and every graph nested in it (``If``/``Loop``/``Scan`` bodies, at any depth),
+    outer before inner: Optimum's merged decoders keep their two branches in an ``If``."""
     yield graph
     for node in graph.node:
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _all_graphs(attr.g)
+                yield from all_graphs(attr.g)
             elif attr.type == onnx.AttributeProto.GRAPHS:
                 for g in attr.graphs:
-                    yield from _all_graphs(g)
+                    yield from all_graphs(g)
 
 
 def _all_nodes(graph):
-    for g in _all_graphs(graph):
+    for g in all_graphs(graph):
         yield from g.node
 
 
