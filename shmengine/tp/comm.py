@@ -17,8 +17,10 @@ class TensorParallelError(ShmEngineError):
 
 def world():
     """``MPI.COMM_WORLD``; a clear error when mpi4py is missing."""
+    from shmengine.runtime.mpi import mpi_module
+
     try:
-        from mpi4py import MPI
+        MPI = mpi_module()
     except ImportError as exc:
         raise TensorParallelError(
             "tensor_parallel=True needs mpi4py (pip install 'shmengine[mpi]') and a launch by mpirun"

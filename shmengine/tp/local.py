@@ -321,10 +321,11 @@ def pin_to_own_cores(comm) -> list[int] | None:
     ``SHMENGINE_TP_PIN=0``).
 
     Why: tensor-parallel ranks meet at every all-reduce, so any rank the scheduler moves onto a
-    core another rank runs on delays all of them. Measured here (2 cores, GPT-2-124M, batch 1,
-    one thread per rank, ``tools/bench_tp.py``): 1.23 s per generation with each rank bound to
-    its own core, 2.73 s with both left the two cores. Collective over ``comm`` (every rank
-    calls it once, at construction)."""
+    core another rank runs on delays all of them; Open MPI binds ranks by default for the same
+    reason. On the shared 2-core development VM two runs of ``tools/bench_tp.py`` (GPT-2-124M,
+    batch 1, one thread per rank) disagreed (bound 1.23 s against 2.73 s unbound, then 4.53 s
+    against 4.13 s: other work had the cores); its ``--device`` mode measures it on 16 quiet
+    cores. Collective over ``comm`` (every rank calls it once, at construction)."""
     import os
 
     from mpi4py import MPI
