@@ -10,8 +10,11 @@ Optimum's seq2seq decoder exports output no attention. This graph edit adds one 
 :data:`ALIGNMENT` [batch, target positions, source positions], float32: the last layer's
 cross-attention ``Softmax`` (``.../layers.<N>/encoder_attn/Softmax``, shape [batch, heads,
 target, source]) at head 0. In a merged decoder (one ``If`` on ``use_cache_branch``), both
-branches get the output. ONNX Runtime computes an output only when it is fetched, so a decoding
-run that does not ask for attention costs nothing more.
+branches get the output. The Softmax runs anyway; the edit adds one Gather of rows x source
+values per step (a merged decoder's branch computes it whether fetched or not; a plain decoder
+graph only when fetched), no measurable cost: one cached step of the Marian-base-shaped export
+(batch 16, 1 intra thread), edited and plain sessions alternated, medians of 7-9 rounds of 200
+runs: edited / plain 0.84, 0.95, 0.98 in three runs on the loaded 2-core VM.
 """
 
 from __future__ import annotations
