@@ -232,3 +232,33 @@ def test_prepacked_weights_are_written_once_shared_and_removed(slow_mlp):
         assert wait_until(lambda: len(engine.worker_pids) == 2 and engine.worker_pids != pids, timeout=10)
         np.testing.assert_allclose(engine.run_batch({"x": x})["y"], slow_mlp.reference(x), rtol=1e-3, atol=1e-3)
     assert not [n for n in shm_segments() if n.startswith(segment)]
+
+
+def test_prepacked_merged_decoder_names_each_initializer_once():
+    """ORT's optimizer turns the Constant nodes of both branches of a merged decoder's If into
+    initializers of one name in two subgraphs; ONNX Runtime 1.30 refuses to load that model
+    ("initializer name is not unique", seen on the device machine). The file the workers load
+    must name each initializer once across all its graphs."""
+    import collections
+
+    import onnx
+
+    with shmengine.Translator(ROOT / "models" / "numbers-marian", prepack_weights=True) as translator:
+        segment = translator._store.segment.name
+        written = [n for n in shm_segments() if n.startswith(segment + "-") and n.endswith("decoder.onnx")]
+        assert written, "no prepacked decoder was written (the test would check nothing)"
+        model = onnx.load(f"/dev/shm/{written[0]}", load_external_data=False)
+        names = collections.Counter()
+
+        def walk(graph):
+            names.update(t.name for t in graph.initializer)
+            for node in graph.node:
+                for attr in node.attribute:
+                    if attr.type == onnx.AttributeProto.GRAPH:
+                        walk(attr.g)
+
+        walk(model.graph)
+        assert any(node.op_type == "If" for node in model.graph.node), "not a merged decoder"
+        assert [n for n, c in names.items() if c > 1] == []
+        out = translator.translate_batch([list("1984") + ["</s>"]])
+        assert " ".join(out[0].hypotheses[0]) == "one thousand nine hundred eighty four"

@@ -141,6 +141,59 @@ def create_session(entry: ModelEntry, weights: memoryview, settings: SessionSett
     return session
 
 
+def _rename_shared_subgraph_initializers(path: str) -> None:
+    """Give each subgraph's initializers names of their own in an optimized model ORT wrote.
+
+    ORT's optimizer turns Constant nodes into initializers. An Optimum merged decoder has the
+    same Constant names in both branches of its If (legal: each branch is its own scope), so the
+    written model holds initializers of one name in two subgraphs; ONNX Runtime 1.31 loads that,
+    1.30 refuses it ("initializer name is not unique"). A renamed copy (name + its branch's
+    path) loads in both; the external data stays where it is (only names change)."""
+    import onnx
+
+    model = onnx.load(path, load_external_data=False)
+    seen: dict[str, int] = {}
+
+    def count(graph):
+        for tensor in graph.initializer:
+            seen[tensor.name] = seen.get(tensor.name, 0) + 1
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    count(attr.g)
+
+    def rename_uses(graph, renamed):
+        for node in graph.node:
+            node.input[:] = [renamed.get(name, name) for name in node.input]
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    rename_uses(attr.g, renamed)
+        for output in graph.output:
+            if output.name in renamed:
+                # a branch output that is one of its initializers: an Identity keeps the name
+                output_name = output.name
+                graph.node.append(onnx.helper.make_node("Identity", [renamed[output_name]], [output_name]))
+
+    def visit(graph, scope):
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.type != onnx.AttributeProto.GRAPH:
+                    continue
+                sub, sub_scope = attr.g, f"{scope}/{node.name or node.op_type}.{attr.name}"
+                renamed = {t.name: f"{t.name}@{sub_scope}" for t in sub.initializer if seen[t.name] > 1}
+                for tensor in sub.initializer:
+                    tensor.name = renamed.get(tensor.name, tensor.name)
+                if renamed:
+                    rename_uses(sub, renamed)
+                visit(sub, sub_scope)
+
+    count(model.graph)
+    if all(n == 1 for n in seen.values()):
+        return
+    visit(model.graph, "")
+    onnx.save(model, path)
+
+
 class PrepackProgram:
     """A one-off worker program: write, for every model of the store, the optimized graph and its
     prepacked weights to ``<directory>/<prefix>-<key>.onnx`` (+ ``.data``), then stand by."""
@@ -151,6 +204,7 @@ class PrepackProgram:
         for key, entry in context.catalog.items():
             path = os.path.join(directory, f"{prefix}-{key}.onnx")
             create_session(entry, context._segment.buffer, settings, save_prepacked_to=path)
+            _rename_shared_subgraph_initializers(path)
             self.paths[key] = path
 
     def describe(self) -> dict:
