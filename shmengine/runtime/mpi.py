@@ -141,7 +141,8 @@ def remove_transport_files_at_exit() -> list[str]:
     suffix = f".{MpiInfo.getLocalRank()}"
     try:
         with open("/proc/self/maps") as maps:
-            mapped = {line.split()[-1] for line in maps if "/sm_segment." in line}
+            # sm_segment: Open MPI 5's btl/sm; vader_segment: 4.x's btl/vader (same naming)
+            mapped = {line.split()[-1] for line in maps if "/sm_segment." in line or "/vader_segment." in line}
     except OSError:
         return []
     own = sorted(p for p in mapped if p.endswith(suffix) and p.startswith("/dev/shm/"))
