@@ -323,14 +323,14 @@ def main() -> int:
     parser.add_argument("--no-data-parallel", action="store_true")
     parser.add_argument("--timeout", type=float, default=300, help="seconds for one measuring run")
     parser.add_argument("--budget", type=float, default=None,
-                        help="seconds: no further round once one would pass it (default none; --device: 170)")
+                        help="seconds: no further round once one would pass it (default none; --device: 150)")
     parser.add_argument("--prepare", action="store_true", help="here: write .device/tp for --device")
     parser.add_argument("--device", action="store_true", help="on the 16-core device machine (see above)")
     parser.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--tp", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    device_defaults = {"ranks": "2,4", "intra": "1,4", "repeats": 3, "lines": 160, "budget": 170}
+    device_defaults = {"ranks": "2,4", "intra": "1,4", "repeats": 3, "lines": 160, "budget": 150}
     for name, value in {"ranks": "2", "intra": "1,2", "repeats": 6, "lines": 400, "budget": 0}.items():
         if getattr(args, name) is None:  # given on the command line: kept, also with --device
             setattr(args, name, device_defaults[name] if args.device else value)
