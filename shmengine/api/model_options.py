@@ -37,7 +37,7 @@ class ModelOptions:
     graph_optimization_level: str = "all"
     flash_attention: bool = False  # accepted for CTranslate2 compatibility (ORT picks its kernels)
     tensor_parallel: bool = False
-    files: object = None  # accepted for CTranslate2 compatibility; the model is read from model_path
+    files: object = None  # CTranslate2's in-memory model files: refused (the model is read from model_path)
     # Whether the class being built has a tensor-parallel path (Generator, Translator).
     tensor_parallel_built: InitVar[bool] = False
 
@@ -52,6 +52,18 @@ class ModelOptions:
             raise ValueError(f"prepack_weights must be True, False or None (automatic), got {self.prepack_weights!r}")
         if self.tensor_parallel not in (True, False):
             raise ValueError(f"tensor_parallel must be True or False, got {self.tensor_parallel!r}")
+        if self.files is not None:
+            raise NotImplementedError(
+                "files= (a model given as in-memory file contents) is not supported: write the files into a "
+                "directory and pass its path as model_path"
+            )
+        if self.tensor_parallel and self.device == "cuda":
+            # the tensor-parallel ranks run their shards on the CPU; NCCL between GPUs is not built
+            raise NotImplementedError(
+                "tensor_parallel=True runs each rank's shard on the CPU; GPU tensor parallelism is not built "
+                "yet: use device='cpu' with tensor_parallel=True, or device='cuda' with device_index=[...] "
+                "(one model copy per GPU) instead"
+            )
         if self.tensor_parallel and not tensor_parallel_built:
             raise NotImplementedError(
                 "tensor_parallel=True is built for Generator (GPT-2, Llama) and Translator (Marian), not for this "
