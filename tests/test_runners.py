@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 import shmengine
+from shmengine.decode.decoding import HostLogits
 from shmengine.decode.runners import HOST, KEEP, LOGITS, BoundRunner, HostRunner
 from shmengine.runtime.target import RUNNER_KINDS, WorkerTarget
 
@@ -179,6 +180,23 @@ def test_top_k_and_normaliser_match_numpy(bound, dtype, k):
     peak = last.max(axis=-1, keepdims=True)
     reference = peak + np.log(np.exp(last - peak).sum(axis=-1, keepdims=True))
     np.testing.assert_allclose(normalizer, reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_top_without_the_normaliser_gives_the_same_top_k(bound, k):
+    """normalize=False (greedy with no score asked): the same values and ids as with it, from
+    the device graph and from numpy, and no normaliser (zeros)."""
+    rng = np.random.default_rng(2)
+    logits = (rng.standard_normal((5, 2, 40)) * 3).astype(np.float32)
+    last = logits[:, -1, :]
+    expected_ids = np.argsort(-last, axis=-1, kind="stable")[:, :k]
+    for values, ids, normalizer in (bound.top(_ortvalue(logits), k, normalize=False),
+                                    HostLogits(last).top(k, normalize=False)):
+        order = np.argsort(-values, axis=-1, kind="stable")  # numpy's top-k comes in any order
+        np.testing.assert_array_equal(np.take_along_axis(ids, order, axis=-1), expected_ids)
+        np.testing.assert_allclose(np.take_along_axis(values, order, axis=-1),
+                                   np.take_along_axis(last, expected_ids, axis=-1), rtol=1e-6)
+        np.testing.assert_array_equal(normalizer, np.zeros((5, 1), np.float32))
 
 
 def test_runners_run_a_session_the_same_way():

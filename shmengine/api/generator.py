@@ -286,6 +286,7 @@ class Generator(DecodingModel):
             # a returned prompt is a prefix of the hypothesis: CTranslate2 decodes it constrained
             after_prefix=[0 if include_prompt_in_result and len(p) - len(static) > 1 else None for p in prompts],
             history=[p[1 + len(static) :] if include_prompt_in_result else [] for p in prompts],
+            return_scores=return_scores,
         )
 
         def convert(hyps, example):

@@ -98,6 +98,7 @@ def search_options(
     after_prefix: list[int | None] | None = None,
     end_counts_in_length: bool = False,
     always_suppress: tuple[int, ...] = (),
+    return_scores: bool = True,
 ) -> DecodingOptions:
     """Check the arguments as CTranslate2 does and build the options, complete (raises
     InvalidInputError). The public arguments are CTranslate2's; the others are what the calling
@@ -176,6 +177,7 @@ def search_options(
         length_offset=length_offset,
         forced=forced,
         stream=callback is not None,
+        need_scores=bool(return_scores) or callback is not None or bool(return_alternatives),
         after_prefix=after_prefix,
         end_counts_in_length=end_counts_in_length,
     )

@@ -285,6 +285,7 @@ class Translator(DecodingModel):
             return_alternatives=return_alternatives,
             min_alternative_expansion_prob=min_alternative_expansion_prob,
             return_attention=attention,
+            return_scores=return_scores,
             forced=forced if any(forced) else None,
             after_prefix=after_prefix,
             end_counts_in_length=True,

@@ -53,10 +53,12 @@ class Logits(Protocol):
     def take(self, rows: np.ndarray) -> Logits:
         """The logits of these rows only."""
 
-    def top(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def top(self, k: int, normalize: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Each row's ``k`` largest logits [rows, k] (any order; ``k == 1`` is the argmax, the
         lowest index among equals), their token ids [rows, k] and the row's log-normaliser
-        [rows, 1] (``log_softmax = logits - normaliser``), all float32 / int64 host arrays."""
+        [rows, 1] (``log_softmax = logits - normaliser``), all float32 / int64 host arrays.
+        With ``normalize=False`` the normaliser is not computed (zeros): for a search whose
+        scores nobody reads, it is a pass over the whole [rows, vocabulary] saved."""
 
 
 class HostLogits:
@@ -75,7 +77,7 @@ class HostLogits:
     def take(self, rows: np.ndarray) -> HostLogits:
         return HostLogits(self.values[rows])
 
-    def top(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def top(self, k: int, normalize: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         values = self.array()
         vocab = values.shape[-1]
         if k == 1:
@@ -84,7 +86,8 @@ class HostLogits:
             ids = np.argpartition(values, vocab - k, axis=-1)[:, vocab - k :]
         else:
             ids = np.broadcast_to(np.arange(vocab), values.shape)
-        return np.take_along_axis(values, ids, axis=-1), ids, log_normalizer(values)
+        normalizer = log_normalizer(values) if normalize else np.zeros((len(values), 1), np.float32)
+        return np.take_along_axis(values, ids, axis=-1), ids, normalizer
 
 
 def as_logits(logits) -> Logits:
@@ -143,6 +146,9 @@ class DecodingOptions:
     # :func:`_alternatives`. max/min_new_tokens then count the alternative as the first new token.
     return_alternatives: bool = False
     min_alternative_expansion_prob: float = 0.0
+    # Whether anything reads the scores and token log-probs (return_scores, a callback, the
+    # alternatives' ranking): if not, greedy skips each step's log-normaliser over the vocabulary.
+    need_scores: bool = True
     # Keep, per hypothesis token, the attention vector the stepper reports for the step that
     # chose it (``stepper.alignment``: a seq2seq decoder's alignment output, CTranslate2's
     # return_attention).
@@ -548,9 +554,11 @@ def _greedy(stepper: Stepper, prompts, options: DecodingOptions, on_step) -> lis
         elif history.changes_logits(step):
             scores = history.process(logits.array(), step)
             chosen = np.argmax(scores, axis=-1)
-            chosen_lp = scores[np.arange(len(chosen)), chosen] - log_normalizer(scores)[:, 0]
+            chosen_lp = scores[np.arange(len(chosen)), chosen]
+            if options.need_scores:
+                chosen_lp = chosen_lp - log_normalizer(scores)[:, 0]
         else:
-            values, ids, normalizer = logits.top(1)
+            values, ids, normalizer = logits.top(1, normalize=options.need_scores)
             chosen = ids[:, 0].astype(np.int64, copy=False)
             chosen_lp = values[:, 0] - normalizer[:, 0]
         if forced is not None:
