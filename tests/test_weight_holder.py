@@ -40,7 +40,7 @@ def holder_and_serving(small_mlp, tmp_path):
         serving = WorkerPool(store, ProgramSpec("programs", "ChaosProgram"),
                              [dataclasses.replace(s, device_weights=handle) for s in slots])
         pools.append(serving)
-        watch.serving = serving
+        watch.attach(serving)
         yield holder, serving, refuse
     finally:
         for pool in reversed(pools):
@@ -80,3 +80,28 @@ def test_a_holder_that_cannot_restart_breaks_the_model_naming_why(holder_and_ser
     assert wait_until(lambda: serving.closed, timeout=60)
     with pytest.raises(EngineBrokenError, match="weight holder of GPU 0 cannot be restarted.*refuses to start"):
         serving.submit("echo", 1)
+
+
+def test_a_resume_before_the_workers_exit_reports_is_not_taken_for_a_crash(small_mlp, tmp_path, caplog):
+    """hold then resume at once (the new copy was ready before the fork server reported the old
+    workers' deaths): their batches come back, not as failed attempts, the workers restart on
+    the new settings, and nothing is logged as a crash."""
+    store = WeightStore.load({"model": small_mlp.path})
+    slots = place_workers("cpu", inter_threads=2, intra_threads=1).slots
+    pool = WorkerPool(store, ProgramSpec("programs", "ChaosProgram"), [dataclasses.replace(s, device_weights="old") for s in slots])
+    try:
+        marker = str(tmp_path / "go")
+        running = [pool.submit("wait_for", marker) for _ in range(2)]
+        assert wait_until(lambda: all(f.running() for f in running))
+        before = set(pool.worker_pids())
+        with caplog.at_level("WARNING", logger="shmengine"):
+            pool.hold_slots({0, 1}, "a test")
+            pool.resume_slots({n: dataclasses.replace(s, device_weights="new") for n, s in enumerate(slots)})
+            assert wait_until(lambda: len(pool.worker_pids()) == 2 and not before & set(pool.worker_pids()), timeout=30)
+            open(marker, "w").close()
+            assert [f.result(timeout=30) for f in running] == [True, True]
+            assert handles_seen(pool) == {"new"}
+        assert "starting a replacement" not in caplog.text
+    finally:
+        pool.close()
+        store.close()

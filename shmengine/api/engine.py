@@ -193,7 +193,7 @@ class PooledModel:
                 slots = self._share_device_weights(slots)
             self._pool = WorkerPool(self._store, program, slots, max_queued_batches=options.max_queued_batches)
             for watch in self._holder_watches:
-                watch.serving = self._pool
+                watch.attach(self._pool)
         except BaseException:
             _close_all(self._weight_holders)
             self._store.close()
@@ -235,6 +235,7 @@ class PooledModel:
             logger.warning("sharing the weights on the GPU failed (%s): each CUDA worker uploads its own copy", exc)
             _close_all(self._weight_holders)
             self._weight_holders.clear()
+            self._holder_watches.clear()
             return slots
         return [dataclasses.replace(s, device_weights=found.get(s.target.device_index)) for s in slots]
 

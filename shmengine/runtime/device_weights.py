@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import logging
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -86,28 +87,54 @@ class DeviceWeightsProgram:
 class HolderWatch(PoolObserver):
     """Watches one GPU's holder (from its pool's manager thread) on behalf of the serving pool.
 
-    ``slots`` maps each serving slot on this GPU to its session settings. ``serving`` is set
-    once the serving pool exists; it is reached only through its thread-safe ``hold_slots``,
-    ``resume_slots`` and ``abort``, so no lock is shared between the two pools.
+    ``slots`` maps each serving slot on this GPU to its session settings. The serving pool is
+    attached once it exists (:meth:`attach`); it is reached only through its thread-safe
+    ``hold_slots``, ``resume_slots`` and ``abort``. A holder that dies while the serving pool is
+    still starting is remembered, and acted on when it is attached.
+
+    Two limits: a batch whose result a worker sent between the holder's death and its own kill is
+    delivered (the window is the fork server's report, milliseconds); and batches wait while the
+    new holder uploads, with no deadline other than its start failing.
     """
 
     def __init__(self, device_index: int, slots: dict):
         self.device_index = device_index
         self.slots = dict(slots)
         self.serving = None
+        self._lock = threading.Lock()
+        self._lost: str | None = None  # why the serving slots' handle is stale, until they resume
+        self._latest: DeviceWeights | None = None  # the newest holder's copy, once it is ready
+
+    def attach(self, serving) -> None:
+        with self._lock:
+            self.serving = serving
+            lost, latest = self._lost, self._latest
+        if lost is not None:
+            serving.hold_slots(self.slots, lost)
+            if latest is not None:
+                self._resume(latest)
 
     def worker_exited(self, slot: int, exitcode: int) -> None:
-        if self.serving is not None and not self.serving.closed:
-            self.serving.hold_slots(
-                self.slots,
-                f"the weight holder of GPU {self.device_index} {describe_exit(exitcode)}, and with it the "
-                "device copy of the weights this worker mapped; it restarts on a new copy",
-            )
+        reason = (f"the weight holder of GPU {self.device_index} {describe_exit(exitcode)}, and with it the "
+                  "device copy of the weights this worker mapped; it restarts on a new copy")
+        with self._lock:
+            self._lost, self._latest = reason, None
+            serving = self.serving
+        if serving is not None:
+            serving.hold_slots(self.slots, reason)
 
     def worker_ready(self, slot: int, info: dict, first: bool) -> None:
-        if first or self.serving is None:
+        if first:
             return  # the first holder's handle is already in the serving slots' settings
-        weights = info["device_weights"]
+        with self._lock:
+            self._latest = info["device_weights"]
+            serving = self.serving
+        if serving is not None:
+            self._resume(self._latest)
+
+    def _resume(self, weights: DeviceWeights) -> None:
+        with self._lock:
+            self._lost = None
         self.serving.resume_slots({s: dataclasses.replace(settings, device_weights=weights) for s, settings in self.slots.items()})
 
     def pool_broken(self, reason: BaseException) -> None:

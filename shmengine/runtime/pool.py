@@ -238,7 +238,10 @@ class WorkerPool:
         # Slots stopped on purpose (hold_slots): their workers are killed, their batches go back
         # to the queue, and nothing is respawned there until resume_slots.
         self._held: set[int] = set()
+        # held slots resumed before their worker's exit report came: that report starts them
+        self._resume_on_exit: set[int] = set()
         self._ever_ready: set[int] = set()
+        self._wake_closed = False  # set, under the lock, before the wake pipe's fds are closed
         # Requests from other threads, run by the manager thread (which alone touches workers).
         self._requests: collections.deque[Callable[[], None]] = collections.deque()
 
@@ -342,11 +345,13 @@ class WorkerPool:
 
         def hold():
             self._held |= slots
+            self._resume_on_exit -= slots
             for slot in sorted(slots):
                 worker = self._workers.get(slot)
                 if worker is not None and not worker.exited and worker.pid is not None:
                     logger.warning("stopping worker %d (pid %s): %s", slot, worker.pid, reason)
                     self._fork_server.kill(worker.pid)
+                # a worker whose spawn is not reported yet (no pid) is killed when it is
 
         self._request(hold)
 
@@ -356,11 +361,17 @@ class WorkerPool:
         def resume():
             for slot, slot_settings in settings.items():
                 self._slot_settings[slot] = slot_settings
-                self._held.discard(slot)
                 worker = self._workers.get(slot)
                 if worker is None or worker.exited:
-                    self._start_worker(slot)
-                # else: its exit report is still to come, and starts the replacement
+                    self._held.discard(slot)
+                    if not self._closed and self._broken is None:
+                        self._start_worker(slot)
+                else:
+                    # still dying (or not even reported spawned): the slot stays held, so its
+                    # exit is not taken for a crash, and that exit starts the replacement
+                    self._resume_on_exit.add(slot)
+                    if worker.pid is not None:
+                        self._fork_server.kill(worker.pid)
 
         self._request(resume)
 
@@ -370,7 +381,10 @@ class WorkerPool:
         self._request(lambda: self._break(reason))
 
     def _request(self, action: Callable[[], None]) -> None:
-        self._requests.append(action)
+        with self._lock:
+            if self._closed:
+                return  # nothing runs any more: an observer's late call (a holder exiting) is moot
+            self._requests.append(action)
         self._wake()
 
     def worker_pids(self) -> list[int]:
@@ -434,10 +448,15 @@ class WorkerPool:
             raise EngineClosedError("the engine is closed; create a new one to run more batches")
 
     def _wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"\0")
-        except (BlockingIOError, OSError):
-            pass  # the pipe is full (the manager will wake anyway) or already closed
+        # Under the lock, and never once the manager closed the pipe: its fd number may by then
+        # belong to another file, which a late wake (another thread, an observer) would write to.
+        with self._lock:
+            if self._wake_closed:
+                return
+            try:
+                os.write(self._wake_w, b"\0")
+            except (BlockingIOError, OSError):
+                pass  # the pipe is full: the manager will wake anyway
 
     # -- manager thread -------------------------------------------------------------------------
 
@@ -605,6 +624,8 @@ class WorkerPool:
             return  # a report about a worker already replaced
         if isinstance(report, WorkerSpawned):
             worker.pid = report.pid
+            if report.slot in self._held:  # held while its spawn was on the way: it must not serve
+                self._fork_server.kill(report.pid)
         elif isinstance(report, WorkerExited):
             self._on_worker_exit(worker, report.exitcode)
 
@@ -629,6 +650,11 @@ class WorkerPool:
             if batch is not None:
                 batch.attempts -= 1
                 self._retry.appendleft(batch)
+            if worker.slot in self._resume_on_exit:
+                self._resume_on_exit.discard(worker.slot)
+                self._held.discard(worker.slot)
+                if not self._closed and self._broken is None:
+                    self._start_worker(worker.slot)
             return
         if not worker.ready:
             error = worker.info.get("startup_error")
@@ -720,11 +746,13 @@ class WorkerPool:
         for worker in self._workers.values():
             worker.close_channels(self._selector)
         self._selector.close()
-        for fd in (self._wake_r, self._wake_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        with self._lock:
+            self._wake_closed = True
+            for fd in (self._wake_r, self._wake_w):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
 
 
 def _unwatch(selector: selectors.BaseSelector, conn: Connection) -> None:

@@ -162,12 +162,20 @@ def _rename_shared_subgraph_initializers(path: str) -> None:
                 if attr.type == onnx.AttributeProto.GRAPH:
                     count(attr.g)
 
+    def defined_in(graph) -> set[str]:
+        return {v.name for v in graph.input} | {t.name for t in graph.initializer} | {
+            o for n in graph.node for o in n.output}
+
     def rename_uses(graph, renamed):
         for node in graph.node:
             node.input[:] = [renamed.get(name, name) for name in node.input]
             for attr in node.attribute:
                 if attr.type == onnx.AttributeProto.GRAPH:
-                    rename_uses(attr.g, renamed)
+                    # a nested graph that defines one of the names means its own there
+                    shadowed = defined_in(attr.g)
+                    inner = {k: v for k, v in renamed.items() if k not in shadowed}
+                    if inner:
+                        rename_uses(attr.g, inner)
         for output in graph.output:
             if output.name in renamed:
                 # a branch output that is one of its initializers: an Identity keeps the name
@@ -175,11 +183,12 @@ def _rename_shared_subgraph_initializers(path: str) -> None:
                 graph.node.append(onnx.helper.make_node("Identity", [renamed[output_name]], [output_name]))
 
     def visit(graph, scope):
-        for node in graph.node:
+        for index, node in enumerate(graph.node):
             for attr in node.attribute:
                 if attr.type != onnx.AttributeProto.GRAPH:
                     continue
-                sub, sub_scope = attr.g, f"{scope}/{node.name or node.op_type}.{attr.name}"
+                # the node's index keeps two unnamed sibling Ifs apart
+                sub, sub_scope = attr.g, f"{scope}/{index}:{node.name or node.op_type}.{attr.name}"
                 renamed = {t.name: f"{t.name}@{sub_scope}" for t in sub.initializer if seen[t.name] > 1}
                 for tensor in sub.initializer:
                     tensor.name = renamed.get(tensor.name, tensor.name)
