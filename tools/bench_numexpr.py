@@ -47,8 +47,12 @@ import argparse
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from shmengine.decode.decoding import _log_normalizer_blocked  # noqa: E402
 
 try:
     import numexpr
@@ -71,23 +75,11 @@ def lse_numpy(x):
     return peak + np.log(np.sum(work, axis=-1, keepdims=True))
 
 
-def lse_numpy_blocked(x, block_bytes=1 << 20):
+def lse_numpy_blocked(x):
     """The same values from numpy a few rows at a time, so that the exp's output stays in the
     cache between the subtract, the exp and the sum (what numexpr's blocking buys, with numpy's
-    vectorised exp): the alternative to numexpr for this pass."""
-    rows, vocab = x.shape
-    step = max(1, block_bytes // (4 * vocab))
-    out = np.empty((rows, 1), np.float32)
-    buffer = np.empty((min(step, rows), vocab), np.float32)
-    for start in range(0, rows, step):
-        chunk = x[start : start + step]
-        peak = np.max(chunk, axis=-1, keepdims=True)
-        peak[~np.isfinite(peak)] = 0
-        work = buffer[: len(chunk)]
-        np.subtract(chunk, peak, out=work)
-        np.exp(work, out=work)
-        out[start : start + len(chunk)] = peak + np.log(np.sum(work, axis=-1, keepdims=True))
-    return out
+    vectorised exp): the alternative to numexpr for this pass, as the decoding loop runs it."""
+    return _log_normalizer_blocked(x)
 
 
 def log_softmax_numpy(x):

@@ -27,8 +27,8 @@ class Encoder(PooledModel):
             ``attention_mask`` and optionally ``token_type_ids``), with ``config.json`` and the
             tokenizer's ``tokenizer.json`` or ``vocab.json``.
         Others: as :class:`shmengine.Engine` (``compute_type`` included); ``flash_attention``
-            and ``files`` are accepted as by Generator, and ``tensor_parallel=True`` raises
-            ``NotImplementedError`` (encoders have no tensor-parallel path yet).
+            is accepted as by Generator; ``files`` and ``tensor_parallel=True`` raise
+            ``NotImplementedError`` (in-memory models and a tensor-parallel encoder are not built).
     """
 
     def __init__(

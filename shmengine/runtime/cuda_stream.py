@@ -25,7 +25,7 @@ from __future__ import annotations
 import importlib.util
 import os
 
-__all__ = ["shared_stream_options", "stream_is_shared"]
+__all__ = ["shared_stream_options", "stream_is_shared", "with_shared_stream"]
 
 _stream = None  # this process's stream, made on first use
 
