@@ -166,3 +166,23 @@ def test_a_reader_that_goes_away_ends_the_run_quietly(tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err.decode()
     assert b"Traceback" not in err and b"BrokenPipe" not in err
+
+
+@pytest.mark.parametrize("command", ["translate", "generate", "score-source", "score-target"])
+def test_output_onto_an_input_file_is_refused_and_the_input_kept(tmp_path, command):
+    """--output naming the file being read (itself or through a link) would empty it before a
+    line is read: refused with a one-line error, exit 2, the input unchanged."""
+    source, target = tmp_path / "in.txt", tmp_path / "words.txt"
+    source.write_text("1984\n7\n")
+    target.write_text("one thousand nine hundred eighty four\nseven\n")
+    link = tmp_path / "link.txt"
+    link.symlink_to(target if command == "score-target" else source)
+    if command.startswith("score"):
+        args = ["score", "--source", str(source), "--target", str(target)]
+    else:
+        args = [command, "--input", str(source)]
+    out = shmengine_run(*args, "--output", str(link))
+    assert out.returncode == 2, out.stderr
+    assert "is the input file" in out.stderr and "Traceback" not in out.stderr
+    assert source.read_text() == "1984\n7\n"
+    assert target.read_text() == "one thousand nine hundred eighty four\nseven\n"

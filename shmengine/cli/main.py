@@ -350,9 +350,21 @@ class _Output:
 
     Never ``open("/dev/stdout", "w")``: that reopens the file behind stdout and truncates it, so
     ``>> log`` lost the log and ``{ shmengine-run ...; echo done; } > out`` overwrote what came
-    before. With ``flush_each`` every line is flushed as it is written (a person is reading)."""
+    before. With ``flush_each`` every line is flushed as it is written (a person is reading).
 
-    def __init__(self, path: str | None, flush_each: bool = False):
+    ``inputs`` are the files the command reads: an output naming one of them is refused before
+    it is opened, since opening it for writing would empty the input before a line is read."""
+
+    def __init__(self, path: str | None, flush_each: bool = False, inputs=()):
+        if path and os.path.exists(path):
+            for source in inputs:
+                if source and os.path.exists(source) and os.path.samefile(source, path):
+                    from shmengine.errors import InvalidInputError
+
+                    raise InvalidInputError(
+                        f"--output {path} is the input file {source}: writing it would empty the input; "
+                        "write to another file"
+                    )
         self.file = open(path, "w", encoding="utf-8") if path else sys.stdout
         self.flush_each = flush_each or self.file.isatty()
 
@@ -406,7 +418,7 @@ def _cmd_translate(args) -> int:
             _checked(codec.tokenize(line), where, limit, translator.model, "--max-input-length")
             for where, line in read_lines(args.input)
         )
-        out = _Output(args.output, flush_each=interactive)
+        out = _Output(args.output, flush_each=interactive, inputs=[args.input])
         start = time.perf_counter()
         examples = tokens = 0
         try:
@@ -455,7 +467,7 @@ def _cmd_generate(args) -> int:
             return tokens
 
         interactive = args.input is None and sys.stdin.isatty()
-        out = _Output(args.output, flush_each=interactive)
+        out = _Output(args.output, flush_each=interactive, inputs=[args.input])
         start = time.perf_counter()
         examples = tokens = 0
         options = dict(max_length=args.max_length, include_prompt_in_result=False, **_decoding_kwargs(args))
@@ -516,7 +528,7 @@ def _cmd_score(args) -> int:
             return translator.score_batch(list(sources), list(targets), max_batch_size=args.max_batch_size,
                                           max_input_length=limit, asynchronous=True)
 
-        out = _Output(args.output)
+        out = _Output(args.output, inputs=[args.source, args.target])
         start = time.perf_counter()
         examples = tokens = 0
         try:
