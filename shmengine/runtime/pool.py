@@ -569,8 +569,7 @@ class WorkerPool:
             worker.ready = True
             worker.info = message.info
             self._start_failures[worker.slot] = 0
-            if not self._started.is_set() and all(w.ready for w in self._workers.values()):
-                self._started.set()
+            self._mark_started_if_ready()
             first = worker.slot not in self._ever_ready
             self._ever_ready.add(worker.slot)
             self._notify(self._observer.worker_ready, worker.slot, dict(worker.info), first)
@@ -602,6 +601,13 @@ class WorkerPool:
         else:
             raise RuntimeError(f"worker {worker.slot} sent an unknown message {type(message).__name__}")
 
+    def _mark_started_if_ready(self) -> None:
+        # Ready *and* its pid known: a worker's ready message (its own socket) can arrive before
+        # the fork server's spawn report, and the constructor must not return with worker_pids()
+        # still missing one.
+        if not self._started.is_set() and all(w.ready and w.pid is not None for w in self._workers.values()):
+            self._started.set()
+
     def _on_worker_eof(self, worker: _Worker) -> None:
         """Its socket closed: the worker is dying. Wait for the fork server to say how."""
         if worker.eof_at is None:
@@ -624,6 +630,7 @@ class WorkerPool:
             return  # a report about a worker already replaced
         if isinstance(report, WorkerSpawned):
             worker.pid = report.pid
+            self._mark_started_if_ready()
             if report.slot in self._held:  # held while its spawn was on the way: it must not serve
                 self._fork_server.kill(report.pid)
         elif isinstance(report, WorkerExited):
