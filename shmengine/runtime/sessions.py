@@ -148,15 +148,35 @@ def _rename_shared_subgraph_initializers(path: str) -> None:
     same Constant names in both branches of its If (legal: each branch is its own scope), so the
     written model holds initializers of one name in two subgraphs; ONNX Runtime 1.31 loads that,
     1.30 refuses it ("initializer name is not unique"). A renamed copy (name + its branch's
-    path) loads in both; the external data stays where it is (only names change)."""
+    path) loads in both; the external data stays where it is (only names change).
+
+    ONNX Runtime 1.30 also writes some of a branch's initializers twice in that one branch, as
+    byte-identical entries (seen: 160 of the bundled Marian decoder's, after the alignment
+    edit): the second copy of each is dropped. Two entries of one name in one graph that
+    differ could not be told apart by the nodes that read them; that raises."""
     import onnx
 
     model = onnx.load(path, load_external_data=False)
     seen: dict[str, int] = {}
+    changed = False
 
     def count(graph):
-        for tensor in graph.initializer:
-            seen[tensor.name] = seen.get(tensor.name, 0) + 1
+        nonlocal changed
+        kept: dict[str, bytes] = {}
+        duplicates = []
+        for index, tensor in enumerate(graph.initializer):
+            data = tensor.SerializeToString()
+            if tensor.name not in kept:
+                kept[tensor.name] = data
+            elif kept[tensor.name] == data:
+                duplicates.append(index)
+            else:
+                raise ValueError(f"{path}: two different initializers named {tensor.name!r} in graph {graph.name!r}")
+        for index in reversed(duplicates):
+            del graph.initializer[index]
+        changed = changed or bool(duplicates)
+        for name in kept:
+            seen[name] = seen.get(name, 0) + 1
         for node in graph.node:
             for attr in node.attribute:
                 if attr.type == onnx.AttributeProto.GRAPH:
@@ -198,6 +218,8 @@ def _rename_shared_subgraph_initializers(path: str) -> None:
 
     count(model.graph)
     if all(n == 1 for n in seen.values()):
+        if changed:
+            onnx.save(model, path)
         return
     visit(model.graph, "")
     onnx.save(model, path)
