@@ -172,6 +172,30 @@ def test_log_normalizer_equals_numpy_log_sum_exp(rows):
     np.testing.assert_allclose(got, exact, rtol=1e-6)
 
 
+@pytest.mark.parametrize("vocab,k", [(50257, 8), (58101, 4), (50257, 50), (1000, 3), (300, 7), (64 * 40, 2)])
+def test_top_k_ids_selects_each_rows_largest_values(vocab, k):
+    """The blocked top-k (a max per block, then a selection over the best blocks) keeps, in
+    every row, exactly the k largest values that a full sort finds: rows whose best values sit
+    together in one block, in the partial last block, rows that are mostly -inf (banned
+    tokens) and rows with ties at the k-th place included."""
+    from shmengine.decode.decoding import top_k_ids
+
+    rng = np.random.default_rng(vocab + k)
+    rows = 12
+    values = (rng.standard_normal((rows, vocab)) * 3).astype(np.float32)
+    values[0, 128 : 128 + k] = 50.0 + np.arange(k)  # all of the top k in one block
+    values[1, vocab - k :] = 40.0  # in the last positions (the partial block where there is one)
+    values[2, :] = -np.inf
+    values[2, 5] = 1.0  # one finite value: the rest of its top k are -inf
+    values[3, :] = 0.5  # every value tied
+    values[4, ::97] = 9.0  # more ties at the top than k
+    ids = top_k_ids(values, k)
+    assert ids.shape == (rows, k)
+    for row in range(rows):
+        assert len(set(ids[row].tolist())) == k, f"row {row}: an id chosen twice"
+        np.testing.assert_array_equal(np.sort(values[row, ids[row]]), np.sort(values[row])[-k:], err_msg=f"row {row}")
+
+
 def test_forced_prefix_greedy_and_beam():
     toy = ToyStepper(seed=2)
     for beam in (1, 3):

@@ -83,11 +83,41 @@ class HostLogits:
         if k == 1:
             ids = np.argmax(values, axis=-1)[:, None]
         elif k < vocab:
-            ids = np.argpartition(values, vocab - k, axis=-1)[:, vocab - k :]
+            ids = top_k_ids(values, k)
         else:
             ids = np.broadcast_to(np.arange(vocab), values.shape)
         normalizer = log_normalizer(values) if normalize else np.zeros((len(values), 1), np.float32)
         return np.take_along_axis(values, ids, axis=-1), ids, normalizer
+
+
+# top_k_ids: below this many candidates per row a plain argpartition of the row is as quick.
+_TOP_K_BLOCK = 64
+
+
+def top_k_ids(values: np.ndarray, k: int) -> np.ndarray:
+    """The ids of each row's ``k`` largest values [rows, k] (in no order), for 1 < k < vocab.
+
+    ``np.argpartition`` over the whole row is a selection pass that costs ~10x a reduction (a
+    fifth of a beam-4 worker's time at 128 rows x 50,257, profiled). Instead, each row is cut in
+    blocks of ``_TOP_K_BLOCK``; every one of the row's top k lies in one of the k blocks with
+    the largest maxima (an element outside them is beaten by those k maxima), so a max per
+    block (a vectorised reduction), a selection over the block maxima and one over the k
+    blocks' elements give the same values as the full selection. Among equal values at the
+    k-th place either selection may keep any of them."""
+    rows, vocab = values.shape
+    blocks = vocab // _TOP_K_BLOCK
+    if blocks <= 4 * k:  # not enough blocks to skip: select over the rows themselves
+        return np.argpartition(values, vocab - k, axis=-1)[:, vocab - k :]
+    whole = blocks * _TOP_K_BLOCK
+    maxima = values[:, :whole].reshape(rows, blocks, _TOP_K_BLOCK).max(axis=-1)
+    best_blocks = np.argpartition(maxima, blocks - k, axis=-1)[:, blocks - k :]
+    columns = (best_blocks[:, :, None] * _TOP_K_BLOCK + np.arange(_TOP_K_BLOCK)).reshape(rows, -1)
+    if whole < vocab:  # the last, partial block is always a candidate
+        columns = np.concatenate([columns, np.broadcast_to(np.arange(whole, vocab), (rows, vocab - whole))], axis=1)
+    candidates = np.take_along_axis(values, columns, axis=-1)
+    width = columns.shape[1]
+    chosen = np.argpartition(candidates, width - k, axis=-1)[:, width - k :]
+    return np.take_along_axis(columns, chosen, axis=-1)
 
 
 def as_logits(logits) -> Logits:
@@ -319,7 +349,12 @@ def _sample(log_probs: np.ndarray, options: DecodingOptions, rng: np.random.Gene
     scaled = log_probs / np.float32(options.sampling_temperature)
     vocab = scaled.shape[-1]
     k = vocab if options.sampling_topk <= 0 else min(options.sampling_topk, vocab)
-    candidates = np.argpartition(-scaled, k - 1, axis=-1)[:, :k] if k < vocab else np.tile(np.arange(vocab), (len(scaled), 1))
+    if k == 1:
+        candidates = np.argmax(scaled, axis=-1)[:, None]
+    elif k < vocab:
+        candidates = top_k_ids(scaled, k)
+    else:
+        candidates = np.tile(np.arange(vocab), (len(scaled), 1))
     cand_scores = np.take_along_axis(scaled, candidates, axis=-1)
     order = np.argsort(-cand_scores, axis=-1, kind="stable")
     candidates = np.take_along_axis(candidates, order, axis=-1)
