@@ -13,7 +13,8 @@ Each engine runs in a subprocess of its own, so its memory is its own, counted w
 process's PSS less its shared-memory part, plus every /dev/shm file and memfd (the weights
 segment, prepacked model files, transport arenas) that the tree holds open or maps, once, at its
 allocated size; only this run's processes are looked at, not other users' /dev/shm files. "MiB"
-columns are measured after generating (model loaded, warm); the peak over the child's life,
+columns are measured after generating (model loaded, warm, 0.5 s after the last batch returned:
+settled); the peak over the child's life,
 sampled every 50 ms, is printed beside. Engines: CTranslate2 (``ct2``, ``ct2-int8``) and
 shmengine by default, with ``prepack_weights=True`` (``-pp``: ORT's prepacked weights, made once
 and shared by the workers), in float32 and ``compute_type="int8"`` (quantized once before the
@@ -266,6 +267,10 @@ def run_child(kind: str, engine: str, inter: int, model_dir: Path, opts) -> tupl
     line = proc.stdout.readline()
     after = 0.0
     if line:
+        # Settled, not in the middle of the last batch's clean-up: an engine frees the batch's
+        # KV cache as it returns (shmengine's worker trims its heap just after replying), and a
+        # sample taken at once caught that half the time (seen: the same tree 413 and 826 MiB).
+        time.sleep(0.5)
         samples = []
         for _ in range(5):
             samples.append(_memory_kib([proc.pid, *_descendants(proc.pid)]) / 1024)
