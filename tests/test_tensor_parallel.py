@@ -149,3 +149,23 @@ def test_ranks_left_the_same_cores_take_a_block_each_and_yield_while_waiting():
         assert len(after0) == len(after1) == share and not set(after0) & set(after1), rows
         assert intra0 == intra1 == share  # the default threads: the rank's own cores
         assert yield0 == yield1 == "1"
+
+
+@pytest.mark.parametrize("vocab,ranks", [(50257, 2), (50257, 4), (58101, 3), (8, 8)])
+def test_lm_head_blocks_cover_the_vocabulary_once(vocab, ranks):
+    """The LM head is split by vocabulary with no divisibility asked: the ranks' blocks, in rank
+    order, are the whole vocabulary once, as even as the count allows; a tied head's block is a
+    view of the embedding (no second copy), an untied one's the matching columns."""
+    import numpy as np
+
+    from shmengine.tp.sharding import head_block, vocab_blocks
+
+    sizes = vocab_blocks(vocab, ranks)
+    assert sum(sizes) == vocab and max(sizes) - min(sizes) <= 1
+    embedding = np.arange(vocab * 3, dtype=np.float32).reshape(vocab, 3)
+    tied = [head_block(embedding, r, ranks, tied=True) for r in range(ranks)]
+    np.testing.assert_array_equal(np.concatenate([b for b, _, _ in tied]), embedding)
+    assert all(np.shares_memory(b, embedding) for b, _, _ in tied)
+    untied = [head_block(embedding.T, r, ranks, tied=False)[0] for r in range(ranks)]
+    np.testing.assert_array_equal(np.concatenate(untied, axis=1), embedding.T)
+    assert all(b.flags.c_contiguous for b in untied)

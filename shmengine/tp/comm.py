@@ -1,4 +1,5 @@
-"""The sum over ranks between two segments, with mpi4py, and what a failed rank looks like."""
+"""The sum over ranks between two segments (and the LM head's logits gathered), with mpi4py, and what
+a failed rank looks like."""
 
 from __future__ import annotations
 
@@ -66,6 +67,26 @@ class Communicator:
         self.comm.Allreduce(MPI.IN_PLACE, buffer, op=MPI.SUM)
         self.seconds += time.perf_counter() - start
         return buffer
+
+    def gather_columns(self, block: np.ndarray, sizes: tuple[int, ...]) -> np.ndarray:
+        """Every rank's ``block`` [rows, sizes[rank]] side by side, in rank order: [rows, sum(sizes)]
+        on every rank (the logits of an LM head split by vocabulary)."""
+        self.calls += 1
+        if self.size == 1:
+            return block
+        from mpi4py import MPI
+
+        block = np.ascontiguousarray(block, dtype=np.float32)
+        rows = block.shape[0]
+        counts = [rows * size for size in sizes]
+        offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int).tolist()
+        received = np.empty(sum(counts), np.float32)
+        start = time.perf_counter()
+        self.comm.Allgatherv(block, [received, counts, offsets, MPI.FLOAT])
+        self.seconds += time.perf_counter() - start
+        return np.concatenate(
+            [received[o : o + c].reshape(rows, size) for o, c, size in zip(offsets, counts, sizes)], axis=1
+        )
 
     def agree(self, value, what: str) -> None:
         """Raise on every rank when the ranks were not given the same ``value`` (a collective

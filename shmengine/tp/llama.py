@@ -5,7 +5,8 @@ block of whole query heads and the block of key/value heads they read), ``o_proj
 ``gate_proj`` / ``up_proj`` by columns, ``down_proj`` by rows. With GQA the key/value heads are
 split too, so N must divide ``num_key_value_heads`` (query head h reads kv head h // group, and
 a block of kv heads serves exactly the matching block of query heads); a clear error says so
-otherwise. Replicated: the token embedding, the RMSNorms and ``lm_head``. The rotary cos/sin
+otherwise. ``lm_head`` by vocabulary (a block of columns per rank, the logits gathered after
+it). Replicated: the token embedding and the RMSNorms. The rotary cos/sin
 depend only on the positions: computed once per step on the rank (as transformers does, in
 float32) and fed to every layer's attention segment.
 """
@@ -22,7 +23,7 @@ from onnx import helper
 from shmengine.errors import ModelLoadError
 
 from .gpt2 import Segment, _float, _linear, _model, _tensor, held_nbytes, layer_segments, read_weights
-from .sharding import Shard
+from .sharding import Shard, head_block
 
 __all__ = ["LlamaLayout", "LlamaShard", "load_llama_shard"]
 
@@ -168,13 +169,17 @@ def _mlp_graph(layer: int, layout: LlamaLayout, shard: Shard, norm, gate, up, do
                   f"llama_mlp_{layer}_rank_{shard.rank}", weights)
 
 
-def _head_graph(layout: LlamaLayout, norm, lm_head: np.ndarray) -> Segment:
+def _head_graph(layout: LlamaLayout, shard: Shard, norm, lm_head: np.ndarray) -> Segment:
+    """h [r, E] -> this rank's block of the logits [r, V / N] (``lm_head`` [E, V], by columns)."""
+    block, sizes, _ = head_block(lm_head, shard.rank, shard.ranks, tied=False)
     inits: list = []
     nodes: list = []
     _rms_norm(nodes, inits, "h", "ln", "n", layout.epsilon, "n")
     nodes.append(helper.make_node("MatMul", ["n", "w"], ["logits"]))
-    return _model(nodes, [_float("h", ["r", layout.hidden])], [_float("logits", ["r", lm_head.shape[1]])], inits,
-                  "llama_head", {"ln": norm, "w": lm_head})
+    segment = _model(nodes, [_float("h", ["r", layout.hidden])], [_float("logits", ["r", sizes[shard.rank]])], inits,
+                     f"llama_head_rank_{shard.rank}", {"ln": norm, "w": block})
+    segment.vocab_blocks = sizes
+    return segment
 
 
 def read_layout(model_dir: Path) -> LlamaLayout:
@@ -211,5 +216,5 @@ def load_llama_shard(model_dir: Path, graph: Path, rank: int, ranks: int) -> Lla
                                       *(linear(f"{p}/self_attn/{x}_proj") for x in "qkvo")),
         lambda i, p: _mlp_graph(i, layout, shard, _weight_of(found, f"{p}/post_attention_layernorm/Mul_1"),
                                 *(linear(f"{p}/mlp/{x}_proj") for x in ("gate", "up", "down"))))
-    head = _head_graph(layout, _weight_of(found, "/model/norm/Mul_1"), _linear(found, "/lm_head/MatMul")[0])
+    head = _head_graph(layout, shard, _weight_of(found, "/model/norm/Mul_1"), _linear(found, "/lm_head/MatMul")[0])
     return LlamaShard(layout, shard, embedding, attention, mlp, head, model_nbytes)

@@ -8,9 +8,9 @@ post-norm (``h = LayerNorm(h + block(h))``), so the residual add and the LayerNo
 rank after each all-reduce, in numpy, replicated. The cross-attention keys and values are made
 once per batch from the encoder states by a segment of their own (this rank's heads) and kept
 as the ``past_key_values.N.encoder.*`` cache, as the merged decoder's first step does.
-Replicated: the shared embedding (also the LM head when the export's head equals it: kept
-once), the LM head otherwise, the sinusoidal
-positions, the LayerNorms and ``final_logits_bias``.
+The LM head (and ``final_logits_bias``) by vocabulary, a block per rank, gathered after it; a
+block of rows of the shared embedding when the export's head equals it (one copy). Replicated:
+the shared embedding, the sinusoidal positions and the LayerNorms.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from onnx import helper
 from shmengine.errors import ModelLoadError
 
 from .gpt2 import EvenHeads, Segment, _float, _model, _tensor, held_nbytes, read_weights
-from .sharding import Shard
+from .sharding import Shard, head_block
 
 __all__ = ["MarianShard", "load_marian_shard"]
 
@@ -164,14 +164,15 @@ def _ffn(name: str, layout: MarianLayout, shard: Shard, fc1, fc2) -> Segment:
                   f"{name}_rank_{shard.rank}", weights)
 
 
-def _head(layout: MarianLayout, weight: np.ndarray, bias: np.ndarray, tied: bool) -> Segment:
-    """h [r, E] -> logits [r, V] + final_logits_bias; a tied head is the embedding [V, E] itself."""
+def _head(layout: MarianLayout, shard: Shard, weight: np.ndarray, bias: np.ndarray, tied: bool) -> Segment:
+    """h [r, E] -> this rank's block of the logits [r, V / N] + its part of final_logits_bias;
+    a tied head's block is rows of the embedding [V, E] itself."""
+    block, sizes, columns = head_block(weight, shard.rank, shard.ranks, tied=tied)
     nodes = [helper.make_node("Gemm", ["h", "w", "c"], ["logits"], transB=1 if tied else 0)]
-    vocab = weight.shape[0] if tied else weight.shape[1]
-    segment = _model(nodes, [_float("h", ["r", layout.hidden])], [_float("logits", ["r", vocab])], [],
-                     "marian_head", {"w": weight, "c": bias.reshape(-1)})
-    if tied:
-        segment.weights["w"] = weight  # the very embedding array: held once
+    segment = _model(nodes, [_float("h", ["r", layout.hidden])], [_float("logits", ["r", sizes[shard.rank]])], [],
+                     f"marian_head_rank_{shard.rank}", {"w": block, "c": bias.reshape(-1)[columns.start : columns.stop]})
+    segment.weights["w"] = block  # for a tied head, a view of the embedding: held once
+    segment.vocab_blocks = sizes
     return segment
 
 
@@ -271,6 +272,6 @@ def load_marian_shard(model_dir: Path, encoder_graph: Path, decoder_graph: Path,
         ))
     lm_head = _weight(dec, "/lm_head/MatMul")
     tied = lm_head.shape == embedding.T.shape and np.array_equal(lm_head, embedding.T)
-    head = _head(layout, embedding if tied else lm_head, _weight(dec, "/Add"), tied)
+    head = _head(layout, shard, embedding if tied else lm_head, _weight(dec, "/Add"), tied)
     return MarianShard(layout, shard, embedding, _weight(enc, "/embed_positions/Gather"),
                        _weight(dec, "/model/decoder/embed_positions/Gather"), encoder, decoder, head, model_nbytes)

@@ -88,6 +88,14 @@ def create_session(segment: Segment, intra_threads: int, allow_spinning: bool = 
     return session
 
 
+def _run_head(runner, rows: np.ndarray) -> np.ndarray:
+    """The LM head over ``rows`` [r, E]: this rank's block of the vocabulary, gathered with the
+    other ranks' into the whole logits [r, V] (every rank gets them, as every rank decodes)."""
+    (block,) = runner.head.run(None, {"h": np.ascontiguousarray(rows)})
+    sizes = runner.shard.head.vocab_blocks
+    return block if sizes is None else runner.comm.gather_columns(block, sizes)
+
+
 class TensorParallelRunner(HostRunner):
     """Runs one rank's shard (GPT-2 or Llama) for a :class:`steppers.DecoderOnlyStepper`."""
 
@@ -102,6 +110,8 @@ class TensorParallelRunner(HostRunner):
 
     def empty(self, meta, batch: int):
         return np.zeros((batch, self.shard.cache_heads, 0, self.shard.head_dim), dtype=np.float32)
+
+    _head = _run_head
 
     def run(self, session, feeds, fetch):
         ids = np.asarray(feeds["input_ids"])
@@ -131,7 +141,7 @@ class TensorParallelRunner(HostRunner):
             outputs[f"present.{i}.key"], outputs[f"present.{i}.value"] = present_k, present_v
         where = fetch.get("logits", LOGITS)
         rows = h[:, -1, :] if where == LOGITS else h.reshape(batch * length, -1)
-        (logits,) = self.head.run(None, {"h": np.ascontiguousarray(rows)})
+        logits = self._head(rows)
         if where == HOST:
             outputs["logits"] = logits.reshape(batch, length, -1)
         else:
@@ -156,6 +166,8 @@ class Seq2SeqTensorParallelRunner(HostRunner):
 
     def empty(self, meta, batch: int):
         return np.zeros((batch, self.shard.cache_heads, 0, self.shard.head_dim), dtype=np.float32)
+
+    _head = _run_head
 
     def _nothing(self, batch: int) -> np.ndarray:
         return np.zeros((batch, self.shard.cache_heads, 0, self.shard.head_dim), dtype=np.float32)
@@ -212,6 +224,6 @@ class Seq2SeqTensorParallelRunner(HostRunner):
             outputs[f"present.{i}.encoder.key"], outputs[f"present.{i}.encoder.value"] = key, value
         where = fetch.get("logits", LOGITS)
         rows = h[:, -1, :] if where == LOGITS else h.reshape(batch * length, -1)
-        (logits,) = self.head.run(None, {"h": np.ascontiguousarray(rows)})
+        logits = self._head(rows)
         outputs["logits"] = logits.reshape(batch, length, -1) if where == HOST else HostLogits(logits)
         return {name: outputs[name] for name in fetch}
