@@ -167,6 +167,12 @@ def test_log_normalizer_equals_numpy_log_sum_exp(rows):
     got = log_normalizer(logits)
     assert got.shape == (rows, 1) and got.dtype == np.float32
     np.testing.assert_array_equal(got, expected)
+    # the row maxima handed in (the top-k holds them) give the same values to the bit, and the
+    # top-k's own normaliser is that one
+    np.testing.assert_array_equal(log_normalizer(logits, peak=peak), expected)
+    from shmengine.decode.decoding import HostLogits
+
+    np.testing.assert_array_equal(HostLogits(logits).top(4)[2], expected)
     wide = logits.astype(np.float64)
     exact = np.log(np.exp(wide - wide.max(-1, keepdims=True)).sum(-1, keepdims=True)) + wide.max(-1, keepdims=True)
     np.testing.assert_allclose(got, exact, rtol=1e-6)

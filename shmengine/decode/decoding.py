@@ -86,8 +86,11 @@ class HostLogits:
             ids = top_k_ids(values, k)
         else:
             ids = np.broadcast_to(np.arange(vocab), values.shape)
-        normalizer = log_normalizer(values) if normalize else np.zeros((len(values), 1), np.float32)
-        return np.take_along_axis(values, ids, axis=-1), ids, normalizer
+        top = np.take_along_axis(values, ids, axis=-1)
+        if not normalize:
+            return top, ids, np.zeros((len(values), 1), np.float32)
+        # the row maximum is among the top k: the normaliser needs no pass of its own for it
+        return top, ids, log_normalizer(values, peak=top.max(axis=-1, keepdims=True))
 
 
 # top_k_ids: below this many candidates per row a plain argpartition of the row is as quick.
@@ -223,16 +226,20 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return logits - log_normalizer(logits)
 
 
-def log_normalizer(logits: np.ndarray) -> np.ndarray:
+def log_normalizer(logits: np.ndarray, peak: np.ndarray | None = None) -> np.ndarray:
     """Row-wise log-sum-exp [rows, 1] in float32: ``log_softmax(x) = x - log_normalizer(x)``.
 
     The search loops use it to score only the tokens they look at, rather than writing a
     [rows, vocabulary] log-softmax every step (at 128 rows x 58k tokens that array alone costs
-    more than the Python around it)."""
+    more than the Python around it). ``peak``: each row's maximum [rows, 1] where the caller
+    has it already (the top-k holds it), saving a pass over the rows; the same values result."""
     logits = logits.astype(np.float32, copy=False)
+    if peak is not None:
+        peak = np.array(peak, dtype=np.float32, copy=True).reshape(len(logits), 1)
     if logits.ndim == 2 and logits.nbytes > _BLOCKED_ABOVE:
-        return _log_normalizer_blocked(logits)
-    peak = np.max(logits, axis=-1, keepdims=True)
+        return _log_normalizer_blocked(logits, peak)
+    if peak is None:
+        peak = np.max(logits, axis=-1, keepdims=True)
     peak[~np.isfinite(peak)] = 0
     work = np.subtract(logits, peak)
     np.exp(work, out=work)
@@ -246,7 +253,7 @@ _BLOCKED_ABOVE = 4 << 20
 _BLOCK_BYTES = 1 << 20
 
 
-def _log_normalizer_blocked(logits: np.ndarray) -> np.ndarray:
+def _log_normalizer_blocked(logits: np.ndarray, peaks: np.ndarray | None = None) -> np.ndarray:
     """:func:`log_normalizer` of a [rows, vocabulary] float32 array, a block of rows at a time
     (the same operations per row, so the same values to the bit)."""
     rows, vocab = logits.shape
@@ -255,7 +262,7 @@ def _log_normalizer_blocked(logits: np.ndarray) -> np.ndarray:
     buffer = np.empty((min(step, rows), vocab), np.float32)
     for start in range(0, rows, step):
         chunk = logits[start : start + step]
-        peak = np.max(chunk, axis=-1, keepdims=True)
+        peak = np.max(chunk, axis=-1, keepdims=True) if peaks is None else peaks[start : start + step]
         peak[~np.isfinite(peak)] = 0
         work = buffer[: len(chunk)]
         np.subtract(chunk, peak, out=work)
