@@ -408,18 +408,6 @@ def main() -> int:
             if any(key not in runner.results for key in needed):
                 print(f"(TP {n}x{intra}: not measured within the budget)")
                 continue
-            if args.core_only:
-                tp, one, same = ("tp", n, intra, "bound"), ("one", intra), ("one", n * intra)
-                rows.append((f"TP {n}x{intra} batch-1 latency", f"{m(tp, 'latency') * 1e3:.1f} ms",
-                             f"1 proc intra {intra}: {m(one, 'latency') * 1e3:.1f} ms", m(tp, "latency") / m(one, "latency"),
-                             f"1 proc intra {n * intra}: {m(same, 'latency') * 1e3:.1f} ms",
-                             m(tp, "latency") / m(same, "latency"),
-                             f"rank 0: {m(tp, 'wait_share') * 100:.0f}% of wall in all-reduces"))
-                rows.append((f"TP {n}x{intra} batch-8 tokens/s", f"{m(tp, 'rate'):.1f}",
-                             f"1 proc intra {intra}: {m(one, 'rate'):.1f}", m(tp, "rate") / m(one, "rate"),
-                             f"1 proc intra {n * intra}: {m(same, 'rate'):.1f}", m(tp, "rate") / m(same, "rate"),
-                             f"weights per rank {m(tp, 'bytes') / m(one, 'bytes'):.2f} of one process"))
-                continue
             tp, one, same, tp_yield = ("tp", n, intra, "bound"), ("one", intra), ("one", n * intra), ("tp", n, intra, "yield")
             waits = f"rank 0: {m(tp, 'wait_share') * 100:.0f}% of wall in all-reduces, CPU/wall {m(tp, 'cpu_share'):.2f}"
             rows.append((f"TP {n}x{intra} batch-1 latency", f"{m(tp, 'latency') * 1e3:.1f} ms",
@@ -429,9 +417,10 @@ def main() -> int:
             rows.append((f"TP {n}x{intra} batch-8 tokens/s", f"{m(tp, 'rate'):.1f}", f"1 proc intra {intra}: {m(one, 'rate'):.1f}",
                          m(tp, "rate") / m(one, "rate"), f"1 proc intra {n * intra}: {m(same, 'rate'):.1f}",
                          m(tp, "rate") / m(same, "rate"), f"weights per rank {m(tp, 'bytes') / m(one, 'bytes'):.2f} of one process"))
-            rows.append((f"TP {n}x{intra} batch-1, yield_when_idle=1", f"{m(tp_yield, 'latency') * 1e3:.1f} ms",
-                         f"busy-polling: {m(tp, 'latency') * 1e3:.1f} ms", m(tp_yield, "latency") / m(tp, "latency"),
-                         "", None, f"CPU/wall {m(tp_yield, 'cpu_share'):.2f}"))
+            if not args.core_only:
+                rows.append((f"TP {n}x{intra} batch-1, yield_when_idle=1", f"{m(tp_yield, 'latency') * 1e3:.1f} ms",
+                             f"busy-polling: {m(tp, 'latency') * 1e3:.1f} ms", m(tp_yield, "latency") / m(tp, "latency"),
+                             "", None, f"CPU/wall {m(tp_yield, 'cpu_share'):.2f}"))
         if not args.core_only:
             if all(k in runner.results for k in (("tp", n, 0, "default"), ("tp", n, 1, "before"), ("tp", n, 1, "bound"))):
                 rows += defaults_rows(runner, n)
