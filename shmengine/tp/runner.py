@@ -88,15 +88,22 @@ def create_session(segment: Segment, intra_threads: int, allow_spinning: bool = 
     return session
 
 
-def _run_head(runner, rows: np.ndarray) -> np.ndarray:
-    """The LM head over ``rows`` [r, E]: this rank's block of the vocabulary, gathered with the
-    other ranks' into the whole logits [r, V] (every rank gets them, as every rank decodes)."""
-    (block,) = runner.head.run(None, {"h": np.ascontiguousarray(rows)})
-    sizes = runner.shard.head.vocab_blocks
-    return block if sizes is None else runner.comm.gather_columns(block, sizes)
+class _ShardRunner(HostRunner):
+    """What the decoder-only and the seq2seq shard runners share: the cache shape of this rank's
+    heads, and the LM head over this rank's block of the vocabulary."""
+
+    def empty(self, meta, batch: int):
+        return np.zeros((batch, self.shard.cache_heads, 0, self.shard.head_dim), dtype=np.float32)
+
+    def _head(self, rows: np.ndarray) -> np.ndarray:
+        """The LM head over ``rows`` [r, E]: this rank's block of the vocabulary, gathered with the
+        other ranks' into the whole logits [r, V] (every rank gets them, as every rank decodes)."""
+        (block,) = self.head.run(None, {"h": np.ascontiguousarray(rows)})
+        sizes = self.shard.head.vocab_blocks
+        return block if sizes is None else self.comm.gather_columns(block, sizes)
 
 
-class TensorParallelRunner(HostRunner):
+class TensorParallelRunner(_ShardRunner):
     """Runs one rank's shard (GPT-2 or Llama) for a :class:`steppers.DecoderOnlyStepper`."""
 
     def __init__(self, shard, comm: Communicator, intra_threads: int = 1, allow_spinning: bool = False):
@@ -108,10 +115,6 @@ class TensorParallelRunner(HostRunner):
         self.head = session(shard.head)
         self.min = np.finfo(np.float32).min
 
-    def empty(self, meta, batch: int):
-        return np.zeros((batch, self.shard.cache_heads, 0, self.shard.head_dim), dtype=np.float32)
-
-    _head = _run_head
 
     def run(self, session, feeds, fetch):
         ids = np.asarray(feeds["input_ids"])
@@ -149,7 +152,7 @@ class TensorParallelRunner(HostRunner):
         return {name: outputs[name] for name in fetch}
 
 
-class Seq2SeqTensorParallelRunner(HostRunner):
+class Seq2SeqTensorParallelRunner(_ShardRunner):
     """Runs one rank's Marian shard for a :class:`steppers.Seq2SeqStepper`: the encoder
     signature's runs go to the encoder segments, the decoder's to the decoder segments."""
 
@@ -164,13 +167,6 @@ class Seq2SeqTensorParallelRunner(HostRunner):
         self.head = session(shard.head)
         self.min = np.finfo(np.float32).min
 
-    def empty(self, meta, batch: int):
-        return np.zeros((batch, self.shard.cache_heads, 0, self.shard.head_dim), dtype=np.float32)
-
-    _head = _run_head
-
-    def _nothing(self, batch: int) -> np.ndarray:
-        return np.zeros((batch, self.shard.cache_heads, 0, self.shard.head_dim), dtype=np.float32)
 
     def _key_bias(self, mask: np.ndarray) -> np.ndarray:
         return np.where(mask != 0, np.float32(0), self.min).astype(np.float32)[:, None, None, :]
@@ -201,7 +197,7 @@ class Seq2SeqTensorParallelRunner(HostRunner):
         states = feeds["encoder_hidden_states"]
         cross_bias = self._key_bias(np.asarray(feeds["encoder_attention_mask"]))
         # a decoder_model.onnx (the first step of an unmerged pair) declares no cache inputs
-        before = feeds.get("past_key_values.0.decoder.key", self._nothing(batch)).shape[2]
+        before = feeds.get("past_key_values.0.decoder.key", self.empty(None, batch)).shape[2]
         total = before + length
         positions = np.arange(before, total)
         h = (shard.embedding[ids] * np.float32(shard.layout.scale) + shard.decoder_positions[positions]).astype(np.float32)
@@ -209,12 +205,12 @@ class Seq2SeqTensorParallelRunner(HostRunner):
         self_bias = np.where(causal, np.float32(0), self.min).astype(np.float32)[None, None]
         outputs = {}
         for i, (attention, attention_norm, cross_kv, cross, cross_norm, ffn, ffn_norm) in enumerate(self.decoder):
-            key, value = (feeds.get(f"past_key_values.{i}.encoder.{x}", self._nothing(batch)) for x in ("key", "value"))
+            key, value = (feeds.get(f"past_key_values.{i}.encoder.{x}", self.empty(None, batch)) for x in ("key", "value"))
             if key.shape[2] == 0:  # the first step: this rank's cross-attention cache from the encoder states
                 key, value = cross_kv.run(None, {"h": states})
             out, present_k, present_v = attention.run(None, {
-                "h": h, "bias": self_bias, "past_k": feeds.get(f"past_key_values.{i}.decoder.key", self._nothing(batch)),
-                "past_v": feeds.get(f"past_key_values.{i}.decoder.value", self._nothing(batch))})
+                "h": h, "bias": self_bias, "past_k": feeds.get(f"past_key_values.{i}.decoder.key", self.empty(None, batch)),
+                "past_v": feeds.get(f"past_key_values.{i}.decoder.value", self.empty(None, batch))})
             h = self.norm(h + self.comm.sum(out), attention_norm)
             (out,) = cross.run(None, {"h": h, "bias": cross_bias, "key": key, "value": value})
             h = self.norm(h + self.comm.sum(out), cross_norm)
