@@ -79,13 +79,7 @@ class HostLogits:
 
     def top(self, k: int, normalize: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         values = self.array()
-        vocab = values.shape[-1]
-        if k == 1:
-            ids = np.argmax(values, axis=-1)[:, None]
-        elif k < vocab:
-            ids = top_k_ids(values, k)
-        else:
-            ids = np.broadcast_to(np.arange(vocab), values.shape)
+        ids = top_ids(values, k)
         top = np.take_along_axis(values, ids, axis=-1)
         if not normalize:
             return top, ids, np.zeros((len(values), 1), np.float32)
@@ -93,8 +87,19 @@ class HostLogits:
         return top, ids, log_normalizer(values, peak=top.max(axis=-1, keepdims=True))
 
 
-# top_k_ids: below this many candidates per row a plain argpartition of the row is as quick.
+# top_k_ids: logits per block, whose maxima are taken first.
 _TOP_K_BLOCK = 64
+
+
+def top_ids(values: np.ndarray, k: int) -> np.ndarray:
+    """The ids of each row's ``k`` largest values [rows, k], in no order: the argmax for k = 1
+    (the lowest index among equals), every id when k covers the vocabulary."""
+    vocab = values.shape[-1]
+    if k == 1:
+        return np.argmax(values, axis=-1)[:, None]
+    if k < vocab:
+        return top_k_ids(values, k)
+    return np.broadcast_to(np.arange(vocab), values.shape)
 
 
 def top_k_ids(values: np.ndarray, k: int) -> np.ndarray:
@@ -356,12 +361,7 @@ def _sample(log_probs: np.ndarray, options: DecodingOptions, rng: np.random.Gene
     scaled = log_probs / np.float32(options.sampling_temperature)
     vocab = scaled.shape[-1]
     k = vocab if options.sampling_topk <= 0 else min(options.sampling_topk, vocab)
-    if k == 1:
-        candidates = np.argmax(scaled, axis=-1)[:, None]
-    elif k < vocab:
-        candidates = top_k_ids(scaled, k)
-    else:
-        candidates = np.tile(np.arange(vocab), (len(scaled), 1))
+    candidates = top_ids(scaled, k)
     cand_scores = np.take_along_axis(scaled, candidates, axis=-1)
     order = np.argsort(-cand_scores, axis=-1, kind="stable")
     candidates = np.take_along_axis(candidates, order, axis=-1)
