@@ -55,6 +55,11 @@ class RunnerContract:
         expected = {"host": "HostRunner", "bound": "BoundRunner"}[self.runner_kind]
         for model in models:
             assert model._pool.worker_info(0)["runner"] == expected
+        # the bound runner's decoders compute the step's top-k in their own run; the host
+        # runner's graphs are not given the extra outputs
+        generator, translator = models
+        assert ("step_top" in generator.transforms["model"]) == (self.runner_kind == "bound")
+        assert ("step_top" in translator.transforms["decoder"]) == (self.runner_kind == "bound")
 
     @pytest.mark.parametrize("beam", [1, 4])
     def test_generator_writes_numbers(self, models, beam):
@@ -248,3 +253,80 @@ def test_bfloat16_logits_come_back_as_float32(bound):
     np.testing.assert_array_equal(BoundLogits(value, bound).array(), expected[:, -1, :])
     _, ids, _ = BoundLogits(value, bound).top(3)
     np.testing.assert_array_equal(ids, np.argsort(-expected[:, -1, :], axis=-1, kind="stable")[:, :3])
+
+
+def test_a_graph_with_the_step_top_answers_the_search_from_its_own_run():
+    """graph_edits.expose_step_top: the model's run brings the step's top-k and normaliser to
+    the host, so the search needs no second (helper graph) run; a larger k falls back to the
+    helper once and the next runs compute that k; rows taken keep their top-k. numpy is the
+    reference."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from shmengine.model.graph_edits import STEP_TOP_K, expose_step_top
+
+    vocab = 37
+    scale = helper.make_tensor("scale", TensorProto.FLOAT, [], [1.5])
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "scale"], ["logits"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", vocab])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", "s", vocab])], [scale],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    assert expose_step_top(model)
+    assert STEP_TOP_K in {i.name for i in model.graph.input}
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    runner = BoundRunner(WorkerTarget(runner="bound"), (("CPUExecutionProvider", {}),))
+    rng = np.random.default_rng(3)
+
+    def expected(x, k):
+        last = (x * np.float32(1.5))[:, -1, :]
+        ids = np.argsort(-last, axis=-1, kind="stable")[:, :k]
+        peak = last.max(axis=-1, keepdims=True)
+        return np.take_along_axis(last, ids, axis=-1), ids, peak + np.log(np.exp(last - peak).sum(-1, keepdims=True))
+
+    def check(got, want):
+        np.testing.assert_array_equal(got[1], want[1])
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+        np.testing.assert_allclose(got[2], want[2], rtol=1e-5, atol=1e-5)
+
+    def helper_runs():
+        return [key for key in runner._helpers if key[0] == "top"]
+
+    x = (rng.standard_normal((4, 3, vocab)) * 3).astype(np.float32)
+    x[1, -1, 5] = x[1, -1, 20] = x[1, -1].max() + 1  # a tie: the lower id first, as numpy's stable sort
+    logits = runner.run(session, {"x": x}, {"logits": LOGITS})["logits"]
+    check(logits.top(1), expected(x, 1))
+    assert helper_runs() == []  # answered from the model's own run
+
+    check(logits.top(4), expected(x, 4))  # more than the run computed: the helper graph, once
+    assert len(helper_runs()) == 1
+    x = (rng.standard_normal((4, 1, vocab)) * 3).astype(np.float32)
+    logits = runner.run(session, {"x": x}, {"logits": LOGITS})["logits"]
+    check(logits.top(4), expected(x, 4))  # the model computed k = 4 this time
+    assert len(helper_runs()) == 1
+    rows = np.array([3, 3, 0])
+    taken = logits.take(rows)
+    check(taken.top(2), expected(x[rows], 2))
+    np.testing.assert_allclose(taken.array(), (x * np.float32(1.5))[rows, -1, :], rtol=1e-6)
+    assert len(helper_runs()) == 1
+
+
+def test_the_step_top_edit_leaves_a_graph_it_cannot_serve_as_it_is():
+    from onnx import TensorProto, helper
+
+    from shmengine.model.graph_edits import expose_step_top
+
+    def model(shape, opset=13):
+        graph = helper.make_graph(
+            [helper.make_node("Identity", ["x"], ["logits"])], "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+            [helper.make_tensor_value_info("logits", TensorProto.FLOAT, shape)],
+        )
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+    for m in (model(["b", 9]), model(["b", "s", 9], opset=11)):  # logits of rank 2; ReduceSum axes need opset 13
+        before = m.SerializeToString()
+        assert not expose_step_top(m)
+        assert m.SerializeToString() == before

@@ -302,9 +302,12 @@ def section_speed(model_dir: Path, rows: list[dict]) -> None:
 
 # name -> the environment the workers of that Generator get (read when they start)
 STRATEGIES = {
-    "graph": {},  # the default: the step's top-k on the device, a CUDA stream per session
+    "graph": {},  # the default: the step's top-k in the model's own run (step_top), a CUDA stream per session
     "shared-stream": {"SHMENGINE_CUDA_STREAM": "shared"},  # one stream per worker, device-only runs unsynced
     "host": {"SHMENGINE_DEVICE_REDUCE": "host"},  # the step's logits to the host, reduced by numpy
+    # the step's top-k by the helper graph, a second ORT run, as before the model's graph
+    # computed it itself (graph_edits.expose_step_top)
+    "helper": {"SHMENGINE_DEVICE_REDUCE": "helper"},
 }
 
 

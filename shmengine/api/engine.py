@@ -172,7 +172,7 @@ class PooledModel:
         self.intra_threads = placement.plan.intra_threads
         # The model transforms (graph edits, quantization, casts) run before the weights are
         # packed, so every worker maps the transformed weights from the one segment.
-        prepared = prepare_models(graphs, roles or {}, placement.device, options.compute_type)
+        prepared = prepare_models(graphs, roles or {}, placement.device, options.compute_type, placement.runner)
         self.compute_type = prepared.compute_type
         self.transforms = prepared.applied
         self._store = WeightStore.load(prepared.models, graph_edits)

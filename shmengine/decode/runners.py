@@ -36,6 +36,7 @@ import numpy as np
 
 from shmengine.decode.decoding import HostLogits
 from shmengine.errors import DeviceOutOfMemoryError
+from shmengine.model.graph_edits import STEP_TOP, STEP_TOP_K, top_nodes
 from shmengine.runtime.target import WorkerTarget
 
 __all__ = ["HOST", "KEEP", "LOGITS", "Runner", "HostRunner", "BoundRunner", "BoundLogits", "create_runner", "ORT_TYPES"]
@@ -109,11 +110,15 @@ class BoundRunner(Runner):
     """Tensors as ``OrtValue``\\ s on the target's device, sessions run through IOBinding."""
 
     def __init__(self, target: WorkerTarget, providers: Sequence[tuple[str, dict]]):
-        # SHMENGINE_DEVICE_REDUCE=host copies each step's logits to the host and reduces them
-        # there instead of in the helper graph (tools/bench_gpu.py measures both).
+        # Where a step's logits are reduced to its top-k (tools/bench_gpu.py's strategies
+        # section compares them): "graph" (default) in the model's own run where its graph has
+        # the step_top outputs, else in the helper graph; "helper" always in the helper graph;
+        # "topk" the same with TopK for greedy's top-1 too (else ArgMax); "host" copies the
+        # logits to the host and reduces them with numpy.
         reduce = os.environ.get("SHMENGINE_DEVICE_REDUCE", "graph")
         self.reduce_on_host = reduce == "host"
-        self.top1_by_topk = reduce == "topk"  # TopK for greedy's top-1 too (else ArgMax)
+        self.top1_by_topk = reduce == "topk"
+        self.step_top_allowed = reduce == "graph"
         self.device = target.ort_device
         # A CUDA worker sees only its own GPU (CUDA_VISIBLE_DEVICES), as device 0; the index
         # the user named is kept for messages.
@@ -122,6 +127,11 @@ class BoundRunner(Runner):
         self.providers = [name for name, _ in providers]
         self.provider_options = [dict(options) for _, options in providers]
         self._helpers: dict[tuple, Any] = {}
+        # Sessions whose graph computes the step's top-k itself (graph_edits.expose_step_top),
+        # and the k to ask of them: the last one a search asked for (one search runs a batch,
+        # and asks the same k every step; a different k is answered by the helper graph once).
+        self._has_step_top: dict[Any, bool] = {}
+        self.step_top_k = 1
         # One stream for the model and the helper graphs (runtime/cuda_stream.py): a run whose
         # outputs all stay on the device then skips its end-of-run sync; the helper run that
         # brings results to the host is ordered after it by the stream and synchronises.
@@ -155,13 +165,21 @@ class BoundRunner(Runner):
                 binding.bind_cpu_input(name, np.ascontiguousarray(value))
             else:
                 binding.bind_ortvalue_input(name, value)
+        step_top = self._step_top(session)
+        if step_top:
+            binding.bind_cpu_input(STEP_TOP_K, np.array([self.step_top_k], dtype=np.int64))
         for name, where in fetch.items():
             if where == HOST:
                 binding.bind_output(name, "cpu")
             else:
                 binding.bind_output(name, self.device, self.device_id)
+        # the model's own top-k comes to the host with its run, for the search to read
+        prefetch = step_top and self.step_top_allowed and LOGITS in fetch.values()
+        if prefetch:
+            for name in STEP_TOP:
+                binding.bind_output(name, "cpu")
         run_options = None
-        if self._run_async is not None and HOST not in fetch.values():
+        if self._run_async is not None and HOST not in fetch.values() and not prefetch:
             run_options = self._run_async  # nothing comes to the host: no need to wait for the GPU
         try:
             session.run_with_iobinding(binding, run_options)
@@ -173,15 +191,26 @@ class BoundRunner(Runner):
                     f"({str(exc).splitlines()[0][:300]}); lower max_batch_size, or run fewer workers on this GPU"
                 ) from exc
             raise
+        values = binding.get_outputs()
+        top = None
+        if prefetch:
+            top = tuple(v.numpy() for v in values[len(fetch):]) + (self.step_top_k,)
         outputs = {}
-        for (name, where), value in zip(fetch.items(), binding.get_outputs()):
+        for (name, where), value in zip(fetch.items(), values):
             if where == HOST:
                 outputs[name] = self.to_host(value)
             elif where == LOGITS:
-                outputs[name] = BoundLogits(value, self)
+                outputs[name] = BoundLogits(value, self, top)
             else:
                 outputs[name] = value
         return outputs
+
+    def _step_top(self, session) -> bool:
+        """Whether ``session``'s graph has the step's top-k outputs (``expose_step_top``)."""
+        found = self._has_step_top.get(session)
+        if found is None:
+            found = self._has_step_top[session] = STEP_TOP_K in {i.name for i in session.get_inputs()}
+        return found
 
     def take(self, tensors, rows):
         rows = np.ascontiguousarray(rows, dtype=np.int64)
@@ -257,11 +286,16 @@ class BoundRunner(Runner):
 
 
 class BoundLogits:
-    """:class:`decoding.Logits` over an OrtValue [rows, positions, vocabulary] on the device."""
+    """:class:`decoding.Logits` over an OrtValue [rows, positions, vocabulary] on the device.
 
-    def __init__(self, value, runner: BoundRunner):
+    ``top``: the last position's (values, ids, normaliser, k) that the model's run computed
+    already (``graph_edits.expose_step_top``); a search asking for at most that ``k`` is
+    answered from it without another run."""
+
+    def __init__(self, value, runner: BoundRunner, top: tuple | None = None):
         self.value = value
         self.runner = runner
+        self.prefetched = top
 
     @property
     def vocab_size(self) -> int:
@@ -271,7 +305,12 @@ class BoundLogits:
         return self.runner.to_host(self.value)[:, -1, :].astype(np.float32, copy=False)
 
     def take(self, rows: np.ndarray) -> BoundLogits:
-        return BoundLogits(self.runner.gather([self.value], np.ascontiguousarray(rows, dtype=np.int64))[0], self.runner)
+        rows = np.ascontiguousarray(rows, dtype=np.int64)
+        top = None
+        if self.prefetched is not None:
+            values, ids, normalizer, k = self.prefetched
+            top = (values[rows], ids[rows], normalizer[rows], k)
+        return BoundLogits(self.runner.gather([self.value], rows)[0], self.runner, top)
 
     def top(self, k: int, normalize: bool = True):
         vocab = self.vocab_size
@@ -279,6 +318,12 @@ class BoundLogits:
             return HostLogits(self.array()).top(k, normalize)
         if k >= vocab:  # every token: the full rows are as small as the answer
             return HostLogits(self.array()).top(k, normalize)
+        prefetched_k = self.prefetched[3] if self.prefetched is not None else 0
+        self.runner.step_top_k = k  # the model's next runs compute this k themselves
+        if k <= prefetched_k:
+            values, ids, normalizer, _ = self.prefetched
+            # TopK's output is sorted, so its first k are the top-k (ties: lower index first)
+            return values[:, :k], ids[:, :k], normalizer
         return self.runner.top(self.value, k, normalize)
 
 
@@ -340,53 +385,20 @@ def _cast_graph():
 
 
 def _top_graph(logits_type: str, argmax: bool, normalize: bool = True):
-    """logits [rows, positions, V] -> the last position's top-k (values float32, ids int64) and
-    its log-sum-exp [rows, 1], as max + log(sum(exp(x - max))) so no row overflows. With
-    ``argmax`` the graph takes no ``k``: the top-1 is ArgMax (the first index among equals).
-
-    The row maximum is read off the top-1 (GatherElements at the ArgMax, or TopK's first
-    value), never taken by ReduceMax: measured on an H200 at 32 x 50,257, ORT's CUDA ReduceMax
-    costs 2.9 ms a run (ReduceLogSumExp 5.5 ms), ArgMax 0.06, TopK(8) 0.09, ReduceSum 0.06."""
+    """logits [rows, positions, V] -> the last position's top-k (values float32, ids int64) and,
+    with ``normalize``, its log-sum-exp [rows, 1] (``graph_edits.top_nodes``). With ``argmax``
+    the graph takes no ``k``: the top-1 is ArgMax."""
     from onnx import TensorProto, helper
 
-    def const(name, values):
-        return helper.make_node(
-            "Constant", [], [name], value=helper.make_tensor(name, TensorProto.INT64, [len(values)], values)
-        )
-
-    nodes = [
-        const("minus_one", [-1]),
-        const("zero", [0]),
-        const("one", [1]),
-        const("end", [2**62]),
-        helper.make_node("Slice", ["logits", "minus_one", "end", "one"], ["last3"]),
-        helper.make_node("Squeeze", ["last3", "one"], ["last"]),
-        helper.make_node("Cast", ["last"], ["x"], to=TensorProto.FLOAT),
-    ]
+    names = ("values", "ids", "normalizer") if normalize else ("values", "ids")
+    nodes = top_nodes("logits", names, k=None if argmax else "k", prefix="")
     inputs = [helper.make_tensor_value_info("logits", _onnx_type(logits_type), ["rows", "positions", "vocab"])]
-    if argmax:
-        nodes += [
-            helper.make_node("ArgMax", ["x"], ["ids"], axis=-1, keepdims=1, select_last_index=0),
-            helper.make_node("GatherElements", ["x", "ids"], ["peak"], axis=1),
-            helper.make_node("Identity", ["peak"], ["values"]),
-        ]
-    else:
-        nodes += [
-            helper.make_node("TopK", ["x", "k"], ["values", "ids"], axis=-1, largest=1, sorted=1),
-            helper.make_node("Slice", ["values", "zero", "one", "one"], ["peak"]),
-        ]
+    if not argmax:
         inputs.append(helper.make_tensor_value_info("k", TensorProto.INT64, [1]))
     outputs = [
         helper.make_tensor_value_info("values", TensorProto.FLOAT, ["rows", "k"]),
         helper.make_tensor_value_info("ids", TensorProto.INT64, ["rows", "k"]),
     ]
     if normalize:
-        nodes += [
-            helper.make_node("Sub", ["x", "peak"], ["shifted"]),
-            helper.make_node("Exp", ["shifted"], ["exps"]),
-            helper.make_node("ReduceSum", ["exps", "minus_one"], ["total"], keepdims=1),
-            helper.make_node("Log", ["total"], ["log_total"]),
-            helper.make_node("Add", ["peak", "log_total"], ["normalizer"]),
-        ]
         outputs.append(helper.make_tensor_value_info("normalizer", TensorProto.FLOAT, ["rows", 1]))
     return _model(nodes, inputs, outputs)

@@ -12,6 +12,9 @@
 5. ``int8_weights_cuda`` (CUDA, ``int8_float16``): 8-bit ``MatMulNBits`` weights, before the
    float16 cast below so that their scales are cast with the rest.
 6. ``float16`` (CUDA, ``float16`` and ``int8_float16``), ``bfloat16`` (CUDA, ``bfloat16``).
+7. ``step_top`` (the bound runner: a GPU's, every compute type; decoders): ``graph_edits.py``
+   adds the step's top-k and log-normaliser as outputs, last, so that it reads the logits in
+   the type the graph finally computes them in.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import logging
 from onnx import ModelProto, TensorProto
 
 from shmengine.model import alignment, attention, precision, quantize
-from shmengine.model.graph_edits import gather_logit_positions
+from shmengine.model.graph_edits import expose_step_top, gather_logit_positions
 from shmengine.model.transforms import NotApplicableError, Transform, TransformTarget, all_graphs, register
 
 logger = logging.getLogger("shmengine")
@@ -128,5 +131,13 @@ register(
         devices=frozenset({"cuda"}),
         compute_types=frozenset({"bfloat16"}),
         needs_weights=True,
+    )
+)
+register(
+    Transform(
+        "step_top",
+        lambda model, target: expose_step_top(model),  # a graph without rank-3 logits is left as it is
+        roles=frozenset({"decoder", "seq2seq_decoder"}),
+        runners=frozenset({"bound"}),
     )
 )

@@ -13,16 +13,27 @@ The edit is made only where the head is recognised for certain: the ``logits`` o
 constant operands that are the same at every position (a bias, a scale) and casts, possibly
 inside the branches of an ``If`` (Optimum's merged decoders). Anything else is left exactly as
 it is and decodes as before.
+
+``expose_step_top`` (graphs run by the bound runner, a GPU's): adds the last position's top-k
+values and ids and its log-normaliser as outputs of the model itself, with ``k`` a new input
+(``STEP_TOP_K``). A greedy or beam step then brings its ``rows x k`` answer to the host from the
+model's own run, where it would otherwise take a second, small ORT run on the device (the
+runner's helper graph) and its synchronisation: at batch 1 on a GPU, where a GPT-2-124M step is
+~4 ms of kernel launches, that second run is a measurable share. ``top_nodes`` builds the
+reduction for both.
 """
 
 from __future__ import annotations
 
 from onnx import GraphProto, ModelProto, TensorProto, helper
 
-__all__ = ["LOGIT_POSITIONS", "gather_logit_positions"]
+__all__ = ["LOGIT_POSITIONS", "STEP_TOP", "STEP_TOP_K", "expose_step_top", "gather_logit_positions", "top_nodes"]
 
 LOGIT_POSITIONS = "shmengine_logit_positions"
 _POSITIONS_DIM = "shmengine_logit_positions"
+STEP_TOP_K = "shmengine_top_k"
+# the outputs expose_step_top adds: values [rows, k] float32, ids [rows, k] int64, normaliser [rows, 1]
+STEP_TOP = ("shmengine_top_values", "shmengine_top_ids", "shmengine_top_normalizer")
 
 # Element-wise ops that keep the sequence axis where it is when their other operand is a constant
 # broadcast over it (a bias [V], a scalar scale).
@@ -122,4 +133,79 @@ def gather_logit_positions(model: ModelProto) -> bool:
     for value in branch_outputs + [logits]:
         _set_sequence_dim(value)
     graph.input.append(helper.make_tensor_value_info(LOGIT_POSITIONS, TensorProto.INT64, [_POSITIONS_DIM]))
+    return True
+
+
+def top_nodes(logits: str, outputs: tuple[str, str, str] | tuple[str, str], *, k: str | None, prefix: str) -> list:
+    """Nodes taking ``logits`` [rows, positions, V] (any float type) to the last position's
+    top-k values (float32) and ids (int64), and its log-sum-exp [rows, 1] if ``outputs`` names a
+    third output, as max + log(sum(exp(x - max))) so that no row overflows. ``k``: the name of
+    an int64 [1] tensor, or None for the top-1 by ArgMax (the first index among equals; TopK too
+    puts the lower index first among equals, by the ONNX spec). Intermediate names start with
+    ``prefix``.
+
+    The row maximum is read off the top-1 (GatherElements at the ArgMax, or TopK's first
+    value), never taken by ReduceMax: measured on an H200 at 32 x 50,257, ORT's CUDA ReduceMax
+    costs 2.9 ms a run (ReduceLogSumExp 5.5 ms), ArgMax 0.06, TopK(8) 0.09, ReduceSum 0.06."""
+
+    def name(part: str) -> str:
+        return f"{prefix}{part}"
+
+    def const(part, values):
+        return helper.make_node(
+            "Constant", [], [name(part)], value=helper.make_tensor(name(part), TensorProto.INT64, [len(values)], values)
+        )
+
+    values, ids = outputs[0], outputs[1]
+    nodes = [
+        const("minus_one", [-1]),
+        const("zero", [0]),
+        const("one", [1]),
+        const("end", [2**62]),
+        helper.make_node("Slice", [logits, name("minus_one"), name("end"), name("one")], [name("last3")]),
+        helper.make_node("Squeeze", [name("last3"), name("one")], [name("last")]),
+        helper.make_node("Cast", [name("last")], [name("x")], to=TensorProto.FLOAT),
+    ]
+    if k is None:
+        nodes += [
+            helper.make_node("ArgMax", [name("x")], [ids], axis=-1, keepdims=1, select_last_index=0),
+            helper.make_node("GatherElements", [name("x"), ids], [name("peak")], axis=1),
+            helper.make_node("Identity", [name("peak")], [values]),
+        ]
+    else:
+        nodes += [
+            helper.make_node("TopK", [name("x"), k], [values, ids], axis=-1, largest=1, sorted=1),
+            helper.make_node("Slice", [values, name("zero"), name("one"), name("one")], [name("peak")]),
+        ]
+    if len(outputs) > 2:
+        nodes += [
+            helper.make_node("Sub", [name("x"), name("peak")], [name("shifted")]),
+            helper.make_node("Exp", [name("shifted")], [name("exps")]),
+            helper.make_node("ReduceSum", [name("exps"), name("minus_one")], [name("total")], keepdims=1),
+            helper.make_node("Log", [name("total")], [name("log_total")]),
+            helper.make_node("Add", [name("peak"), name("log_total")], [outputs[2]]),
+        ]
+    return nodes
+
+
+def expose_step_top(model: ModelProto) -> bool:
+    """Add ``STEP_TOP`` outputs (the last position's top-``STEP_TOP_K`` of ``logits``) to a graph
+    with a rank-3 ``logits`` output; True if edited. The ReduceSum here takes its axes as an
+    input, which needs opset 13 or later: an older graph is left as it is."""
+    graph = model.graph
+    logits = next((o for o in graph.output if o.name == "logits"), None)
+    if logits is None or len(logits.type.tensor_type.shape.dim) != 3:
+        return False
+    if STEP_TOP_K in {i.name for i in graph.input}:
+        return True  # edited already
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < 13:
+        return False
+    graph.node.extend(top_nodes("logits", STEP_TOP, k=STEP_TOP_K, prefix="shmengine_top/"))
+    graph.input.append(helper.make_tensor_value_info(STEP_TOP_K, TensorProto.INT64, [1]))
+    graph.output.extend([
+        helper.make_tensor_value_info(STEP_TOP[0], TensorProto.FLOAT, ["shmengine_rows", "shmengine_k"]),
+        helper.make_tensor_value_info(STEP_TOP[1], TensorProto.INT64, ["shmengine_rows", "shmengine_k"]),
+        helper.make_tensor_value_info(STEP_TOP[2], TensorProto.FLOAT, ["shmengine_rows", 1]),
+    ])
     return True

@@ -105,6 +105,7 @@ class TransformTarget:
     compute_type: str  # a resolved compute type: float32, int8_float32, float16, ...
     rank: int = 0
     world_size: int = 1
+    runner: str = "host"  # how the workers hold tensors between steps: runtime.target.RUNNER_KINDS
 
 
 @dataclass(frozen=True)
@@ -133,9 +134,14 @@ class Transform:
     # the compute types it makes a device able to run (get_supported_compute_types); default:
     # compute_types. A step of another type's chain (the widening before int8) provides less.
     provides: frozenset[str] | None = None
+    # the runners it serves (None: every one); a graph edit for the bound runner's IOBinding
+    # path would only cost the host runner time
+    runners: frozenset[str] | None = None
 
     def selected(self, role: str, target: TransformTarget) -> bool:
         if target.device not in self.devices or (self.roles is not None and role not in self.roles):
+            return False
+        if self.runners is not None and target.runner not in self.runners:
             return False
         return not self.compute_types or target.compute_type in self.compute_types
 
@@ -442,6 +448,7 @@ def prepare_models(
     roles: Mapping[str, str],
     device: str,
     compute_type: str,
+    runner: str = "host",
 ) -> PreparedModels:
     """Resolve ``compute_type`` for ``device`` and run the chosen transforms on every graph.
 
@@ -479,7 +486,7 @@ def prepare_models(
                        model_type, device, resolved)
     elif compute_type != resolved:
         logger.info("compute_type=%r on %s: running %s", compute_type, device, resolved)
-    target = TransformTarget(device, resolved)
+    target = TransformTarget(device, resolved, runner=runner)
     out: dict[str, ModelSource] = {}
     applied: dict[str, list[str]] = {}
     final = resolved

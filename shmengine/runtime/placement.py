@@ -22,8 +22,10 @@ DEVICES = ("cpu", "cuda", "auto")
 class Placement:
     """The resolved device and one SessionSettings per worker slot."""
 
-    def __init__(self, device: str, device_indices: list[int], plan: ThreadPlan, slots: list[SessionSettings]):
+    def __init__(self, device: str, device_indices: list[int], plan: ThreadPlan, slots: list[SessionSettings],
+                 runner: str = "host"):
         self.device = device
+        self.runner = runner  # one of target.RUNNER_KINDS, the same in every slot
         self.device_indices = device_indices
         self.plan = plan
         self.slots = slots
@@ -91,10 +93,13 @@ def place_workers(
     elif indices != [0]:
         raise ValueError(f"device_index={device_index!r} only has a meaning with device='cuda'")
 
-    # SHMENGINE_RUNNER=bound runs the device path's code on CPU OrtValues (tests, benchmarks).
+    # A GPU keeps its tensors bound on the device; SHMENGINE_RUNNER=bound runs that path's code
+    # on CPU OrtValues (tests, benchmarks).
     runner = os.environ.get("SHMENGINE_RUNNER", "host").strip().lower() or "host"
     if runner not in RUNNER_KINDS:
         raise ValueError(f"SHMENGINE_RUNNER must be one of {', '.join(RUNNER_KINDS)}, got {runner!r}")
+    if device == "cuda":
+        runner = "bound"
     workers = inter_threads * len(indices)
     if device == "cuda" and intra_threads == 0:
         # A CUDA worker's CPU nodes are shape ops and copies: an intra-op pool only adds thread
@@ -119,7 +124,7 @@ def place_workers(
                     target=WorkerTarget(device=device, device_index=index, runner=runner),
                 )
             )
-    return Placement(device, indices, plan, slots)
+    return Placement(device, indices, plan, slots, runner)
 
 
 def cuda_visible_devices(device_index: int) -> str:
