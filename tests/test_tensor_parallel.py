@@ -152,20 +152,27 @@ def test_ranks_left_the_same_cores_take_a_block_each_and_yield_while_waiting():
 
 
 @pytest.mark.parametrize("vocab,ranks", [(50257, 2), (50257, 4), (58101, 3), (8, 8)])
-def test_lm_head_blocks_cover_the_vocabulary_once(vocab, ranks):
-    """The LM head is split by vocabulary with no divisibility asked: the ranks' blocks, in rank
-    order, are the whole vocabulary once, as even as the count allows; a tied head's block is a
-    view of the embedding (no second copy), an untied one's the matching columns."""
+def test_vocabulary_blocks_cover_the_vocabulary_once(vocab, ranks):
+    """The LM head and the token embedding are split by vocabulary with no divisibility asked:
+    the ranks' blocks, in rank order, are the whole vocabulary once, as even as the count
+    allows; an untied head's block is the matching columns; the ranks' embedding lookups sum
+    to numpy's lookup of the whole table, each rank holding only its rows."""
     import numpy as np
 
-    from shmengine.tp.sharding import head_block, vocab_blocks
+    from shmengine.tp.sharding import EmbeddingBlock, head_block, vocab_blocks
 
     sizes = vocab_blocks(vocab, ranks)
     assert sum(sizes) == vocab and max(sizes) - min(sizes) <= 1
-    embedding = np.arange(vocab * 3, dtype=np.float32).reshape(vocab, 3)
-    tied = [head_block(embedding, r, ranks, tied=True) for r in range(ranks)]
-    np.testing.assert_array_equal(np.concatenate([b for b, _, _ in tied]), embedding)
-    assert all(np.shares_memory(b, embedding) for b, _, _ in tied)
-    untied = [head_block(embedding.T, r, ranks, tied=False)[0] for r in range(ranks)]
-    np.testing.assert_array_equal(np.concatenate(untied, axis=1), embedding.T)
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((vocab, 3)).astype(np.float32)
+    untied = [head_block(table.T, r, ranks)[0] for r in range(ranks)]
+    np.testing.assert_array_equal(np.concatenate(untied, axis=1), table.T)
     assert all(b.flags.c_contiguous for b in untied)
+    blocks = [EmbeddingBlock(table, r, ranks) for r in range(ranks)]
+    np.testing.assert_array_equal(np.concatenate([b.rows for b in blocks]), table)
+    assert [len(b.rows) for b in blocks] == list(sizes)
+    assert not any(np.shares_memory(b.rows, table) for b in blocks)  # the whole table can be freed
+    ids = np.concatenate([[0, vocab - 1], rng.integers(0, vocab, size=40)]).reshape(2, 21)
+    np.testing.assert_allclose(sum(b.lookup(ids) for b in blocks), table[ids], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        blocks[0].lookup(np.array([[vocab]]))

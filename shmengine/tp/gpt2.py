@@ -10,10 +10,12 @@ LayerNorm of a fresh model), so one name may serve many nodes. Megatron's split:
 * MLP: ``c_fc`` by columns (a block of hidden units), ``c_proj`` by rows (the same units).
 * LM head: by vocabulary, a block of rows per rank (``sharding.head_block``); the ranks gather
   their blocks of logits after it. When the export's head equals the token embedding
-  transposed (it stores the tied head twice), the block is a view of the embedding: one copy.
-  Split rather than replicated because at batch 1 the head is a third of GPT-2-124M's
-  multiply-adds: replicated, N = 2 gave 0.73x one process's latency on the 16-core machine.
-* replicated: token and position embeddings and the LayerNorms.
+  transposed (it stores the tied head twice), the block is the rank's block of the embedding:
+  one copy. Split rather than replicated because at batch 1 the head is a third of
+  GPT-2-124M's multiply-adds: replicated, N = 2 gave 0.73x one process's latency on the
+  16-core machine (split: 0.58x).
+* token embedding: by vocabulary too (``sharding.EmbeddingBlock``), summed over the ranks.
+* replicated: the position embedding and the LayerNorms.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from shmengine.errors import ModelLoadError
 
-from .sharding import Shard, head_block
+from .sharding import EmbeddingBlock, Shard, head_block
 
 __all__ = ["Gpt2Layout", "Gpt2Shard", "load_gpt2_shard"]
 
@@ -86,7 +88,7 @@ class Gpt2Shard(EvenHeads):
 
     layout: Gpt2Layout
     shard: Shard
-    wte: np.ndarray
+    wte: EmbeddingBlock
     wpe: np.ndarray
     attention: list[Segment]
     mlp: list[Segment]
@@ -96,10 +98,11 @@ class Gpt2Shard(EvenHeads):
     @property
     def nbytes(self) -> int:
         """Weight bytes this rank holds (each array once; the tied head is the embedding)."""
-        return held_nbytes([*self.attention, *self.mlp, self.head], self.wte, self.wpe)
+        return held_nbytes([*self.attention, *self.mlp, self.head], self.wte.rows, self.wpe)
 
-    def embed(self, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        return self.wte[ids] + self.wpe[positions]
+    def embed(self, ids: np.ndarray, positions: np.ndarray, comm) -> np.ndarray:
+        """The input of the first layer (collective: the token embedding is summed over the ranks)."""
+        return comm.sum(self.wte.lookup(ids)) + self.wpe[positions]
 
     def attention_feeds(self, positions: np.ndarray) -> dict:
         return {}
@@ -289,11 +292,15 @@ def _mlp_graph(layer: int, layout: Gpt2Layout, shard: Shard, norm, fc, proj) -> 
                   f"mlp_{layer}_rank_{shard.rank}", weights)
 
 
-def _head_graph(layout: Gpt2Layout, shard: Shard, norm, lm_head: np.ndarray, tied: bool) -> Segment:
-    """h [b, E] -> this rank's block of the logits [b, V / N]; with ``tied`` the weight is a
-    block of rows of the token embedding [V, E] itself (a Gemm with transB: a Transpose node
-    would be constant-folded into a second copy)."""
-    block, sizes, _ = head_block(lm_head, shard.rank, shard.ranks, tied=tied)
+def _head_graph(layout: Gpt2Layout, shard: Shard, norm, lm_head: np.ndarray | EmbeddingBlock) -> Segment:
+    """h [b, E] -> this rank's block of the logits [b, V / N]; a tied head (``lm_head`` the
+    token embedding's block) is the embedding's rows themselves (a Gemm with transB: a
+    Transpose node would be constant-folded into a second copy)."""
+    tied = isinstance(lm_head, EmbeddingBlock)
+    if tied:
+        block, sizes = lm_head.rows, lm_head.sizes
+    else:
+        block, sizes, _ = head_block(lm_head, shard.rank, shard.ranks)
     weights = {"ln_g": norm[0], "ln_b": norm[1], "w": block}
     nodes = [
         helper.make_node("LayerNormalization", ["h", "ln_g", "ln_b"], ["n"], axis=-1, epsilon=layout.epsilon),
@@ -301,7 +308,7 @@ def _head_graph(layout: Gpt2Layout, shard: Shard, norm, lm_head: np.ndarray, tie
     ]
     segment = _model(nodes, [_float("h", ["r", layout.hidden])], [_float("logits", ["r", sizes[shard.rank]])], [],
                      f"head_rank_{shard.rank}", weights)
-    segment.weights["w"] = block  # for a tied head, a view of the embedding: held once
+    segment.weights["w"] = block  # for a tied head, the embedding's block itself: held once
     segment.vocab_blocks = sizes
     return segment
 
@@ -325,7 +332,8 @@ def load_gpt2_shard(model_dir: Path, graph: Path, rank: int, ranks: int) -> Gpt2
     layout = read_layout(model_dir)
     shard = Shard.of(rank, ranks, heads=layout.heads, kv_heads=layout.heads, hidden=layout.inner)
     found, model_nbytes = read_weights(graph)
-    wte = np.ascontiguousarray(found["/transformer/wte/Gather"][1][0], dtype=np.float32)
+    table = found["/transformer/wte/Gather"][1][0]
+    wte = EmbeddingBlock(table, rank, ranks)
     wpe = found["/transformer/wpe/Gather"][1][0]
     attention, mlp = layer_segments(
         layout.layers, "/transformer/h.",
@@ -334,6 +342,6 @@ def load_gpt2_shard(model_dir: Path, graph: Path, rank: int, ranks: int) -> Gpt2
         lambda i, p: _mlp_graph(i, layout, shard, _norm(found, f"{p}/ln_2/LayerNormalization"),
                                 _linear(found, f"{p}/mlp/c_fc/Gemm"), _linear(found, f"{p}/mlp/c_proj/Gemm")))
     lm_head, _ = _linear(found, "/lm_head/MatMul")
-    tied = lm_head.shape == wte.T.shape and np.array_equal(lm_head, wte.T)
-    head = _head_graph(layout, shard, _norm(found, "/transformer/ln_f/LayerNormalization"), wte if tied else lm_head, tied)
+    tied = lm_head.shape == table.T.shape and np.array_equal(lm_head, table.T)
+    head = _head_graph(layout, shard, _norm(found, "/transformer/ln_f/LayerNormalization"), wte if tied else lm_head)
     return Gpt2Shard(layout, shard, wte, np.ascontiguousarray(wpe, dtype=np.float32), attention, mlp, head, model_nbytes)

@@ -6,7 +6,8 @@ block of whole query heads and the block of key/value heads they read), ``o_proj
 split too, so N must divide ``num_key_value_heads`` (query head h reads kv head h // group, and
 a block of kv heads serves exactly the matching block of query heads); a clear error says so
 otherwise. ``lm_head`` by vocabulary (a block of columns per rank, the logits gathered after
-it). Replicated: the token embedding and the RMSNorms. The rotary cos/sin
+it; a tied head is the rank's block of the embedding), the token embedding by vocabulary too
+(``sharding.EmbeddingBlock``). Replicated: the RMSNorms. The rotary cos/sin
 depend only on the positions: computed once per step on the rank (as transformers does, in
 float32) and fed to every layer's attention segment.
 """
@@ -23,7 +24,7 @@ from onnx import helper
 from shmengine.errors import ModelLoadError
 
 from .gpt2 import Segment, _float, _linear, _model, _tensor, held_nbytes, layer_segments, read_weights
-from .sharding import Shard, head_block
+from .sharding import EmbeddingBlock, Shard, head_block
 
 __all__ = ["LlamaLayout", "LlamaShard", "load_llama_shard"]
 
@@ -44,7 +45,7 @@ class LlamaLayout:
 class LlamaShard:
     layout: LlamaLayout
     shard: Shard
-    embedding: np.ndarray
+    embedding: EmbeddingBlock
     attention: list[Segment]
     mlp: list[Segment]
     head: Segment
@@ -60,10 +61,11 @@ class LlamaShard:
 
     @property
     def nbytes(self) -> int:
-        return held_nbytes([*self.attention, *self.mlp, self.head], self.embedding)
+        return held_nbytes([*self.attention, *self.mlp, self.head], self.embedding.rows)
 
-    def embed(self, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        return self.embedding[ids]
+    def embed(self, ids: np.ndarray, positions: np.ndarray, comm) -> np.ndarray:
+        """The input of the first layer (collective: the token embedding is summed over the ranks)."""
+        return comm.sum(self.embedding.lookup(ids))
 
     def attention_feeds(self, positions: np.ndarray) -> dict:
         dim = self.layout.head_dim
@@ -169,13 +171,19 @@ def _mlp_graph(layer: int, layout: LlamaLayout, shard: Shard, norm, gate, up, do
                   f"llama_mlp_{layer}_rank_{shard.rank}", weights)
 
 
-def _head_graph(layout: LlamaLayout, shard: Shard, norm, lm_head: np.ndarray) -> Segment:
-    """h [r, E] -> this rank's block of the logits [r, V / N] (``lm_head`` [E, V], by columns)."""
-    block, sizes, _ = head_block(lm_head, shard.rank, shard.ranks, tied=False)
+def _head_graph(layout: LlamaLayout, shard: Shard, norm, lm_head: np.ndarray | EmbeddingBlock) -> Segment:
+    """h [r, E] -> this rank's block of the logits [r, V / N] (``lm_head`` [E, V], by columns;
+    a tied head, the embedding's block [V / N, E] itself, by a Gemm with transB)."""
+    tied = isinstance(lm_head, EmbeddingBlock)
+    if tied:
+        block, sizes = lm_head.rows, lm_head.sizes
+    else:
+        block, sizes, _ = head_block(lm_head, shard.rank, shard.ranks)
     inits: list = []
     nodes: list = []
     _rms_norm(nodes, inits, "h", "ln", "n", layout.epsilon, "n")
-    nodes.append(helper.make_node("MatMul", ["n", "w"], ["logits"]))
+    nodes.append(helper.make_node("Gemm", ["n", "w"], ["logits"], transB=1) if tied
+                 else helper.make_node("MatMul", ["n", "w"], ["logits"]))
     segment = _model(nodes, [_float("h", ["r", layout.hidden])], [_float("logits", ["r", sizes[shard.rank]])], inits,
                      f"llama_head_rank_{shard.rank}", {"ln": norm, "w": block})
     segment.vocab_blocks = sizes
@@ -208,7 +216,8 @@ def load_llama_shard(model_dir: Path, graph: Path, rank: int, ranks: int) -> Lla
     layout = read_layout(model_dir)
     shard = Shard.of(rank, ranks, heads=layout.heads, kv_heads=layout.kv_heads, hidden=layout.inner)
     found, model_nbytes = read_weights(graph)
-    embedding = np.ascontiguousarray(_weight_of(found, "/model/embed_tokens/Gather"), dtype=np.float32)
+    table = _weight_of(found, "/model/embed_tokens/Gather")
+    embedding = EmbeddingBlock(table, rank, ranks)
     linear = lambda name: _linear(found, f"{name}/MatMul")[0]  # noqa: E731
     attention, mlp = layer_segments(
         layout.layers, "/model/layers.",
@@ -216,5 +225,7 @@ def load_llama_shard(model_dir: Path, graph: Path, rank: int, ranks: int) -> Lla
                                       *(linear(f"{p}/self_attn/{x}_proj") for x in "qkvo")),
         lambda i, p: _mlp_graph(i, layout, shard, _weight_of(found, f"{p}/post_attention_layernorm/Mul_1"),
                                 *(linear(f"{p}/mlp/{x}_proj") for x in ("gate", "up", "down"))))
-    head = _head_graph(layout, shard, _weight_of(found, "/model/norm/Mul_1"), _linear(found, "/lm_head/MatMul")[0])
+    lm_head = _linear(found, "/lm_head/MatMul")[0]
+    tied = lm_head.shape == table.T.shape and np.array_equal(lm_head, table.T)
+    head = _head_graph(layout, shard, _weight_of(found, "/model/norm/Mul_1"), embedding if tied else lm_head)
     return LlamaShard(layout, shard, embedding, attention, mlp, head, model_nbytes)

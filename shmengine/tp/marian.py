@@ -9,8 +9,9 @@ rank after each all-reduce, in numpy, replicated. The cross-attention keys and v
 once per batch from the encoder states by a segment of their own (this rank's heads) and kept
 as the ``past_key_values.N.encoder.*`` cache, as the merged decoder's first step does.
 The LM head (and ``final_logits_bias``) by vocabulary, a block per rank, gathered after it; a
-block of rows of the shared embedding when the export's head equals it (one copy). Replicated:
-the shared embedding, the sinusoidal positions and the LayerNorms.
+block of rows of the shared embedding when the export's head equals it (one copy). The shared
+embedding by vocabulary too (``sharding.EmbeddingBlock``, summed over the ranks, for the
+encoder and the decoder). Replicated: the sinusoidal positions and the LayerNorms.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from onnx import helper
 from shmengine.errors import ModelLoadError
 
 from .gpt2 import EvenHeads, Segment, _float, _model, _tensor, held_nbytes, read_weights
-from .sharding import Shard, head_block
+from .sharding import EmbeddingBlock, Shard, head_block
 
 __all__ = ["MarianShard", "load_marian_shard"]
 
@@ -164,14 +165,19 @@ def _ffn(name: str, layout: MarianLayout, shard: Shard, fc1, fc2) -> Segment:
                   f"{name}_rank_{shard.rank}", weights)
 
 
-def _head(layout: MarianLayout, shard: Shard, weight: np.ndarray, bias: np.ndarray, tied: bool) -> Segment:
+def _head(layout: MarianLayout, shard: Shard, weight: np.ndarray | EmbeddingBlock, bias: np.ndarray) -> Segment:
     """h [r, E] -> this rank's block of the logits [r, V / N] + its part of final_logits_bias;
-    a tied head's block is rows of the embedding [V, E] itself."""
-    block, sizes, columns = head_block(weight, shard.rank, shard.ranks, tied=tied)
+    a tied head's block is the embedding's block [V / N, E] itself."""
+    tied = isinstance(weight, EmbeddingBlock)
+    if tied:
+        block, sizes = weight.rows, weight.sizes
+        columns = range(weight.start, weight.start + len(weight.rows))
+    else:
+        block, sizes, columns = head_block(weight, shard.rank, shard.ranks)
     nodes = [helper.make_node("Gemm", ["h", "w", "c"], ["logits"], transB=1 if tied else 0)]
     segment = _model(nodes, [_float("h", ["r", layout.hidden])], [_float("logits", ["r", sizes[shard.rank]])], [],
                      f"marian_head_rank_{shard.rank}", {"w": block, "c": bias.reshape(-1)[columns.start : columns.stop]})
-    segment.weights["w"] = block  # for a tied head, a view of the embedding: held once
+    segment.weights["w"] = block  # for a tied head, the embedding's block itself: held once
     segment.vocab_blocks = sizes
     return segment
 
@@ -199,7 +205,7 @@ class _DecoderLayer:
 class MarianShard(EvenHeads):
     layout: MarianLayout
     shard: Shard
-    embedding: np.ndarray
+    embedding: EmbeddingBlock
     encoder_positions: np.ndarray
     decoder_positions: np.ndarray
     encoder: list[_EncoderLayer]
@@ -219,7 +225,7 @@ class MarianShard(EvenHeads):
     def nbytes(self) -> int:
         norms = [n for layer in self.encoder for n in (layer.attention_norm, layer.ffn_norm)]
         norms += [n for layer in self.decoder for n in (layer.attention_norm, layer.cross_norm, layer.ffn_norm)]
-        return held_nbytes(self.segments(), self.embedding, self.encoder_positions, self.decoder_positions,
+        return held_nbytes(self.segments(), self.embedding.rows, self.encoder_positions, self.decoder_positions,
                            *(array for norm in norms for array in norm))
 
 
@@ -244,7 +250,8 @@ def load_marian_shard(model_dir: Path, encoder_graph: Path, decoder_graph: Path,
     shard = Shard.of(rank, ranks, heads=layout.heads, kv_heads=layout.heads, hidden=layout.inner)
     (enc, encoder_nbytes), (dec, decoder_nbytes) = read_weights(encoder_graph), read_weights(decoder_graph)
     model_nbytes = encoder_nbytes + decoder_nbytes
-    embedding = _weight(dec, "/model/decoder/shared/Gather")
+    table = _weight(dec, "/model/decoder/shared/Gather")
+    embedding = EmbeddingBlock(table, rank, ranks)
     encoder = []
     for i in range(layout.encoder_layers):
         p = f"/layers.{i}"
@@ -271,7 +278,7 @@ def load_marian_shard(model_dir: Path, encoder_graph: Path, decoder_graph: Path,
             _norm(dec, f"{p}/final_layer_norm/LayerNormalization"),
         ))
     lm_head = _weight(dec, "/lm_head/MatMul")
-    tied = lm_head.shape == embedding.T.shape and np.array_equal(lm_head, embedding.T)
-    head = _head(layout, shard, embedding if tied else lm_head, _weight(dec, "/Add"), tied)
+    tied = lm_head.shape == table.T.shape and np.array_equal(lm_head, table.T)
+    head = _head(layout, shard, embedding if tied else lm_head, _weight(dec, "/Add"))
     return MarianShard(layout, shard, embedding, _weight(enc, "/embed_positions/Gather"),
                        _weight(dec, "/model/decoder/embed_positions/Gather"), encoder, decoder, head, model_nbytes)

@@ -128,7 +128,7 @@ class TensorParallelRunner(_ShardRunner):
             positions = np.asarray(feeds["position_ids"])
         else:
             positions = np.broadcast_to(np.arange(before, total), (batch, length))
-        h = self.shard.embed(ids, positions)
+        h = self.shard.embed(ids, positions, self.comm)
         extra = self.shard.attention_feeds(positions)
         causal = np.arange(total)[None, :] <= (before + np.arange(length))[:, None]  # [s, t]
         allowed = causal[None, :, :] & (mask[:, None, :] != 0)
@@ -180,7 +180,8 @@ class Seq2SeqTensorParallelRunner(_ShardRunner):
         ids = np.asarray(feeds["input_ids"])
         mask = np.asarray(feeds["attention_mask"]) if "attention_mask" in feeds else np.ones_like(ids)
         shard = self.shard
-        h = (shard.embedding[ids] * np.float32(shard.layout.scale) + shard.encoder_positions[np.arange(ids.shape[1])])
+        tokens = self.comm.sum(shard.embedding.lookup(ids))
+        h = tokens * np.float32(shard.layout.scale) + shard.encoder_positions[np.arange(ids.shape[1])]
         h = h.astype(np.float32)
         bias = self._key_bias(mask)
         for attention, attention_norm, ffn, ffn_norm in self.encoder:
@@ -200,7 +201,8 @@ class Seq2SeqTensorParallelRunner(_ShardRunner):
         before = feeds.get("past_key_values.0.decoder.key", self.empty(None, batch)).shape[2]
         total = before + length
         positions = np.arange(before, total)
-        h = (shard.embedding[ids] * np.float32(shard.layout.scale) + shard.decoder_positions[positions]).astype(np.float32)
+        tokens = self.comm.sum(shard.embedding.lookup(ids))
+        h = (tokens * np.float32(shard.layout.scale) + shard.decoder_positions[positions]).astype(np.float32)
         causal = np.arange(total)[None, :] <= (before + np.arange(length))[:, None]
         self_bias = np.where(causal, np.float32(0), self.min).astype(np.float32)[None, None]
         outputs = {}
