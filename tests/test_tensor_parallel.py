@@ -124,6 +124,54 @@ def test_translator_with_two_replicas_per_rank_equals_one_process(tmp_path):
         assert min(_replica_calls(rank["info"])) > 0
 
 
+def _cuda_available() -> bool:
+    try:
+        import onnxruntime
+
+        from shmengine.runtime.threads import get_cuda_device_count
+    except ImportError:
+        return False
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers() and get_cuda_device_count() > 0
+
+
+# (script, model, the scores it reports): the two models the GPU path's tests run
+_BOTH = [(SCRIPT, GPT2, ("score", "greedy_scores")), (TRANSLATE_SCRIPT, MARIAN, ("score", "beam_scores"))]
+
+
+@pytest.mark.parametrize("script,model,scores", _BOTH, ids=["gpt2", "marian"])
+def test_segments_through_the_bound_runner_equal_one_process(tmp_path, script, model, scores):
+    """SHMENGINE_RUNNER=bound: each rank runs its segments through IOBinding, the KV caches kept
+    as OrtValues between steps and reordered by the runner's Gather graph (what a GPU rank runs,
+    here over CPU OrtValues); the tokens and scores are still one plain process's."""
+    plain, ranks = run_plain_and_tp(script, model, tmp_path / "r", *(("equal",) if script == SCRIPT else ()),
+                                    env={"SHMENGINE_RUNNER": "bound"})
+    assert_ranks_equal_plain(plain, ranks, scores=scores)
+    for rank in ranks:
+        assert "on cpu (bound runner" in rank["info"], rank["info"]
+
+
+@pytest.mark.skipif(not _cuda_available(), reason="needs onnxruntime-gpu and a CUDA device")
+@pytest.mark.parametrize("script,model,scores", _BOTH, ids=["gpt2", "marian"])
+def test_ranks_on_a_gpu_equal_one_process_on_it(tmp_path, script, model, scores):
+    """device="cuda": every rank's segments on its GPU (the ranks of a one-GPU host share it),
+    against one plain process on that GPU. Scores within 1e-2: ORT's CUDA float32 MatMuls run in
+    TF32, and the ranks sum their partial products in another order."""
+    plain, ranks = run_plain_and_tp(script, model, tmp_path / "r", *(("equal",) if script == SCRIPT else ()),
+                                    env={"TP_SCRIPT_DEVICE": "cuda"})
+    assert_ranks_equal_plain(plain, ranks, scores=scores, atol=1e-2)
+    for rank in ranks:
+        assert "on cuda:" in rank["info"], rank["info"]
+
+
+@pytest.mark.skipif(_cuda_available(), reason="checks the refusal on a machine without a GPU")
+def test_tensor_parallel_on_cuda_without_a_gpu_is_refused_not_run_on_the_cpu():
+    for cls, model in (("Generator", GPT2), ("Translator", MARIAN)):
+        code = f"import shmengine; shmengine.{cls}({str(model)!r}, tensor_parallel=True, device='cuda')"
+        out = _run([sys.executable, "-c", code], timeout=120)
+        assert out.returncode != 0
+        assert "ValueError: device='cuda' was asked for, but no CUDA device is usable here" in out.stderr, out.stderr
+
+
 def test_ranks_left_the_same_cores_take_a_block_each_and_yield_while_waiting():
     """mpirun --oversubscribe binds nothing: both ranks see every core. Under tensor parallelism
     they split them (each all-reduce waits for the slowest rank, so two ranks the scheduler puts

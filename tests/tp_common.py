@@ -26,9 +26,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def settings() -> dict:
     """The model's constructor and batching settings a test asks for: ``TP_SCRIPT_INTER``
     (inter_threads: replicas per rank), ``TP_SCRIPT_MAX_BATCH`` (max_batch_size, so one call
-    makes several batches, which the replicas share)."""
+    makes several batches, which the replicas share), ``TP_SCRIPT_DEVICE`` (device)."""
     return {"inter_threads": int(os.environ.get("TP_SCRIPT_INTER", "1")),
-            "max_batch_size": int(os.environ.get("TP_SCRIPT_MAX_BATCH", "0"))}
+            "max_batch_size": int(os.environ.get("TP_SCRIPT_MAX_BATCH", "0")),
+            "device": os.environ.get("TP_SCRIPT_DEVICE", "cpu")}
 
 
 def inputs(default: list) -> list:
@@ -83,8 +84,8 @@ def run_plain_and_tp(script: Path, model: Path, out: Path, *args: str, env: dict
 
 
 def assert_ranks_equal_plain(plain: dict, ranks: list[dict], *, tokens=("greedy", "beam", "sample"),
-                             scores=("score",), share: float = 0.6) -> None:
-    """Every rank's tokens equal the plain process's, its scores within 1e-4, and each rank
+                             scores=("score",), share: float = 0.6, atol: float = 1e-4) -> None:
+    """Every rank's tokens equal the plain process's, its scores within ``atol``, and each rank
     holds at most ``share`` of the plain process's weight bytes."""
     assert plain["greedy"], "the plain run generated nothing: the comparison would prove nothing"
     for rank, mine in enumerate(ranks):
@@ -94,7 +95,7 @@ def assert_ranks_equal_plain(plain: dict, ranks: list[dict], *, tokens=("greedy"
         for key in scores:
             assert len(mine[key]) == len(plain[key]), (rank, key)
             for a, b in zip(mine[key], plain[key]):
-                np.testing.assert_allclose(a, b, atol=1e-4, err_msg=f"rank {rank}, {key}")
+                np.testing.assert_allclose(a, b, atol=atol, err_msg=f"rank {rank}, {key}")
         assert mine["weights_nbytes"] <= share * plain["weights_nbytes"], (rank, mine["weights_nbytes"])
         assert f"this is rank {rank}/2" in mine["info"], mine["info"]
 

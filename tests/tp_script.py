@@ -19,7 +19,7 @@ def main() -> int:
     rank = shmengine.MpiInfo.getCurRank()
     config = settings()
     batching = {"max_batch_size": config["max_batch_size"]}
-    with shmengine.Generator(model, tensor_parallel=mode == "tp", intra_threads=1,
+    with shmengine.Generator(model, tensor_parallel=mode == "tp", intra_threads=1, device=config["device"],
                              inter_threads=config["inter_threads"]) as generator:
         batch = inputs(DEFAULT)
         if case == "mismatch" and rank == 1:

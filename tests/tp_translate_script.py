@@ -16,7 +16,7 @@ def main() -> int:
     sources = inputs([list(n) + ["</s>"] for n in ("1984", "7", "120", "56003", "808")])
     config = settings()
     batching = {"max_batch_size": config["max_batch_size"]}
-    with shmengine.Translator(model, tensor_parallel=mode == "tp", intra_threads=1,
+    with shmengine.Translator(model, tensor_parallel=mode == "tp", intra_threads=1, device=config["device"],
                               inter_threads=config["inter_threads"]) as translator:
         result = {
             "greedy": [r.hypotheses[0] for r in translator.translate_batch(sources, beam_size=1, **batching)],

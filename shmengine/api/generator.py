@@ -159,7 +159,8 @@ class Generator(DecodingModel):
         if options.tensor_parallel:
             from shmengine.tp.local import attach_generator
 
-            attach_generator(self, inter_threads=options.inter_threads, intra_threads=options.intra_threads)
+            attach_generator(self, inter_threads=options.inter_threads, intra_threads=options.intra_threads,
+                   device=options.device, device_index=options.device_index)
             return
         program = ProgramSpec("shmengine.decode.programs", "GeneratorProgram", {"pad_id": self.model.pad_id})
         self._start(self.model.graphs, program, options, roles={"model": "decoder"})

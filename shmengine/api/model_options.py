@@ -57,13 +57,6 @@ class ModelOptions:
                 "files= (a model given as in-memory file contents) is not supported: write the files into a "
                 "directory and pass its path as model_path"
             )
-        if self.tensor_parallel and self.device == "cuda":
-            # the tensor-parallel ranks run their shards on the CPU; NCCL between GPUs is not built
-            raise NotImplementedError(
-                "tensor_parallel=True runs each rank's shard on the CPU; GPU tensor parallelism is not built "
-                "yet: use device='cpu' with tensor_parallel=True, or device='cuda' with device_index=[...] "
-                "(one model copy per GPU) instead"
-            )
         if self.tensor_parallel and not tensor_parallel_built:
             raise NotImplementedError(
                 "tensor_parallel=True is built for Generator (GPT-2, Llama) and Translator (Marian), not for this "

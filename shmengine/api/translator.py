@@ -127,7 +127,8 @@ class Translator(DecodingModel):
         if options.tensor_parallel:  # split over the ranks of mpirun (shmengine.tp), as Generator's
             from shmengine.tp.local import attach_translator
 
-            attach_translator(self, inter_threads=options.inter_threads, intra_threads=options.intra_threads)
+            attach_translator(self, inter_threads=options.inter_threads, intra_threads=options.intra_threads,
+                   device=options.device, device_index=options.device_index)
             return
         program = ProgramSpec(
             "shmengine.decode.programs",

@@ -109,7 +109,7 @@ class HostRunner(Runner):
 class BoundRunner(Runner):
     """Tensors as ``OrtValue``\\ s on the target's device, sessions run through IOBinding."""
 
-    def __init__(self, target: WorkerTarget, providers: Sequence[tuple[str, dict]]):
+    def __init__(self, target: WorkerTarget, providers: Sequence[tuple[str, dict]], device_id: int = 0):
         # Where a step's logits are reduced to its top-k (tools/bench_gpu.py's strategies
         # section compares them): "graph" (default) in the model's own run where its graph has
         # the step_top outputs, else in the helper graph; "helper" always in the helper graph;
@@ -121,8 +121,9 @@ class BoundRunner(Runner):
         self.step_top_allowed = reduce == "graph"
         self.device = target.ort_device
         # A CUDA worker sees only its own GPU (CUDA_VISIBLE_DEVICES), as device 0; the index
-        # the user named is kept for messages.
-        self.device_id = 0
+        # the user named is kept for messages. A tensor-parallel rank's process sees every GPU
+        # of its host and names its own (``device_id``).
+        self.device_id = device_id
         self.device_index = target.device_index
         self.providers = [name for name, _ in providers]
         self.provider_options = [dict(options) for _, options in providers]

@@ -267,22 +267,79 @@ def load_shard(model_dir: Path, graph: Path, rank: int, ranks: int):
     return loaders[kind](model_dir, graph, rank, ranks)
 
 
-def open_generator(model_dir: Path, graph: Path, pad_id: int, *, inter_threads: int, intra_threads: int):
+@dataclasses.dataclass(frozen=True)
+class RankDevice:
+    """Where this rank's segments run: ``device`` "cpu" or "cuda", ``index`` the GPU (this
+    process sees every GPU of its host), ``runner`` "host" (numpy) or "bound" (IOBinding)."""
+
+    device: str
+    index: int
+    runner: str
+
+    def bound_runner(self):
+        """A new :class:`runners.BoundRunner` for one replica, or None for the host runner."""
+        if self.runner != "bound":
+            return None
+        from shmengine.decode.runners import BoundRunner
+        from shmengine.runtime.target import WorkerTarget
+
+        if self.device == "cuda":
+            providers = (("CUDAExecutionProvider", {"device_id": str(self.index)}), ("CPUExecutionProvider", {}))
+        else:
+            providers = (("CPUExecutionProvider", {}),)
+        target = WorkerTarget(device=self.device, device_index=self.index, runner="bound")
+        return BoundRunner(target, providers, device_id=self.index if self.device == "cuda" else 0)
+
+    def describe(self) -> str:
+        if self.device == "cuda":
+            return f"cuda:{self.index} (KV caches on the GPU, all-reduces through host memory)"
+        return "cpu (bound runner: IOBinding over CPU OrtValues)" if self.runner == "bound" else "cpu"
+
+
+def rank_device(device: str, device_index, local_rank: int) -> RankDevice:
+    """This rank's device. On CUDA each rank of a host takes its own GPU, as CTranslate2's
+    (``MpiInfo.getLocalRank()`` is the GPU a rank uses): with ``device_index`` a list, the
+    local rank's entry of it (round robin); with an int (default 0), GPU ``(device_index +
+    local rank) % GPUs``. Raises ``ValueError`` as ``placement.place_workers`` does (no usable
+    GPU, an index that does not exist)."""
+    from shmengine.runtime.placement import get_cuda_device_count, place_workers
+
+    placement = place_workers(device, device_index)  # the same checks and messages as without mpirun
+    if placement.device != "cuda":
+        return RankDevice("cpu", 0, placement.runner)
+    if isinstance(device_index, int):
+        index = (device_index + local_rank) % get_cuda_device_count()
+    else:
+        indices = placement.device_indices
+        index = indices[local_rank % len(indices)]
+    return RankDevice("cuda", index, "bound")
+
+
+def _this_rank_device(device: str, device_index) -> RankDevice:
+    from shmengine.runtime.mpi import MpiInfo
+
+    return rank_device(device, device_index, MpiInfo.getLocalRank())
+
+
+def open_generator(model_dir: Path, graph: Path, pad_id: int, *, inter_threads: int, intra_threads: int,
+                   device: str = "cpu", device_index=0):
     """This rank's pool and store for a decoder-only export, sharded over ``COMM_WORLD``, with
-    ``inter_threads`` replicas of the shard."""
+    ``inter_threads`` replicas of the shard, on ``device`` (see :func:`rank_device`)."""
+    where = _this_rank_device(device, device_index)  # before anything collective: a bad device fails alike everywhere
     comms = group_communicators(inter_threads)
     shard = load_shard(model_dir, graph, comms[0].rank, comms[0].size)
-    plan = _plan(comms, intra_threads)
+    plan = _plan(comms, intra_threads, where)
     replicas = []
     for index, comm in enumerate(comms):
-        runner = TensorParallelRunner(shard, comm, intra_threads=plan.intra_threads, allow_spinning=plan.allow_spinning)
+        runner = TensorParallelRunner(shard, comm, intra_threads=plan.intra_threads, allow_spinning=plan.allow_spinning,
+                                      bound=where.bound_runner())
         context = _RankContext({"model": graph}, runner)
         replicas.append(_Replica(index, GeneratorProgram(context, pad_id=pad_id), context, comm))
-    pool = TensorParallelPool(replicas, shard.shard.describe())
-    logger.info("tensor parallel %s: %.1f of %.1f MiB of weights, %d replica(s) x %d intra threads",
-                shard.shard.describe(), shard.nbytes / 2**20, shard.model_nbytes / 2**20, len(replicas),
-                plan.intra_threads)
-    return pool, TensorParallelStore(shard.nbytes, shard.model_nbytes), plan
+    pool = TensorParallelPool(replicas, f"{shard.shard.describe()}, on {where.describe()}")
+    logger.info("tensor parallel %s on %s: %.1f of %.1f MiB of weights, %d replica(s) x %d intra threads",
+                shard.shard.describe(), where.describe(), shard.nbytes / 2**20, shard.model_nbytes / 2**20,
+                len(replicas), plan.intra_threads)
+    return pool, TensorParallelStore(shard.nbytes, shard.model_nbytes), plan, where
 
 
 def group_communicators(inter_threads: int) -> list[Communicator]:
@@ -352,15 +409,18 @@ def pin_to_own_cores(comm) -> list[int] | None:
     return cores
 
 
-def _plan(comms: list[Communicator], intra_threads: int):
+def _plan(comms: list[Communicator], intra_threads: int, where: RankDevice | None = None):
     """Intra-op threads per replica: by default this rank's share of the host's cores
     (``runtime.mpi.cores_per_rank``) divided among its replicas, so the ranks of one host never
-    oversubscribe it; a warning when the threads asked for do."""
+    oversubscribe it; a warning when the threads asked for do. On a GPU, one by default (its
+    CPU nodes are shape ops and copies, as for a CUDA worker)."""
     import os
 
     from shmengine.runtime.mpi import local_ranks
     from shmengine.runtime.threads import plan_threads
 
+    if where is not None and where.device == "cuda" and intra_threads == 0:
+        intra_threads = 1
     plan = plan_threads(len(comms), intra_threads)
     share = (os.cpu_count() or 1) // local_ranks()
     global _binding_warned
@@ -400,7 +460,8 @@ def _abort_on_uncaught_exception() -> None:
     sys.excepthook = hook
 
 
-def attach_translator(translator, *, inter_threads: int, intra_threads: int) -> None:
+def attach_translator(translator, *, inter_threads: int, intra_threads: int, device: str = "cpu",
+                      device_index=0) -> None:
     """As :func:`attach_generator`, for a :class:`shmengine.Translator` over a Marian export."""
     graphs = {key: Path(path) for key, path in translator.model.graphs.items()}
     model_dir = graphs["encoder"].parent
@@ -411,35 +472,37 @@ def attach_translator(translator, *, inter_threads: int, intra_threads: int) -> 
         from shmengine.errors import ModelLoadError
 
         raise ModelLoadError(f"{model_dir}: model_type {kind!r}; tensor-parallel translation is built for Marian so far")
+    where = _this_rank_device(device, device_index)  # before anything collective: a bad device fails alike everywhere
     comms = group_communicators(inter_threads)
     shard = load_marian_shard(model_dir, graphs["encoder"], graphs["decoder"], comms[0].rank, comms[0].size)
-    plan = _plan(comms, intra_threads)
+    plan = _plan(comms, intra_threads, where)
     replicas = []
     for index, comm in enumerate(comms):
         runner = Seq2SeqTensorParallelRunner(shard, comm, intra_threads=plan.intra_threads,
-                                             allow_spinning=plan.allow_spinning)
+                                             allow_spinning=plan.allow_spinning, bound=where.bound_runner())
         context = _RankContext(graphs, runner)
         program = TranslatorProgram(context, pad_id=translator.model.pad_id,
                                     decoder_start_id=translator.model.decoder_start_id)
         replicas.append(_Replica(index, program, context, comm))
-    pool = TensorParallelPool(replicas, shard.shard.describe())
-    _attach(translator, pool, TensorParallelStore(shard.nbytes, shard.model_nbytes), plan)
+    pool = TensorParallelPool(replicas, f"{shard.shard.describe()}, on {where.describe()}")
+    _attach(translator, pool, TensorParallelStore(shard.nbytes, shard.model_nbytes), plan, where)
 
 
-def attach_generator(generator, *, inter_threads: int, intra_threads: int) -> None:
+def attach_generator(generator, *, inter_threads: int, intra_threads: int, device: str = "cpu",
+                     device_index=0) -> None:
     """Give a :class:`shmengine.Generator` (its model directory already open) this rank's shard
     in place of a worker pool: everything above the pool (options, batching, results) is the
     same code as without tensor parallelism."""
     graph = Path(generator.model.graphs["model"])
-    pool, store, plan = open_generator(graph.parent, graph, generator.model.pad_id,
-                                       inter_threads=inter_threads, intra_threads=intra_threads)
-    _attach(generator, pool, store, plan)
+    pool, store, plan, where = open_generator(graph.parent, graph, generator.model.pad_id, inter_threads=inter_threads,
+                                              intra_threads=intra_threads, device=device, device_index=device_index)
+    _attach(generator, pool, store, plan, where)
 
 
-def _attach(generator, pool: TensorParallelPool, store: TensorParallelStore, plan) -> None:
+def _attach(generator, pool: TensorParallelPool, store: TensorParallelStore, plan, where: RankDevice) -> None:
     generator._tensor_parallel = True
     generator._pool, generator._store, generator._weight_holders = pool, store, []
-    generator.device, generator.device_index = "cpu", [0]
+    generator.device, generator.device_index = where.device, [where.index]
     generator.inter_threads, generator.intra_threads = pool.size, plan.intra_threads
     generator.compute_type, generator.transforms = "float32", ()
     generator._finalizer = weakref.finalize(generator, pool.close)

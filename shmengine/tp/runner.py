@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 
 from shmengine.decode.decoding import HostLogits
-from shmengine.decode.runners import HOST, LOGITS, HostRunner
+from shmengine.decode.runners import HOST, KEEP, LOGITS, HostRunner
 
 from .comm import Communicator
 from .gpt2 import Segment
@@ -64,11 +64,15 @@ class GraphSignature:
         return ["CPUExecutionProvider"]
 
 
-def create_session(segment: Segment, intra_threads: int, allow_spinning: bool = False):
-    """An ORT session over ``segment`` whose weights are the segment's arrays, used in place.
-    ``allow_spinning``: ORT's pool threads spin for work between ops (``threads.plan_threads``
-    allows it only where a rank's threads fit its cores: spinning threads would otherwise take
-    the CPU from the rank's other replicas, or from the rank they wait for)."""
+_CPU = (("CPUExecutionProvider", {}),)
+
+
+def create_session(segment: Segment, intra_threads: int, allow_spinning: bool = False, providers=_CPU):
+    """An ORT session over ``segment`` whose weights are the segment's arrays (used in place on
+    the CPU; a CUDA session copies them to its GPU once). ``allow_spinning``: ORT's pool threads
+    spin for work between ops (``threads.plan_threads`` allows it only where a rank's threads fit
+    its cores: spinning threads would otherwise take the CPU from the rank's other replicas, or
+    from the rank they wait for)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -83,14 +87,50 @@ def create_session(segment: Segment, intra_threads: int, allow_spinning: bool = 
         value = ort.OrtValue.ortvalue_from_numpy(array)
         options.add_initializer(name, value)
         values.append(value)
-    session = ort.InferenceSession(segment.placeholder_graph().SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(segment.placeholder_graph().SerializeToString(), options,
+                                   providers=[name for name, _ in providers],
+                                   provider_options=[dict(o) for _, o in providers])
     session._shmengine_weights = values  # ORT does not keep them alive: the session must
     return session
 
 
+def _length(cache) -> int:
+    """The positions a cache tensor [batch, heads, positions, dim] holds (numpy or OrtValue)."""
+    return cache.shape[2] if isinstance(cache, np.ndarray) else cache.shape()[2]
+
+
 class _ShardRunner(HostRunner):
-    """What the decoder-only and the seq2seq shard runners share: the cache shape of this rank's
-    heads, and the LM head over this rank's block of the vocabulary."""
+    """What the decoder-only and the seq2seq shard runners share: how the rank's segments run,
+    the cache shape of this rank's heads, and the LM head over this rank's block of the
+    vocabulary.
+
+    Segments run on the CPU with numpy arrays, or through ``bound`` (a
+    :class:`runners.BoundRunner`: IOBinding on its device, a GPU's for ``device="cuda"``): the
+    KV caches then stay on the device between steps and are reordered there, and only the
+    partial sums the ranks add up, the hidden states [batch, positions, E], travel through host
+    memory to MPI's all-reduce (no NCCL: a GPU's all-reduce through host memory, see the
+    README)."""
+
+    def _start(self, shard, comm: Communicator, intra_threads: int, allow_spinning: bool, bound=None):
+        self.shard, self.comm, self.bound = shard, comm, bound
+        providers = _CPU if bound is None else tuple(zip(bound.providers, bound.provider_options))
+        self._names: dict = {}
+        self.min = np.finfo(np.float32).min
+        return lambda segment: create_session(segment, intra_threads, allow_spinning, providers)
+
+    def _call(self, session, feeds: dict, kept: tuple[str, ...] = ()) -> list:
+        """``session``'s outputs in its order: host arrays, except ``kept`` (caches), which the
+        bound runner leaves on its device."""
+        if self.bound is None:
+            return session.run(None, feeds)
+        names = self._names.get(session)
+        if names is None:
+            names = self._names[session] = [o.name for o in session.get_outputs()]
+        out = self.bound.run(session, feeds, {n: KEEP if n in kept else HOST for n in names})
+        return [out[n] for n in names]
+
+    def take(self, tensors, rows):
+        return super().take(tensors, rows) if self.bound is None else self.bound.take(tensors, rows)
 
     def empty(self, meta, batch: int):
         return np.zeros((batch, self.shard.cache_heads, 0, self.shard.head_dim), dtype=np.float32)
@@ -98,7 +138,7 @@ class _ShardRunner(HostRunner):
     def _head(self, rows: np.ndarray) -> np.ndarray:
         """The LM head over ``rows`` [r, E]: this rank's block of the vocabulary, gathered with the
         other ranks' into the whole logits [r, V] (every rank gets them, as every rank decodes)."""
-        (block,) = self.head.run(None, {"h": np.ascontiguousarray(rows)})
+        (block,) = self._call(self.head, {"h": np.ascontiguousarray(rows)})
         sizes = self.shard.head.vocab_blocks
         return block if sizes is None else self.comm.gather_columns(block, sizes)
 
@@ -106,14 +146,11 @@ class _ShardRunner(HostRunner):
 class TensorParallelRunner(_ShardRunner):
     """Runs one rank's shard (GPT-2 or Llama) for a :class:`steppers.DecoderOnlyStepper`."""
 
-    def __init__(self, shard, comm: Communicator, intra_threads: int = 1, allow_spinning: bool = False):
-        self.shard = shard
-        self.comm = comm
-        session = lambda segment: create_session(segment, intra_threads, allow_spinning)  # noqa: E731
+    def __init__(self, shard, comm: Communicator, intra_threads: int = 1, allow_spinning: bool = False, bound=None):
+        session = self._start(shard, comm, intra_threads, allow_spinning, bound)
         self.attention = [session(s) for s in shard.attention]
         self.mlp = [session(s) for s in shard.mlp]
         self.head = session(shard.head)
-        self.min = np.finfo(np.float32).min
 
 
     def run(self, session, feeds, fetch):
@@ -121,7 +158,7 @@ class TensorParallelRunner(_ShardRunner):
         batch, length = ids.shape
         layers = self.shard.layout.layers
         past = [(feeds[f"past_key_values.{i}.key"], feeds[f"past_key_values.{i}.value"]) for i in range(layers)]
-        before = past[0][0].shape[2]
+        before = _length(past[0][0])
         total = before + length
         mask = np.asarray(feeds["attention_mask"]) if "attention_mask" in feeds else np.ones((batch, total), np.int64)
         if "position_ids" in feeds:
@@ -135,11 +172,12 @@ class TensorParallelRunner(_ShardRunner):
         bias = np.where(allowed, np.float32(0), self.min).astype(np.float32)[:, None, :, :]
         outputs = {}
         for i in range(layers):
-            out, present_k, present_v = self.attention[i].run(
-                None, {"h": h, "bias": bias, "past_k": past[i][0], "past_v": past[i][1], **extra}
+            out, present_k, present_v = self._call(
+                self.attention[i], {"h": h, "bias": bias, "past_k": past[i][0], "past_v": past[i][1], **extra},
+                kept=("present_k", "present_v"),
             )
             h = h + self.comm.sum(out)
-            (out,) = self.mlp[i].run(None, {"h": h})
+            (out,) = self._call(self.mlp[i], {"h": h})
             h = h + self.comm.sum(out)
             outputs[f"present.{i}.key"], outputs[f"present.{i}.value"] = present_k, present_v
         where = fetch.get("logits", LOGITS)
@@ -156,17 +194,15 @@ class Seq2SeqTensorParallelRunner(_ShardRunner):
     """Runs one rank's Marian shard for a :class:`steppers.Seq2SeqStepper`: the encoder
     signature's runs go to the encoder segments, the decoder's to the decoder segments."""
 
-    def __init__(self, shard, comm: Communicator, intra_threads: int = 1, allow_spinning: bool = False):
+    def __init__(self, shard, comm: Communicator, intra_threads: int = 1, allow_spinning: bool = False, bound=None):
         from .marian import layer_norm
 
-        self.shard, self.comm, self.norm = shard, comm, layer_norm
-        session = lambda segment: create_session(segment, intra_threads, allow_spinning)  # noqa: E731
+        self.norm = layer_norm
+        session = self._start(shard, comm, intra_threads, allow_spinning, bound)
         self.encoder = [(session(x.attention), x.attention_norm, session(x.ffn), x.ffn_norm) for x in shard.encoder]
         self.decoder = [(session(x.attention), x.attention_norm, session(x.cross_kv), session(x.cross), x.cross_norm,
                          session(x.ffn), x.ffn_norm) for x in shard.decoder]
         self.head = session(shard.head)
-        self.min = np.finfo(np.float32).min
-
 
     def _key_bias(self, mask: np.ndarray) -> np.ndarray:
         return np.where(mask != 0, np.float32(0), self.min).astype(np.float32)[:, None, None, :]
@@ -185,9 +221,9 @@ class Seq2SeqTensorParallelRunner(_ShardRunner):
         h = h.astype(np.float32)
         bias = self._key_bias(mask)
         for attention, attention_norm, ffn, ffn_norm in self.encoder:
-            (out,) = attention.run(None, {"h": h, "bias": bias})
+            (out,) = self._call(attention, {"h": h, "bias": bias})
             h = self.norm(h + self.comm.sum(out), attention_norm)
-            (out,) = ffn.run(None, {"h": h})
+            (out,) = self._call(ffn, {"h": h})
             h = self.norm(h + self.comm.sum(out), ffn_norm)
         return h
 
@@ -198,7 +234,7 @@ class Seq2SeqTensorParallelRunner(_ShardRunner):
         states = feeds["encoder_hidden_states"]
         cross_bias = self._key_bias(np.asarray(feeds["encoder_attention_mask"]))
         # a decoder_model.onnx (the first step of an unmerged pair) declares no cache inputs
-        before = feeds.get("past_key_values.0.decoder.key", self.empty(None, batch)).shape[2]
+        before = _length(feeds.get("past_key_values.0.decoder.key", self.empty(None, batch)))
         total = before + length
         positions = np.arange(before, total)
         tokens = self.comm.sum(shard.embedding.lookup(ids))
@@ -208,15 +244,16 @@ class Seq2SeqTensorParallelRunner(_ShardRunner):
         outputs = {}
         for i, (attention, attention_norm, cross_kv, cross, cross_norm, ffn, ffn_norm) in enumerate(self.decoder):
             key, value = (feeds.get(f"past_key_values.{i}.encoder.{x}", self.empty(None, batch)) for x in ("key", "value"))
-            if key.shape[2] == 0:  # the first step: this rank's cross-attention cache from the encoder states
-                key, value = cross_kv.run(None, {"h": states})
-            out, present_k, present_v = attention.run(None, {
+            if _length(key) == 0:  # the first step: this rank's cross-attention cache from the encoder states
+                key, value = self._call(cross_kv, {"h": states}, kept=("key", "value"))
+            out, present_k, present_v = self._call(attention, {
                 "h": h, "bias": self_bias, "past_k": feeds.get(f"past_key_values.{i}.decoder.key", self.empty(None, batch)),
-                "past_v": feeds.get(f"past_key_values.{i}.decoder.value", self.empty(None, batch))})
+                "past_v": feeds.get(f"past_key_values.{i}.decoder.value", self.empty(None, batch))},
+                kept=("present_k", "present_v"))
             h = self.norm(h + self.comm.sum(out), attention_norm)
-            (out,) = cross.run(None, {"h": h, "bias": cross_bias, "key": key, "value": value})
+            (out,) = self._call(cross, {"h": h, "bias": cross_bias, "key": key, "value": value})
             h = self.norm(h + self.comm.sum(out), cross_norm)
-            (out,) = ffn.run(None, {"h": h})
+            (out,) = self._call(ffn, {"h": h})
             h = self.norm(h + self.comm.sum(out), ffn_norm)
             outputs[f"present.{i}.decoder.key"], outputs[f"present.{i}.decoder.value"] = present_k, present_v
             outputs[f"present.{i}.encoder.key"], outputs[f"present.{i}.encoder.value"] = key, value
