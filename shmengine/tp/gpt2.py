@@ -60,13 +60,14 @@ class Segment:
     # the rank's logits with the others' after it); None for segments whose outputs are summed
     vocab_blocks: tuple[int, ...] | None = None
 
-    def placeholder_graph(self) -> onnx.ModelProto:
+    def placeholder_graph(self, weights: bool = False) -> onnx.ModelProto:
         """The graph with zero initializers the weights' shapes, which ``add_initializer``
         replaces (ORT's shape inference needs the shapes; the zeros exist only while the
-        session is created)."""
+        session is created); with ``weights``, the weights themselves as initializers."""
         graph = onnx.ModelProto()
         graph.CopyFrom(self.graph)
-        graph.graph.initializer.extend(_tensor(n, np.zeros(a.shape, a.dtype)) for n, a in self.weights.items())
+        graph.graph.initializer.extend(_tensor(n, a if weights else np.zeros(a.shape, a.dtype))
+                                       for n, a in self.weights.items())
         return graph
 
 

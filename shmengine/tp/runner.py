@@ -82,13 +82,21 @@ def create_session(segment: Segment, intra_threads: int, allow_spinning: bool = 
     options.log_severity_level = 3
     # prepacking would give the session a private copy of every MatMul weight
     options.add_session_config_entry("session.disable_prepacking", "1")
+    names = [name for name, _ in providers]
+    if "CUDAExecutionProvider" in names:
+        # The weights go into the graph itself: a CUDA session keeps its own device copy anyway,
+        # and given by add_initializer over the placeholder graph they were not used (seen on
+        # the H200 with onnxruntime-gpu 1.31.1: every rank's logits came out
+        # uniform, as from the zero placeholders).
+        graph = segment.placeholder_graph(weights=True)
+        return ort.InferenceSession(graph.SerializeToString(), options, providers=names,
+                                    provider_options=[dict(o) for _, o in providers])
     values = []
     for name, array in segment.weights.items():
         value = ort.OrtValue.ortvalue_from_numpy(array)
         options.add_initializer(name, value)
         values.append(value)
-    session = ort.InferenceSession(segment.placeholder_graph().SerializeToString(), options,
-                                   providers=[name for name, _ in providers],
+    session = ort.InferenceSession(segment.placeholder_graph().SerializeToString(), options, providers=names,
                                    provider_options=[dict(o) for _, o in providers])
     session._shmengine_weights = values  # ORT does not keep them alive: the session must
     return session
