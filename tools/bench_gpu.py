@@ -2,7 +2,8 @@
 """GPU generation: shmengine ``device="cuda"`` against a plain ONNX Runtime IOBinding loop and
 transformers ``generate`` on the same export, in one run, with a correctness gate.
 
-    python3 tools/bench_gpu.py --model DIR [--bundled] [--sections correct,reduce,strategies,speed,memory,share,faults] [--out OUT]
+    python3 tools/bench_gpu.py --model DIR [--bundled] [--sections correct,reduce,strategies,speed,memory,share,faults]
+                                [--strategies graph,helper,...] [--out OUT]
 
 ``DIR`` is an Optimum decoder export (``model.onnx`` + json files; on the device machine, one
 filled by ``shared/device/strip_weights.py``). Sections:
@@ -308,23 +309,29 @@ STRATEGIES = {
     # the step's top-k by the helper graph, a second ORT run, as before the model's graph
     # computed it itself (graph_edits.expose_step_top)
     "helper": {"SHMENGINE_DEVICE_REDUCE": "helper"},
+    # the default with 4 intra-op threads per worker instead of 1 (the plain loop runs ORT's
+    # default pool: whether the CPU-side nodes of a CUDA step gain from threads)
+    "intra-4": {},
 }
+# name -> Generator arguments of that strategy beyond device="cuda"
+STRATEGY_OPTIONS = {"intra-4": {"intra_threads": 4}}
 
 
-def section_strategies(model_dir: Path, rows: list[dict]) -> None:
-    """shmengine, 1 worker, in each of STRATEGIES, against the plain loop: the comparison that
-    picks the bound runner's defaults."""
+def section_strategies(model_dir: Path, rows: list[dict], names: list[str]) -> None:
+    """shmengine, 1 worker, in each of the STRATEGIES ``names``, against the plain loop: the
+    comparison that picks the bound runner's defaults."""
     import shmengine
 
     print("strategies", flush=True)
     vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
     plain = PlainLoop(model_dir)
     gens = {}
-    for strategy, env in STRATEGIES.items():
+    for strategy in names:
+        env = STRATEGIES[strategy]
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)  # read by the workers this Generator forks
         try:
-            gens[strategy] = shmengine.Generator(str(model_dir), device="cuda")
+            gens[strategy] = shmengine.Generator(str(model_dir), device="cuda", **STRATEGY_OPTIONS.get(strategy, {}))
         finally:
             for k, v in saved.items():
                 if v is None:
@@ -601,6 +608,7 @@ def main() -> int:
     parser.add_argument("--bundled", action="store_true", help="also check the bundled models on CUDA against CPU")
     parser.add_argument("--sections", default="correct,reduce,speed,memory,share")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--strategies", default=",".join(STRATEGIES), help=f"of {', '.join(STRATEGIES)}")
     args = parser.parse_args()
     sections = args.sections.split(",")
     rows: list[dict] = []
@@ -615,7 +623,11 @@ def main() -> int:
         section_memory(args.model, notes)
     strategy_rows: list[dict] = []
     if "strategies" in sections:
-        section_strategies(args.model, strategy_rows)
+        strategies = args.strategies.split(",")
+        unknown = [n for n in strategies if n not in STRATEGIES]
+        if unknown:
+            parser.error(f"unknown strategies {unknown}; known: {', '.join(STRATEGIES)}")
+        section_strategies(args.model, strategy_rows, strategies)
     if "speed" in sections:
         section_speed(args.model, rows)
     if "faults" in sections:
@@ -640,13 +652,14 @@ def main() -> int:
                   f"| {f('shm1-fp16')} | {ratio('shm1', 'plain')} | {ratio('shm1', 'hf-fp32')} | {ratio('shm2', 'shm1')} "
                   f"| {ratio('shm1-fp16', 'shm1')} |")
     if strategy_rows:
-        print("\n| batch | search | plain loop | " + " | ".join(f"shm {s}" for s in STRATEGIES) + " | "
-              + " | ".join(f"{s}/plain" for s in STRATEGIES) + " |")
-        print("|" + " --- |" * (3 + 2 * len(STRATEGIES)))
+        ran = [s for s in STRATEGIES if f"shm-{s}" in strategy_rows[0]]
+        print("\n| batch | search | plain loop | " + " | ".join(f"shm {s}" for s in ran) + " | "
+              + " | ".join(f"{s}/plain" for s in ran) + " |")
+        print("|" + " --- |" * (3 + 2 * len(ran)))
         for r in strategy_rows:
             plain_rate = r.get("plain")
-            rates = " | ".join(f"{r[f'shm-{s}']:.0f}" for s in STRATEGIES)
-            ratios = " | ".join(f"{r[f'shm-{s}'] / plain_rate:.2f}" if plain_rate else "-" for s in STRATEGIES)
+            rates = " | ".join(f"{r[f'shm-{s}']:.0f}" for s in ran)
+            ratios = " | ".join(f"{r[f'shm-{s}'] / plain_rate:.2f}" if plain_rate else "-" for s in ran)
             print(f"| {r['batch']} | {r['search']} | {plain_rate or 0:.0f} | {rates} | {ratios} |")
     for line in notes:
         print(line)

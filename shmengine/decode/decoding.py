@@ -290,9 +290,13 @@ class _History:
     """Token history per live row, for repetition penalties and n-gram bans."""
 
     def __init__(self, initial: list[list[int]], vocab_size: int, options: DecodingOptions):
-        self.rows = [list(h) for h in initial]
+        # the tokens of each row are kept only where an n-gram ban reads them (a Python list
+        # per row appended every step is a measurable share of a small model's step)
+        self.keeps_rows = options.no_repeat_ngram_size > 0
+        self.rows = [list(h) for h in initial] if self.keeps_rows else []
         self.options = options
         self.min_new = np.array(options.per_example("min_new_tokens", len(initial)))
+        self.longest_min = int(self.min_new.max(initial=0))
         self.presence = None
         if options.repetition_penalty != 1:
             self.presence = np.zeros((len(initial), vocab_size), dtype=bool)
@@ -300,14 +304,17 @@ class _History:
                 self.presence[r, [t for t in tokens if 0 <= t < vocab_size]] = True
 
     def select(self, rows: np.ndarray) -> None:
-        self.rows = [list(self.rows[r]) for r in rows]
+        if self.keeps_rows:
+            self.rows = [list(self.rows[r]) for r in rows]
         self.min_new = self.min_new[rows]
+        self.longest_min = int(self.min_new.max(initial=0))
         if self.presence is not None:
             self.presence = self.presence[rows]
 
     def append(self, tokens: np.ndarray) -> None:
-        for r, t in enumerate(tokens.tolist()):
-            self.rows[r].append(t)
+        if self.keeps_rows:
+            for r, t in enumerate(tokens.tolist()):
+                self.rows[r].append(t)
         if self.presence is not None:
             self.presence[np.arange(len(tokens)), tokens] = True
 
@@ -319,7 +326,7 @@ class _History:
             self.presence is not None
             or o.no_repeat_ngram_size > 0
             or bool(o.suppress_ids)
-            or bool(np.any(step < self.min_new))
+            or step < self.longest_min
         )
 
     def process(self, logits: np.ndarray, step: int) -> np.ndarray:
@@ -607,7 +614,7 @@ def _greedy(stepper: Stepper, prompts, options: DecodingOptions, on_step) -> lis
             for row, example in enumerate(alive.tolist()):
                 if step < len(forced[example]):
                     chosen[row], chosen_lp[row] = forced[example][step], 0.0
-        finished = np.isin(chosen, end_ids)
+        finished = chosen == end_ids[0] if len(end_ids) == 1 else np.isin(chosen, end_ids)
         keep, events = [], []
         for row, example in enumerate(alive.tolist()):
             token, lp, is_end = int(chosen[row]), float(chosen_lp[row]), bool(finished[row])

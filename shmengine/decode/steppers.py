@@ -79,6 +79,8 @@ class DecoderOnlyStepper:
         if missing:
             raise ValueError(f"the decoder has cache inputs but no output {missing[0]!r} to feed them")
         self.ids_dtype = _int_dtype(self.inputs["input_ids"])
+        self.mask_dtype = _int_dtype(self.inputs["attention_mask"]) if "attention_mask" in self.inputs else None
+        self.positions_dtype = _int_dtype(self.inputs["position_ids"]) if "position_ids" in self.inputs else None
         # a graph edited at load time to compute logits only where asked (graph_edits.py)
         self.chooses_logit_positions = LOGIT_POSITIONS in self.inputs
         self.cache: dict = {}  # past input name -> tensor, wherever the runner keeps it
@@ -90,10 +92,10 @@ class DecoderOnlyStepper:
         if self.chooses_logit_positions:
             length = input_ids.shape[1]
             feeds[LOGIT_POSITIONS] = np.arange(length) if all_logits else np.array([length - 1])
-        if "attention_mask" in self.inputs:
-            feeds["attention_mask"] = self.mask.astype(_int_dtype(self.inputs["attention_mask"]), copy=False)
-        if "position_ids" in self.inputs:
-            feeds["position_ids"] = self.positions.astype(_int_dtype(self.inputs["position_ids"]), copy=False)
+        if self.mask_dtype is not None:
+            feeds["attention_mask"] = self.mask.astype(self.mask_dtype, copy=False)
+        if self.positions_dtype is not None:
+            feeds["position_ids"] = self.positions.astype(self.positions_dtype, copy=False)
         if "use_cache_branch" in self.inputs:
             feeds["use_cache_branch"] = np.array([not first])
         feeds.update(self.cache)
