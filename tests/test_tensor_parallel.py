@@ -172,6 +172,16 @@ def test_tensor_parallel_on_cuda_without_a_gpu_is_refused_not_run_on_the_cpu():
         assert "ValueError: device='cuda' was asked for, but no CUDA device is usable here" in out.stderr, out.stderr
 
 
+def test_a_compute_type_not_built_under_tensor_parallelism_is_said_not_silently_dropped():
+    code = ("import logging, shmengine; logging.basicConfig(); "
+            f"g = shmengine.Generator({str(GPT2)!r}, tensor_parallel=True, compute_type='int8'); "
+            "print('runs', g.compute_type); g.close()")
+    out = _run([sys.executable, "-c", code], timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "runs float32" in out.stdout
+    assert "compute_type='int8' is not built under tensor parallelism: the shards run float32" in out.stderr
+
+
 def test_ranks_left_the_same_cores_take_a_block_each_and_yield_while_waiting():
     """mpirun --oversubscribe binds nothing: both ranks see every core. Under tensor parallelism
     they split them (each all-reduce waits for the slowest rank, so two ranks the scheduler puts

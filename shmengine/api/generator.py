@@ -160,7 +160,7 @@ class Generator(DecodingModel):
             from shmengine.tp.local import attach_generator
 
             attach_generator(self, inter_threads=options.inter_threads, intra_threads=options.intra_threads,
-                   device=options.device, device_index=options.device_index)
+                   device=options.device, device_index=options.device_index, compute_type=options.compute_type)
             return
         program = ProgramSpec("shmengine.decode.programs", "GeneratorProgram", {"pad_id": self.model.pad_id})
         self._start(self.model.graphs, program, options, roles={"model": "decoder"})

@@ -128,7 +128,7 @@ class Translator(DecodingModel):
             from shmengine.tp.local import attach_translator
 
             attach_translator(self, inter_threads=options.inter_threads, intra_threads=options.intra_threads,
-                   device=options.device, device_index=options.device_index)
+                   device=options.device, device_index=options.device_index, compute_type=options.compute_type)
             return
         program = ProgramSpec(
             "shmengine.decode.programs",

@@ -461,7 +461,7 @@ def _abort_on_uncaught_exception() -> None:
 
 
 def attach_translator(translator, *, inter_threads: int, intra_threads: int, device: str = "cpu",
-                      device_index=0) -> None:
+                      device_index=0, compute_type: str = "default") -> None:
     """As :func:`attach_generator`, for a :class:`shmengine.Translator` over a Marian export."""
     graphs = {key: Path(path) for key, path in translator.model.graphs.items()}
     model_dir = graphs["encoder"].parent
@@ -485,21 +485,25 @@ def attach_translator(translator, *, inter_threads: int, intra_threads: int, dev
                                     decoder_start_id=translator.model.decoder_start_id)
         replicas.append(_Replica(index, program, context, comm))
     pool = TensorParallelPool(replicas, f"{shard.shard.describe()}, on {where.describe()}")
-    _attach(translator, pool, TensorParallelStore(shard.nbytes, shard.model_nbytes), plan, where)
+    _attach(translator, pool, TensorParallelStore(shard.nbytes, shard.model_nbytes), plan, where, compute_type)
 
 
 def attach_generator(generator, *, inter_threads: int, intra_threads: int, device: str = "cpu",
-                     device_index=0) -> None:
+                     device_index=0, compute_type: str = "default") -> None:
     """Give a :class:`shmengine.Generator` (its model directory already open) this rank's shard
     in place of a worker pool: everything above the pool (options, batching, results) is the
     same code as without tensor parallelism."""
     graph = Path(generator.model.graphs["model"])
     pool, store, plan, where = open_generator(graph.parent, graph, generator.model.pad_id, inter_threads=inter_threads,
                                               intra_threads=intra_threads, device=device, device_index=device_index)
-    _attach(generator, pool, store, plan, where)
+    _attach(generator, pool, store, plan, where, compute_type)
 
 
-def _attach(generator, pool: TensorParallelPool, store: TensorParallelStore, plan, where: RankDevice) -> None:
+def _attach(generator, pool: TensorParallelPool, store: TensorParallelStore, plan, where: RankDevice,
+            compute_type: str) -> None:
+    if compute_type not in ("default", "auto", "float32"):
+        # as CTranslate2 falls back where a type cannot run, and says so
+        logger.warning("compute_type=%r is not built under tensor parallelism: the shards run float32", compute_type)
     generator._tensor_parallel = True
     generator._pool, generator._store, generator._weight_holders = pool, store, []
     generator.device, generator.device_index = where.device, [where.index]
