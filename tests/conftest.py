@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -18,6 +20,12 @@ sys.path.insert(0, str(ROOT))  # models/ as a plain package when not installed
 
 from models.builders import mlp_model, mlp_reference, save_model  # noqa: E402
 from shmengine.runtime.sharedmem import SEGMENT_PREFIX, SHM_DIR, SharedSegment, unlink_segment  # noqa: E402
+
+# Prepacked model files go to a directory on disk (sharedmem.prepack_directory): this session's
+# own, so that what the tests leave there is theirs to find (subprocesses inherit it), and gone
+# with the session.
+PREPACK_DIR = tempfile.mkdtemp(prefix="shmengine-test-prepacked-")
+os.environ["SHMENGINE_PREPACK_DIR"] = PREPACK_DIR
 
 
 class _OurSegments:
@@ -93,10 +101,16 @@ SharedSegment.create = classmethod(_create_and_record)
 
 
 def shm_segments() -> set[str]:
-    """The ``shmengine-*`` entries now in /dev/shm that this test session made (see
-    :class:`_OurSegments`); other programs' segments are never in it."""
+    """The ``shmengine-*`` entries now in /dev/shm (and prepacked model files in PREPACK_DIR)
+    that this test session made (see :class:`_OurSegments`); other programs' are never in it."""
     OUR_SEGMENTS.look()
-    return {n for n in os.listdir(SHM_DIR) if n.startswith(SEGMENT_PREFIX) and OUR_SEGMENTS.ours(n)}
+    names = os.listdir(SHM_DIR) + os.listdir(PREPACK_DIR)
+    return {n for n in names if n.startswith(SEGMENT_PREFIX) and OUR_SEGMENTS.ours(n)}
+
+
+def prepacked_file(name: str) -> str:
+    """The path of a prepacked model file listed by :func:`shm_segments`."""
+    return os.path.join(PREPACK_DIR, name)
 
 
 def segment_exists(name: str) -> bool:
@@ -239,6 +253,7 @@ def nothing_left_at_the_end():
         _check_nothing_new(set(), set())
     finally:
         OUR_SEGMENTS.stop_watching()
+        shutil.rmtree(PREPACK_DIR, ignore_errors=True)
 
 
 class MlpModel:

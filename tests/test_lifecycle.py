@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import ROOT, descendants, make_mlp, segment_exists, shm_segments, wait_until
+from conftest import ROOT, descendants, make_mlp, prepacked_file, segment_exists, shm_segments, wait_until
 
 import shmengine
 
@@ -214,14 +214,52 @@ def test_two_workers_cost_the_weights_once(tmp_path):
     assert total_mib <= budget, f"total PSS {total_mib:.0f} MiB > {budget:.0f} MiB for {weights_mib:.0f} MiB of weights"
 
 
+def _mapped_kib(pid: int, path: str) -> int:
+    """Resident KiB of ``path``'s mappings in process ``pid`` (its smaps)."""
+    total, inside = 0, False
+    with open(f"/proc/{pid}/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if fields and "-" in fields[0] and not fields[0].endswith(":"):
+                inside = len(fields) > 5 and fields[5] == path
+            elif inside and fields[0] == "Rss:":
+                total += int(fields[1])
+    return total
+
+
+def _prepacked_originals(model_path: str) -> int:
+    """Bytes of the originals of prepacked weights in a prepacked model's data file (the
+    initializers whose external-data entry names a prepacked copy)."""
+    import onnx
+
+    model = onnx.load(model_path, load_external_data=False)
+    total = 0
+    for tensor in model.graph.initializer:
+        entries = {e.key: e.value for e in tensor.external_data}
+        if any(key.startswith("prepacked") for key in entries):
+            total += int(entries["length"])
+    return total
+
+
 def test_prepacked_weights_are_written_once_shared_and_removed(slow_mlp):
-    """prepack_weights=True: same numbers, the prepacked model files exist once in /dev/shm
-    while the engine runs (named after its segment), and go with it."""
+    """prepack_weights=True: same numbers; the prepacked model files exist once while the engine
+    runs, named after its segment, on disk rather than in /dev/shm (there the originals that ORT
+    keeps beside each prepacked weight, and reads only while loading, would be memory for the
+    engine's life); no worker keeps those originals resident; the files go with the engine."""
     x = slow_mlp.inputs(8)
     with shmengine.Engine(slow_mlp.path, inter_threads=2, intra_threads=1, prepack_weights=True) as engine:
         segment = engine._store.segment.name
         files = [n for n in shm_segments() if n.startswith(segment + "-")]
         assert any(n.endswith(".onnx") for n in files) and any(n.endswith(".data") for n in files)
+        assert not [n for n in os.listdir("/dev/shm") if n.startswith(segment + "-")]  # on disk
+        (model_name,) = [n for n in files if n.endswith(".onnx")]
+        (data_name,) = [n for n in files if n.endswith(".data")]
+        data = os.path.realpath(prepacked_file(data_name))
+        originals = _prepacked_originals(prepacked_file(model_name))
+        assert originals > 1 << 20, "no prepacked weight found: the check below would prove nothing"
+        for pid in engine.worker_pids:
+            resident = _mapped_kib(pid, data) * 1024
+            assert resident <= os.path.getsize(data) - originals + (1 << 20), (resident, originals)
         results = engine.run_batch([{"x": x}] * 4)
         for out in results:
             np.testing.assert_allclose(out["y"], slow_mlp.reference(x), rtol=1e-3, atol=1e-3)
@@ -247,7 +285,7 @@ def test_prepacked_merged_decoder_names_each_initializer_once():
         segment = translator._store.segment.name
         written = [n for n in shm_segments() if n.startswith(segment + "-") and n.endswith("decoder.onnx")]
         assert written, "no prepacked decoder was written (the test would check nothing)"
-        model = onnx.load(f"/dev/shm/{written[0]}", load_external_data=False)
+        model = onnx.load(prepacked_file(written[0]), load_external_data=False)
         names = collections.Counter()
 
         def walk(graph):

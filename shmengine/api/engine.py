@@ -20,7 +20,7 @@ from shmengine.model.transforms import prepare_models
 from shmengine.model.weights import TensorSpec, WeightStore
 from shmengine.runtime.placement import place_workers
 from shmengine.runtime.pool import WorkerPool
-from shmengine.runtime.sharedmem import SHM_DIR
+from shmengine.runtime.sharedmem import prepack_directory
 from shmengine.runtime.worker import ProgramSpec, WorkerContext
 
 logger = logging.getLogger("shmengine")
@@ -240,11 +240,13 @@ class PooledModel:
         return [dataclasses.replace(s, device_weights=found.get(s.target.device_index)) for s in slots]
 
     def _prepack_once(self, slots: list) -> list:
-        """Have one worker write the optimized models with prepacked weights to /dev/shm, point
+        """Have one worker write the optimized models with prepacked weights (to disk,
+        ``sharedmem.prepack_directory``, where it can), point
         every slot at them, and free the original tensor pages (no worker reads them now)."""
         preparer = WorkerPool(
             self._store,
-            ProgramSpec("shmengine.runtime.sessions", "PrepackProgram", {"directory": SHM_DIR, "prefix": self._store.segment.name}),
+            ProgramSpec("shmengine.runtime.sessions", "PrepackProgram",
+                        {"directory": prepack_directory(), "prefix": self._store.segment.name}),
             slots[:1],
             owns_segment=False,
         )

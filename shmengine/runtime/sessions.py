@@ -67,7 +67,7 @@ _OPT_LEVELS = {
 }
 
 
-def _base_options(settings: SessionSettings):
+def _base_options(settings: SessionSettings, external_folder: str = SHM_DIR):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -80,8 +80,9 @@ def _base_options(settings: SessionSettings):
     options.enable_cpu_mem_arena = settings.cpu_mem_arena
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if settings.allow_spinning else "0")
     options.add_session_config_entry("session.disable_prepacking", "0" if settings.prepack_weights else "1")
-    # The skeleton's external-data locations are relative to /dev/shm, where the segment lives.
-    options.add_session_config_entry("session.model_external_initializers_file_folder_path", SHM_DIR)
+    # The skeleton's external-data locations are relative to /dev/shm, where the segment lives
+    # (a prepacked model's, to the directory it was written to).
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path", external_folder)
     for key, value in settings.extra_config.items():
         options.add_session_config_entry(key, value)
     return options
@@ -99,8 +100,8 @@ def create_session(entry: ModelEntry, weights: memoryview, settings: SessionSett
     (or, when ``settings.prepacked_models`` names a file for it, loaded from that file)."""
     import onnxruntime as ort
 
-    options = _base_options(settings)
     prepacked = settings.prepacked_models.get(entry.key)
+    options = _base_options(settings, os.path.dirname(prepacked) if prepacked else SHM_DIR)
     if prepacked:
         # Already optimized and prepacked: ORT maps the weights from the file, shared by all.
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL

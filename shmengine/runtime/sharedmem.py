@@ -22,7 +22,8 @@ import mmap
 import os
 import secrets
 
-__all__ = ["SharedSegment", "Arena", "ALIGNMENT", "SHM_DIR", "SEGMENT_PREFIX", "align_up", "unlink_segment"]
+__all__ = ["SharedSegment", "Arena", "ALIGNMENT", "SHM_DIR", "SEGMENT_PREFIX", "align_up", "unlink_segment",
+           "prepack_directory"]
 
 # Tensor data is aligned so that every SIMD load ORT may do is aligned (AVX-512 wants 64 bytes).
 ALIGNMENT = 64
@@ -142,16 +143,45 @@ class SharedSegment:
             self._writer_fd = -1
 
 
-def unlink_segment(name: str) -> None:
-    """Remove ``/dev/shm/<name>`` and the files derived from it (``<name>-*``: prepacked models)
-    if they are still there. Safe to call from any owner, any number of times."""
+def prepack_directory(create: bool = True) -> str:
+    """Where the prepacked model files of an engine go (named ``<segment name>-*``): a directory
+    on disk, ``$SHMENGINE_PREPACK_DIR`` or else ``$XDG_CACHE_HOME/shmengine/prepacked``
+    (``~/.cache/...``); ``/dev/shm`` where that cannot be made or written.
+
+    Why on disk: ORT's file keeps the original of every prepacked weight beside its prepacked
+    copy, and reads the original only while a session loads (it finds the prepacked copy by a
+    hash of the original; measured, ORT 1.31: with the originals punched out of the file after
+    loading, the logits are the same bits, and no worker keeps their pages mapped). In ``/dev/shm``
+    the whole file is memory for the engine's whole life (GPT-2-124M int8: 274 MiB, of which 156
+    are originals); on disk its unused pages are only page cache, which the kernel may evict."""
+    chosen = os.environ.get("SHMENGINE_PREPACK_DIR")
+    if not chosen:
+        cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        chosen = os.path.join(cache, "shmengine", "prepacked")
+    if not create:
+        return chosen
     try:
-        derived = [n for n in os.listdir(SHM_DIR) if n.startswith(name + "-")]
+        os.makedirs(chosen, mode=0o700, exist_ok=True)
+        if os.access(chosen, os.W_OK | os.X_OK):
+            return chosen
     except OSError:
-        derived = []
-    for entry in [name, *derived]:
+        pass
+    return SHM_DIR
+
+
+def unlink_segment(name: str) -> None:
+    """Remove ``/dev/shm/<name>`` and the files derived from it (``<name>-*``: prepacked models,
+    in ``/dev/shm`` or in :func:`prepack_directory`) if they are still there. Safe to call from
+    any owner, any number of times."""
+    paths = [os.path.join(SHM_DIR, name)]
+    for directory in dict.fromkeys([SHM_DIR, prepack_directory(create=False)]):
         try:
-            os.unlink(os.path.join(SHM_DIR, entry))
+            paths += [os.path.join(directory, n) for n in os.listdir(directory) if n.startswith(name + "-")]
+        except OSError:
+            pass
+    for path in paths:
+        try:
+            os.unlink(path)
         except FileNotFoundError:
             pass
 
