@@ -322,9 +322,11 @@ class Engine(PooledModel):
         max_queued_batches: batches allowed to wait: 0 = 4 x workers, -1 = unlimited, N = N.
             Submitting into a full queue blocks until a worker takes a batch.
         prepack_weights: let ORT prepack MatMul weights for its kernels (about 1.8x faster at
-            batch 8 on a GPT-2-sized model). Done once by a helper worker and shared by all
-            workers through /dev/shm, but the prepacked copy is stored beside the original, so
-            the weights then cost about 1.8x their size (once). CPU only. Default (None): on
+            batch 8 on a GPT-2-sized model). Done once by a helper worker into a file on disk
+            (``SHMENGINE_PREPACK_DIR``, else ``~/.cache/shmengine/prepacked``; removed with the
+            engine) that every worker maps: the prepacked weights cost their size once in
+            memory, and the originals ORT keeps beside them in the file are read only while a
+            worker loads. CPU only. Default (None): on
             for an int8 compute type (ORT's int8 kernels are ~2.5x faster prepacked), off else.
         graph_optimization_level: ORT's ``"disable"``, ``"basic"``, ``"extended"`` or ``"all"``.
         compute_type: CTranslate2's names and meanings: ``"default"`` (the graph's own type),

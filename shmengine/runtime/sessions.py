@@ -14,10 +14,11 @@ on ORT 1.31 shape this module:
 Weight *prepacking* (ORT re-lays MatMul weights for its kernels, about 1.8x faster at batch 8 on
 GPT-2-sized models) makes a private copy per worker when each session does it. With
 ``prepack_weights=True`` it is done once instead: :class:`PrepackProgram`, run by a one-off
-worker, saves the optimized graph with its prepacked initializers as files beside the segment
-in ``/dev/shm``; every worker then loads that file, and ORT memory-maps the prepacked weights,
-so the pages are shared like the segment's (measured: two workers, 471 MiB of shared pages and
-67 MiB private each on GPT-2-124M).
+worker, saves the optimized graph with its prepacked initializers as files named after the
+segment, on disk (``sharedmem.prepack_directory`` says why not in ``/dev/shm``); every worker
+then loads that file, and ORT memory-maps the prepacked weights, so the pages are shared like
+the segment's (measured: two workers, 471 MiB of shared pages and 67 MiB private each on
+GPT-2-124M).
 """
 
 from __future__ import annotations
