@@ -172,7 +172,10 @@ def test_log_normalizer_equals_numpy_log_sum_exp(rows):
     np.testing.assert_array_equal(log_normalizer(logits, peak=peak), expected)
     from shmengine.decode.decoding import HostLogits
 
-    np.testing.assert_array_equal(HostLogits(logits).top(4)[2], expected)
+    # a beam step's top-k (k > 1) comes from ORT's kernels (cpu_top.py), whose sum runs in
+    # another order: the same to float32 rounding
+    np.testing.assert_allclose(HostLogits(logits).top(4)[2], expected, rtol=5e-6)
+    np.testing.assert_array_equal(HostLogits(logits).top(1)[2], expected)
     wide = logits.astype(np.float64)
     exact = np.log(np.exp(wide - wide.max(-1, keepdims=True)).sum(-1, keepdims=True)) + wide.max(-1, keepdims=True)
     np.testing.assert_allclose(got, exact, rtol=1e-6)
@@ -200,6 +203,32 @@ def test_top_k_ids_selects_each_rows_largest_values(vocab, k):
     for row in range(rows):
         assert len(set(ids[row].tolist())) == k, f"row {row}: an id chosen twice"
         np.testing.assert_array_equal(np.sort(values[row, ids[row]]), np.sort(values[row])[-k:], err_msg=f"row {row}")
+
+
+@pytest.mark.parametrize("vocab,k", [(50257, 8), (58101, 4), (300, 7), (43, 2)])
+def test_a_beam_steps_top_k_is_each_rows_largest_values_with_their_normaliser(vocab, k):
+    """HostLogits.top for k > 1 (ORT's TopK and log-sum-exp, cpu_top.py): in every row the k
+    largest values that a full sort finds, sorted, the lower id first among equals (numpy's
+    stable sort is the reference), and the log-sum-exp of float64 numpy; rows mostly -inf and
+    rows of ties included."""
+    from shmengine.decode.decoding import HostLogits
+
+    rng = np.random.default_rng(vocab * k)
+    values = (rng.standard_normal((10, vocab)) * 3).astype(np.float32)
+    values[0, :] = -np.inf
+    values[0, 5] = 1.0
+    values[1, :] = 0.5  # every value tied
+    values[2, ::7] = 9.0
+    top, ids, normalizer = HostLogits(values).top(k)
+    expected_ids = np.argsort(-values, axis=-1, kind="stable")[:, :k]
+    np.testing.assert_array_equal(ids, expected_ids)
+    np.testing.assert_array_equal(top, np.take_along_axis(values, expected_ids, axis=-1))
+    wide = values.astype(np.float64)
+    peak = wide.max(-1, keepdims=True)
+    np.testing.assert_allclose(normalizer, peak + np.log(np.exp(wide - peak).sum(-1, keepdims=True)), rtol=5e-6)
+    _, same_ids, zeros = HostLogits(values).top(k, normalize=False)
+    np.testing.assert_array_equal(same_ids, expected_ids)
+    np.testing.assert_array_equal(zeros, np.zeros((10, 1), np.float32))
 
 
 def test_forced_prefix_greedy_and_beam():

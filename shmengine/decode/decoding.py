@@ -79,6 +79,10 @@ class HostLogits:
 
     def top(self, k: int, normalize: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         values = self.array()
+        if 1 < k < values.shape[-1]:
+            from shmengine.decode.cpu_top import top_k
+
+            return top_k(values, k, normalize)  # a beam step: ORT's kernels are ~4x numpy's here
         ids = top_ids(values, k)
         top = np.take_along_axis(values, ids, axis=-1)
         if not normalize:
