@@ -207,10 +207,11 @@ def test_top_k_ids_selects_each_rows_largest_values(vocab, k):
 
 @pytest.mark.parametrize("vocab,k", [(50257, 8), (58101, 4), (300, 7), (43, 2)])
 def test_a_beam_steps_top_k_is_each_rows_largest_values_with_their_normaliser(vocab, k):
-    """HostLogits.top for k > 1 (ORT's TopK and log-sum-exp, cpu_top.py): in every row the k
-    largest values that a full sort finds, sorted, the lower id first among equals (numpy's
-    stable sort is the reference), and the log-sum-exp of float64 numpy; rows mostly -inf and
-    rows of ties included."""
+    """HostLogits.top for k > 1 (ORT's TopK and log-sum-exp, cpu_top.py, a block of rows per run:
+    58,101 tokens make blocks of 9 of the 10 rows): in every row the k largest values that a
+    full sort finds, sorted, the lower id first among equals (numpy's stable sort is the
+    reference), and the log-sum-exp of float64 numpy; rows mostly -inf, all -inf and rows of
+    ties included."""
     from shmengine.decode.decoding import HostLogits
 
     rng = np.random.default_rng(vocab * k)
@@ -229,6 +230,9 @@ def test_a_beam_steps_top_k_is_each_rows_largest_values_with_their_normaliser(vo
     _, same_ids, zeros = HostLogits(values).top(k, normalize=False)
     np.testing.assert_array_equal(same_ids, expected_ids)
     np.testing.assert_array_equal(zeros, np.zeros((10, 1), np.float32))
+    values[3, :] = -np.inf  # every token banned: the normaliser is -inf (log of 0), not NaN
+    normalizer = HostLogits(values).top(k)[2]
+    assert normalizer[3, 0] == -np.inf and np.isfinite(np.delete(normalizer, 3, axis=0)).all()
 
 
 def test_forced_prefix_greedy_and_beam():

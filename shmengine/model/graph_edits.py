@@ -136,13 +136,14 @@ def gather_logit_positions(model: ModelProto) -> bool:
     return True
 
 
-def top_nodes(logits: str, outputs: tuple[str, str, str] | tuple[str, str], *, k: str | None, prefix: str) -> list:
-    """Nodes taking ``logits`` [rows, positions, V] (any float type) to the last position's
-    top-k values (float32) and ids (int64), and its log-sum-exp [rows, 1] if ``outputs`` names a
-    third output, as max + log(sum(exp(x - max))) so that no row overflows. ``k``: the name of
-    an int64 [1] tensor, or None for the top-1 by ArgMax (the first index among equals; TopK too
-    puts the lower index first among equals, by the ONNX spec). Intermediate names start with
-    ``prefix``.
+def top_nodes(logits: str, outputs: tuple[str, str, str] | tuple[str, str], *, k: str | None, prefix: str,
+              positions: bool = True) -> list:
+    """Nodes taking ``logits`` [rows, positions, V] (any float type; with ``positions=False``
+    float32 [rows, V]) to the last position's top-k values (float32) and ids (int64), and its
+    log-sum-exp [rows, 1] if ``outputs`` names a third output, as max + log(sum(exp(x - max)))
+    so that no row overflows. ``k``: the name of an int64 [1] tensor, or None for the top-1 by
+    ArgMax (the first index among equals; TopK too puts the lower index first among equals, by
+    the ONNX spec). Intermediate names start with ``prefix``.
 
     The row maximum is read off the top-1 (GatherElements at the ArgMax, or TopK's first
     value), never taken by ReduceMax: measured on an H200 at 32 x 50,257, ORT's CUDA ReduceMax
@@ -157,15 +158,16 @@ def top_nodes(logits: str, outputs: tuple[str, str, str] | tuple[str, str], *, k
         )
 
     values, ids = outputs[0], outputs[1]
-    nodes = [
-        const("minus_one", [-1]),
-        const("zero", [0]),
-        const("one", [1]),
-        const("end", [2**62]),
-        helper.make_node("Slice", [logits, name("minus_one"), name("end"), name("one")], [name("last3")]),
-        helper.make_node("Squeeze", [name("last3"), name("one")], [name("last")]),
-        helper.make_node("Cast", [name("last")], [name("x")], to=TensorProto.FLOAT),
-    ]
+    nodes = [const("minus_one", [-1]), const("zero", [0]), const("one", [1])]
+    if positions:
+        nodes += [
+            const("end", [2**62]),
+            helper.make_node("Slice", [logits, name("minus_one"), name("end"), name("one")], [name("last3")]),
+            helper.make_node("Squeeze", [name("last3"), name("one")], [name("last")]),
+            helper.make_node("Cast", [name("last")], [name("x")], to=TensorProto.FLOAT),
+        ]
+    else:
+        nodes.append(helper.make_node("Identity", [logits], [name("x")]))
     if k is None:
         nodes += [
             helper.make_node("ArgMax", [name("x")], [ids], axis=-1, keepdims=1, select_last_index=0),
