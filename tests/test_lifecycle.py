@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import ROOT, descendants, make_mlp, prepacked_file, segment_exists, shm_segments, wait_until
+from conftest import PREPACK_DIR, ROOT, descendants, make_mlp, prepacked_file, segment_exists, shm_segments, wait_until
 
 import shmengine
 
@@ -26,14 +26,14 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _supervisor_script(model: str, body: str) -> str:
+def _supervisor_script(model: str, body: str, options: str = "") -> str:
     return textwrap.dedent(
         f"""
         import os, sys, time
         sys.path.insert(0, {str(ROOT)!r})
         import numpy as np
         import shmengine
-        engine = shmengine.Engine({model!r}, inter_threads=2, intra_threads=1)
+        engine = shmengine.Engine({model!r}, inter_threads=2, intra_threads=1{options})
         print("PIDS", *engine.worker_pids, engine._store.segment.name, flush=True)
         """
     ) + textwrap.dedent(body)
@@ -135,6 +135,30 @@ def test_killed_supervisor_takes_workers_and_segment_down(slow_mlp, repeat):
     proc.stdout.close()
     assert wait_until(lambda: not any(_alive(p) for p in pids), timeout=5), "workers outlived the supervisor"
     assert wait_until(lambda: not segment_exists(segment), timeout=5), "segment outlived the supervisor"
+
+
+def test_killed_supervisor_takes_the_prepacked_files_down(slow_mlp):
+    """The prepacked model files live on disk, where no reboot would clear them: the fork server
+    removes them when the supervisor dies, as it removes the segment."""
+    script = _supervisor_script(
+        str(slow_mlp.path),
+        """
+        futures = engine.run_batch([{'x': np.ones((256, 1024), np.float32)}] * 50, asynchronous=True)
+        print("RUNNING", flush=True)
+        time.sleep(60)
+        """,
+        options=", prepack_weights=True",
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    pids, segment = _started(proc.stdout.readline())
+    assert proc.stdout.readline().strip() == "RUNNING"
+    files = [n for n in os.listdir(PREPACK_DIR) if n.startswith(segment + "-")]
+    assert any(n.endswith(".data") for n in files), files
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stdout.close()
+    assert wait_until(lambda: not any(_alive(p) for p in pids), timeout=5), "workers outlived the supervisor"
+    assert wait_until(lambda: not [n for n in os.listdir(PREPACK_DIR) if n.startswith(segment + "-")], timeout=5)
 
 
 def _parent(pid: int) -> int:
@@ -257,10 +281,13 @@ def test_prepacked_weights_are_written_once_shared_and_removed(slow_mlp):
         data = os.path.realpath(prepacked_file(data_name))
         originals = _prepacked_originals(prepacked_file(model_name))
         assert originals > 1 << 20, "no prepacked weight found: the check below would prove nothing"
+        results = engine.run_batch([{"x": x}] * 4)
+        packed = os.path.getsize(data) - originals
         for pid in engine.worker_pids:
             resident = _mapped_kib(pid, data) * 1024
-            assert resident <= os.path.getsize(data) - originals + (1 << 20), (resident, originals)
-        results = engine.run_batch([{"x": x}] * 4)
+            assert resident <= packed + (1 << 20), (resident, originals)
+        # and the workers do compute from the file's prepacked copies (mapped, not copied)
+        assert max(_mapped_kib(pid, data) * 1024 for pid in engine.worker_pids) >= packed // 2
         for out in results:
             np.testing.assert_allclose(out["y"], slow_mlp.reference(x), rtol=1e-3, atol=1e-3)
         # the original tensor pages were given back: the segment file now holds little

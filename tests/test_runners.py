@@ -60,6 +60,10 @@ class RunnerContract:
         generator, translator = models
         assert ("step_top" in generator.transforms["model"]) == (self.runner_kind == "bound")
         assert ("step_top" in translator.transforms["decoder"]) == (self.runner_kind == "bound")
+        # and the edit took: the graphs the workers load take the step's k
+        for model, key in ((generator, "model"), (translator, "decoder")):
+            inputs = {spec.name for spec in model._store.catalog[key].inputs}
+            assert ("shmengine_top_k" in inputs) == (self.runner_kind == "bound"), sorted(inputs)
 
     @pytest.mark.parametrize("beam", [1, 4])
     def test_generator_writes_numbers(self, models, beam):

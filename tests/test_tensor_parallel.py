@@ -232,5 +232,8 @@ def test_vocabulary_blocks_cover_the_vocabulary_once(vocab, ranks):
     assert not any(np.shares_memory(b.rows, table) for b in blocks)  # the whole table can be freed
     ids = np.concatenate([[0, vocab - 1], rng.integers(0, vocab, size=40)]).reshape(2, 21)
     np.testing.assert_allclose(sum(b.lookup(ids) for b in blocks), table[ids], rtol=0, atol=0)
-    with pytest.raises(ValueError, match="outside the vocabulary"):
-        blocks[0].lookup(np.array([[vocab]]))
+    negative = np.array([[-1, -vocab]])  # from the end, as ONNX's Gather takes them
+    np.testing.assert_array_equal(sum(b.lookup(negative) for b in blocks), table[negative])
+    for bad in (vocab, -vocab - 1):
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            blocks[0].lookup(np.array([[bad]]))

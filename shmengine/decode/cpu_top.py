@@ -64,6 +64,8 @@ def top_k(values: np.ndarray, k: int, normalize: bool = True) -> tuple[np.ndarra
     equals), their ids, and the row's log-sum-exp [rows, 1] (zeros without ``normalize``);
     ``1 < k < V``."""
     logits = np.ascontiguousarray(values, dtype=np.float32)
+    if not len(logits):
+        return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64), np.zeros((0, 1), np.float32)
     session = _session(normalize)
     feeds = {"k": np.array([k], dtype=np.int64)}
     # a block of rows per run: the arena then holds one block's intermediates (a whole

@@ -109,7 +109,8 @@ class HostRunner(Runner):
 class BoundRunner(Runner):
     """Tensors as ``OrtValue``\\ s on the target's device, sessions run through IOBinding."""
 
-    def __init__(self, target: WorkerTarget, providers: Sequence[tuple[str, dict]], device_id: int = 0):
+    def __init__(self, target: WorkerTarget, providers: Sequence[tuple[str, dict]], device_id: int = 0,
+                 shared_stream: bool = True):
         # Where a step's logits are reduced to its top-k (tools/bench_gpu.py's strategies
         # section compares them): "graph" (default) in the model's own run where its graph has
         # the step_top outputs, else in the helper graph; "helper" always in the helper graph;
@@ -137,7 +138,9 @@ class BoundRunner(Runner):
         # outputs all stay on the device then skips its end-of-run sync; the helper run that
         # brings results to the host is ordered after it by the stream and synchronises.
         self._run_async = None
-        if self.device == "cuda":
+        # (``shared_stream=False``: a tensor-parallel rank's replicas are threads of one process,
+        # on a GPU of its choosing, where the one worker stream of cuda_stream.py does not apply)
+        if self.device == "cuda" and shared_stream:
             from shmengine.runtime.cuda_stream import stream_is_shared, with_shared_stream
 
             self.provider_options = with_shared_stream(self.providers, self.provider_options)

@@ -126,8 +126,8 @@ class SharedSegment:
             raise OSError(ctypes.get_errno(), "fallocate(PUNCH_HOLE) failed on the weights segment")
 
     def unlink(self) -> None:
-        """Remove the name (and the files named after it) from ``/dev/shm``; mappings and
-        descriptors stay valid."""
+        """Remove the name from ``/dev/shm``, and the files named after it (there and in
+        :func:`prepack_directory`); mappings and descriptors stay valid."""
         if self.name:
             unlink_segment(self.name)
 
@@ -158,6 +158,7 @@ def prepack_directory(create: bool = True) -> str:
     if not chosen:
         cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
         chosen = os.path.join(cache, "shmengine", "prepacked")
+    chosen = os.path.abspath(chosen)  # workers started later, in another directory, load these paths
     if not create:
         return chosen
     try:
@@ -166,6 +167,11 @@ def prepack_directory(create: bool = True) -> str:
             return chosen
     except OSError:
         pass
+    import logging
+
+    logging.getLogger("shmengine").warning(
+        "prepacked models go to /dev/shm (memory): %s cannot be made or written; set SHMENGINE_PREPACK_DIR to a "
+        "writable directory on disk", chosen)
     return SHM_DIR
 
 

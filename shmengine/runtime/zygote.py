@@ -27,7 +27,8 @@ exactly one thread, which a test checks.
 
 The fork server reaps its children (SIGCHLD), so it is the one that knows how each died, and
 tells the supervisor. When the supervisor dies its socket reads EOF: the fork server kills every
-worker, removes the weights segment's name from ``/dev/shm`` and exits. Workers die with the
+worker, removes the weights segment's name from ``/dev/shm`` (and the prepacked model files
+named after it, ``sharedmem.unlink_segment``) and exits. Workers die with the
 fork server too (``PR_SET_PDEATHSIG``), so nothing outlives a ``kill -9`` of either.
 """
 

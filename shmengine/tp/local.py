@@ -288,7 +288,7 @@ class RankDevice:
         else:
             providers = (("CPUExecutionProvider", {}),)
         target = WorkerTarget(device=self.device, device_index=self.index, runner="bound")
-        return BoundRunner(target, providers, device_id=self.index if self.device == "cuda" else 0)
+        return BoundRunner(target, providers, device_id=self.index if self.device == "cuda" else 0, shared_stream=False)
 
     def describe(self) -> str:
         if self.device == "cuda":

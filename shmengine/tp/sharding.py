@@ -88,10 +88,12 @@ class EmbeddingBlock:
         import numpy as np
 
         ids = np.asarray(ids)
-        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab):
-            bad = ids[(ids < 0) | (ids >= self.vocab)]
+        if ids.size and (ids.min() < -self.vocab or ids.max() >= self.vocab):
+            bad = ids[(ids < -self.vocab) | (ids >= self.vocab)]
             raise ValueError(f"token id {int(bad.flat[0])} is outside the vocabulary of {self.vocab} entries")
-        local = ids - self.start
+        # negative ids count from the end, as ONNX's Gather (and the unsplit model) takes them:
+        # a padding id of -1 in a config is seen that way
+        local = np.where(ids < 0, ids + self.vocab, ids) - self.start
         inside = (local >= 0) & (local < len(self.rows))
         out = self.rows[np.where(inside, local, 0)]
         out[~inside] = 0
