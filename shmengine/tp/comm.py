@@ -39,10 +39,11 @@ class Communicator:
         self.size = self.comm.Get_size()
         self.calls = 0
         self.seconds = 0.0  # spent in all-reduces, waiting for the other ranks included (tools/bench_tp.py)
-        if self.size > 1:
-            from shmengine.runtime.mpi import remove_transport_files_at_exit
+        # a single process too: Open MPI 5 then runs as a singleton, whose MPI_Finalize leaves
+        # its 16 MiB /dev/shm transport file behind (seen here, tensor_parallel=True without mpirun)
+        from shmengine.runtime.mpi import remove_transport_files_at_exit
 
-            remove_transport_files_at_exit()
+        remove_transport_files_at_exit()
 
     def free(self) -> None:
         """Release an owned communicator (collective in principle: every rank closes its model
