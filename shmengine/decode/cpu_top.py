@@ -31,32 +31,17 @@ def _session(normalize: bool):
             if session is None:
                 import onnxruntime as ort
 
+                from shmengine.decode.runners import _top_graph
+
                 options = ort.SessionOptions()
                 # one thread: the worker's cores belong to its model session's pool
                 options.intra_op_num_threads = 1
                 options.inter_op_num_threads = 1
                 options.log_severity_level = 3
-                session = ort.InferenceSession(_graph(normalize).SerializeToString(), options,
-                                               providers=["CPUExecutionProvider"])
+                graph = _top_graph("tensor(float)", argmax=False, normalize=normalize, positions=False)
+                session = ort.InferenceSession(graph.SerializeToString(), options, providers=["CPUExecutionProvider"])
                 _sessions[normalize] = session
     return session
-
-
-def _graph(normalize: bool):
-    from onnx import TensorProto, helper
-
-    from shmengine.decode.runners import _model
-    from shmengine.model.graph_edits import top_nodes
-
-    names = ("values", "ids", "normalizer") if normalize else ("values", "ids")
-    nodes = top_nodes("logits", names, k="k", prefix="", positions=False)
-    inputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["rows", "vocab"]),
-              helper.make_tensor_value_info("k", TensorProto.INT64, [1])]
-    outputs = [helper.make_tensor_value_info("values", TensorProto.FLOAT, ["rows", "k"]),
-               helper.make_tensor_value_info("ids", TensorProto.INT64, ["rows", "k"])]
-    if normalize:
-        outputs.append(helper.make_tensor_value_info("normalizer", TensorProto.FLOAT, ["rows", 1]))
-    return _model(nodes, inputs, outputs)
 
 
 def top_k(values: np.ndarray, k: int, normalize: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -388,15 +388,17 @@ def _cast_graph():
     )
 
 
-def _top_graph(logits_type: str, argmax: bool, normalize: bool = True):
+def _top_graph(logits_type: str, argmax: bool, normalize: bool = True, positions: bool = True):
     """logits [rows, positions, V] -> the last position's top-k (values float32, ids int64) and,
     with ``normalize``, its log-sum-exp [rows, 1] (``graph_edits.top_nodes``). With ``argmax``
-    the graph takes no ``k``: the top-1 is ArgMax."""
+    the graph takes no ``k``: the top-1 is ArgMax. ``positions=False``: logits [rows, V] float32
+    (host logits, ``cpu_top.py``)."""
     from onnx import TensorProto, helper
 
     names = ("values", "ids", "normalizer") if normalize else ("values", "ids")
-    nodes = top_nodes("logits", names, k=None if argmax else "k", prefix="")
-    inputs = [helper.make_tensor_value_info("logits", _onnx_type(logits_type), ["rows", "positions", "vocab"])]
+    nodes = top_nodes("logits", names, k=None if argmax else "k", prefix="", positions=positions)
+    shape = ["rows", "positions", "vocab"] if positions else ["rows", "vocab"]
+    inputs = [helper.make_tensor_value_info("logits", _onnx_type(logits_type), shape)]
     if not argmax:
         inputs.append(helper.make_tensor_value_info("k", TensorProto.INT64, [1]))
     outputs = [

@@ -159,29 +159,29 @@ def top_nodes(logits: str, outputs: tuple[str, str, str] | tuple[str, str], *, k
 
     values, ids = outputs[0], outputs[1]
     nodes = [const("minus_one", [-1]), const("zero", [0]), const("one", [1])]
+    x = logits  # [rows, V] float32, what the reduction reads
     if positions:
+        x = name("x")
         nodes += [
             const("end", [2**62]),
             helper.make_node("Slice", [logits, name("minus_one"), name("end"), name("one")], [name("last3")]),
             helper.make_node("Squeeze", [name("last3"), name("one")], [name("last")]),
-            helper.make_node("Cast", [name("last")], [name("x")], to=TensorProto.FLOAT),
+            helper.make_node("Cast", [name("last")], [x], to=TensorProto.FLOAT),
         ]
-    else:
-        nodes.append(helper.make_node("Identity", [logits], [name("x")]))
     if k is None:
         nodes += [
-            helper.make_node("ArgMax", [name("x")], [ids], axis=-1, keepdims=1, select_last_index=0),
-            helper.make_node("GatherElements", [name("x"), ids], [name("peak")], axis=1),
+            helper.make_node("ArgMax", [x], [ids], axis=-1, keepdims=1, select_last_index=0),
+            helper.make_node("GatherElements", [x, ids], [name("peak")], axis=1),
             helper.make_node("Identity", [name("peak")], [values]),
         ]
     else:
         nodes += [
-            helper.make_node("TopK", [name("x"), k], [values, ids], axis=-1, largest=1, sorted=1),
+            helper.make_node("TopK", [x, k], [values, ids], axis=-1, largest=1, sorted=1),
             helper.make_node("Slice", [values, name("zero"), name("one"), name("one")], [name("peak")]),
         ]
     if len(outputs) > 2:
         nodes += [
-            helper.make_node("Sub", [name("x"), name("peak")], [name("shifted")]),
+            helper.make_node("Sub", [x, name("peak")], [name("shifted")]),
             helper.make_node("Exp", [name("shifted")], [name("exps")]),
             helper.make_node("ReduceSum", [name("exps"), name("minus_one")], [name("total")], keepdims=1),
             helper.make_node("Log", [name("total")], [name("log_total")]),
