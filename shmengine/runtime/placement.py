@@ -109,11 +109,8 @@ def place_workers(
     slots = []
     for index in indices:
         for _ in range(inter_threads):
-            if device == "cuda":
-                # the worker sees only its own GPU (CUDA_VISIBLE_DEVICES, see cuda_visible_devices), as device 0
-                providers = (("CUDAExecutionProvider", {"device_id": "0"}), ("CPUExecutionProvider", {}))
-            else:
-                providers = (("CPUExecutionProvider", {}),)
+            # the worker sees only its own GPU (CUDA_VISIBLE_DEVICES, see cuda_visible_devices), as device 0
+            providers = session_providers(device, 0)
             slots.append(
                 SessionSettings(
                     intra_threads=plan.intra_threads,
@@ -125,6 +122,14 @@ def place_workers(
                 )
             )
     return Placement(device, indices, plan, slots, runner)
+
+
+def session_providers(device: str, device_id: int) -> tuple[tuple[str, dict], ...]:
+    """ONNX Runtime's providers (name, options) for a session on ``device``: the CUDA provider on
+    GPU ``device_id`` with the CPU provider for the nodes it leaves, or the CPU provider alone."""
+    if device == "cuda":
+        return (("CUDAExecutionProvider", {"device_id": str(device_id)}), ("CPUExecutionProvider", {}))
+    return (("CPUExecutionProvider", {}),)
 
 
 def cuda_visible_devices(device_index: int) -> str:

@@ -281,12 +281,10 @@ class RankDevice:
         if self.runner != "bound":
             return None
         from shmengine.decode.runners import BoundRunner
+        from shmengine.runtime.placement import session_providers
         from shmengine.runtime.target import WorkerTarget
 
-        if self.device == "cuda":
-            providers = (("CUDAExecutionProvider", {"device_id": str(self.index)}), ("CPUExecutionProvider", {}))
-        else:
-            providers = (("CPUExecutionProvider", {}),)
+        providers = session_providers(self.device, self.index)
         target = WorkerTarget(device=self.device, device_index=self.index, runner="bound")
         return BoundRunner(target, providers, device_id=self.index if self.device == "cuda" else 0, shared_stream=False)
 
